@@ -1,0 +1,5 @@
+"""Entry point for ``python -m uoomd``."""
+
+from uoomd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,146 @@
+"""The ``uoomd`` command line: parse arguments, dispatch, map failures to exit codes (the only place that exits)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+from uoomd import __version__
+from uoomd.errors import ExitCode, PolicyError, SetupError
+
+DEFAULT_POLICY_PATHS = ("/etc/uoomd/uoomd.toml",)
+
+
+def default_policy_path() -> str:
+    """``$UOOMD_POLICY``, then /etc/uoomd/uoomd.toml, then the copy shipped inside the package."""
+    env = os.environ.get("UOOMD_POLICY")
+    if env:
+        return env
+    for path in DEFAULT_POLICY_PATHS:
+        if os.path.exists(path):
+            return path
+    from uoomd.policy.load import packaged_policy_path  # noqa: PLC0415
+
+    return packaged_policy_path("uoomd.toml")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="uoomd",
+        description="A policy-driven userspace OOM killer for Linux.",
+        epilog="Exit codes: 0 ok, 1 bad policy, 2 bad usage, 3 setup problem, 4 no such process, 70 internal error.",
+    )
+    parser.add_argument("--version", action="version", version=f"uoomd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    check = sub.add_parser("check", help="validate a policy file and print the effective policy")
+    check.add_argument("file", nargs="?", help="policy file (default: $UOOMD_POLICY or the installed default)")
+    check.add_argument("--json", action="store_true", help="print the effective policy as JSON")
+
+    sub.add_parser("schema", help="print the policy's JSON Schema, for editors")
+
+    cand = sub.add_parser("candidates", help="list the ranked victims, best first")
+    cand.add_argument("--policy", help="policy file")
+    cand.add_argument("--guard", help="guard name (default: the first guard)")
+    cand.add_argument("--top", type=int, default=None, help="show only the first N")
+    cand.add_argument("--json", action="store_true", help="print a JSON array")
+    cand.add_argument("--proc-root", default="/proc", help=argparse.SUPPRESS)
+
+    explain = sub.add_parser("explain", help="explain why a process ranks where it does")
+    explain.add_argument("pid", type=int)
+    explain.add_argument("--policy", help="policy file")
+    explain.add_argument("--guard", help="guard name (default: the first guard)")
+    explain.add_argument("--proc-root", default="/proc", help=argparse.SUPPRESS)
+
+    run = sub.add_parser("run", help="run the daemon in the foreground")
+    run.add_argument("--policy", help="policy file")
+    run.add_argument("--dry-run", action="store_true", help="decide and log, send no signal")
+
+    status = sub.add_parser("status", help="show what the running daemon sees and did")
+    status.add_argument("--state-file", help="the daemon's state file (default: from the policy)")
+    status.add_argument("--policy", help="policy file")
+    status.add_argument("--json", action="store_true")
+    return parser
+
+
+def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
+    from uoomd.policy.load import load_plan  # noqa: PLC0415
+    from uoomd.policy.render import render_plan  # noqa: PLC0415
+
+    path = args.file or default_policy_path()
+    plan = load_plan(path)
+    if args.json:
+        out.write(json.dumps(render_plan(plan, as_json=True), indent=2) + "\n")
+    else:
+        out.write(str(render_plan(plan, as_json=False)))
+        out.write(f"# {path}: ok\n")
+    return ExitCode.OK
+
+
+def _cmd_schema(_args: argparse.Namespace, out: TextIO) -> int:
+    from uoomd.policy.model import policy_json_schema  # noqa: PLC0415
+
+    out.write(json.dumps(policy_json_schema(), indent=2) + "\n")
+    return ExitCode.OK
+
+
+def _cmd_candidates(args: argparse.Namespace, out: TextIO) -> int:
+    from uoomd.policy.load import load_plan  # noqa: PLC0415
+    from uoomd.report import run_candidates  # noqa: PLC0415
+
+    plan = load_plan(args.policy or default_policy_path())
+    return run_candidates(plan, guard_name=args.guard, top=args.top, as_json=args.json, proc_root=args.proc_root, out=out)
+
+
+def _cmd_explain(args: argparse.Namespace, out: TextIO) -> int:
+    from uoomd.policy.load import load_plan  # noqa: PLC0415
+    from uoomd.report import run_explain  # noqa: PLC0415
+
+    plan = load_plan(args.policy or default_policy_path())
+    return run_explain(plan, pid=args.pid, guard_name=args.guard, proc_root=args.proc_root, out=out)
+
+
+def _cmd_run(args: argparse.Namespace, _out: TextIO) -> int:
+    from uoomd.daemon import run_daemon  # noqa: PLC0415
+
+    return run_daemon(policy_path=args.policy or default_policy_path(), dry_run=args.dry_run)
+
+
+def _cmd_status(args: argparse.Namespace, out: TextIO) -> int:
+    from uoomd.status import run_status  # noqa: PLC0415
+
+    return run_status(state_file=args.state_file, policy_path=args.policy, as_json=args.json, out=out)
+
+
+_COMMANDS = {
+    "check": _cmd_check,
+    "schema": _cmd_schema,
+    "candidates": _cmd_candidates,
+    "explain": _cmd_explain,
+    "run": _cmd_run,
+    "status": _cmd_status,
+}
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    args = _build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args, out)
+    except PolicyError as exc:
+        err.write(exc.render() + "\n")
+        return ExitCode.POLICY
+    except SetupError as exc:
+        err.write(f"uoomd: {exc.message}\n")
+        if exc.hint:
+            err.write(f"uoomd: hint: {exc.hint}\n")
+        return ExitCode.SETUP
+    except BrokenPipeError:
+        return ExitCode.OK
+    except KeyboardInterrupt:
+        return 130

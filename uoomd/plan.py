@@ -1,0 +1,178 @@
+"""The compiled policy: frozen, validated values the daemon runs on (stdlib only).
+
+``policy/`` turns a TOML file into a :class:`Plan`; nothing downstream ever sees
+pydantic or TOML.  Every quantity carries its unit in its name.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class LogFormat(StrEnum):
+    AUTO = "auto"
+    CONSOLE = "console"
+    JSON = "json"
+
+
+class VictimKind(StrEnum):
+    PROCESS = "process"
+    PROCESS_GROUP = "process-group"
+    CGROUP = "cgroup"
+
+
+class PsiKind(StrEnum):
+    SOME = "some"
+    FULL = "full"
+
+
+class PsiAction(StrEnum):
+    WARN = "warn"
+    TERM = "term"
+    KILL = "kill"
+
+
+class ScopeKind(StrEnum):
+    SYSTEM = "system"
+    CGROUP = "cgroup"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Amount:
+    """A memory level given either in bytes or as a fraction of a total."""
+
+    bytes: int | None = None
+    fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.bytes is None) == (self.fraction is None):
+            raise ValueError("an Amount is either bytes or a fraction")
+
+    def resolve_bytes(self, total_bytes: int) -> int:
+        if self.bytes is not None:
+            return self.bytes
+        assert self.fraction is not None
+        return int(total_bytes * self.fraction)
+
+    def describe(self) -> str:
+        if self.fraction is not None:
+            return f"{self.fraction * 100:g}%"
+        return f"{self.bytes}B"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Scope:
+    """What a guard watches: the whole machine or one cgroup directory."""
+
+    kind: ScopeKind
+    cgroup_path: str | None = None  # absolute directory, e.g. /sys/fs/cgroup/memory/app
+
+    def describe(self) -> str:
+        return "system" if self.kind is ScopeKind.SYSTEM else f"cgroup:{self.cgroup_path}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PsiTriggerPlan:
+    kind: PsiKind
+    stall_us: int
+    window_us: int
+    sustain_s: float
+    action: PsiAction
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.stall_us} {self.window_us}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GuardPlan:
+    name: str
+    scope: Scope
+    mem_available_term: Amount
+    mem_available_kill: Amount
+    swap_free_term: Amount
+    swap_free_kill: Amount
+    victim: VictimKind = VictimKind.PROCESS
+    min_badness: int = 0
+    ignore_positive_adj: bool = False
+    psi_mem_gate: Amount = field(default_factory=lambda: Amount(fraction=0.2))
+    psi: tuple[PsiTriggerPlan, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MatchPlan:
+    """All present keys must match. Regexes are searched; user and uid are exact."""
+
+    name: re.Pattern[str] | None = None
+    cmdline: re.Pattern[str] | None = None
+    exe: re.Pattern[str] | None = None
+    cgroup: re.Pattern[str] | None = None
+    user: str | None = None
+    uid: int | None = None
+
+    def needs(self) -> frozenset[str]:
+        """The expensive process details this match must read (cmdline, exe, cgroup, user)."""
+        wanted = {k for k in ("cmdline", "exe", "cgroup") if getattr(self, k) is not None}
+        if self.user is not None:
+            wanted.add("user")
+        return frozenset(wanted)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RulePlan:
+    index: int  # position in the file, for messages: rule[index]
+    label: str  # the rule's `name`, or "rule[index]"
+    match: MatchPlan
+    protect: bool = False
+    adjust: int = 0
+    guards: tuple[str, ...] = ()  # empty: applies to every guard
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DaemonPlan:
+    dry_run: bool = False
+    poll_min_s: float = 0.02
+    poll_max_s: float = 1.0
+    log_format: LogFormat = LogFormat.AUTO
+    state_file: str = "/run/uoomd/state.json"
+    notify_desktop: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EscalationPlan:
+    term_timeout_s: float = 5.0
+    kill_timeout_s: float = 3.0
+    max_kills_per_minute: int = 10
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HooksPlan:
+    after_kill: tuple[str, ...] = ()
+    timeout_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Plan:
+    source: str  # the file it came from
+    daemon: DaemonPlan
+    escalation: EscalationPlan
+    guards: tuple[GuardPlan, ...]
+    rules: tuple[RulePlan, ...] = ()
+    hooks: HooksPlan = field(default_factory=HooksPlan)
+
+    def guard(self, name: str) -> GuardPlan:
+        for guard in self.guards:
+            if guard.name == name:
+                return guard
+        raise KeyError(name)
+
+    def rules_for(self, guard_name: str) -> tuple[RulePlan, ...]:
+        return tuple(r for r in self.rules if not r.guards or guard_name in r.guards)
+
+    def needed_details(self) -> frozenset[str]:
+        """Union of the expensive process details any rule needs."""
+        needed: set[str] = set()
+        for rule in self.rules:
+            needed |= rule.match.needs()
+        return frozenset(needed)
