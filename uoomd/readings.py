@@ -74,6 +74,10 @@ class ProcessInfo:
     swap_bytes: int
     pgtables_bytes: int
     vm_size_bytes: int = 0
+    # /proc/PID/stat field 24: get_mm_rss(), the approximate per-CPU counter that
+    # mm/oom_kill.c oom_badness() uses (Linux 6.18); status' Rss* lines are exact sums
+    # since 6.16 and differ by up to a per-CPU batch. None: use rss_bytes.
+    mm_rss_pages: int | None = None
     kernel_oom_score: int | None = None  # /proc/PID/oom_score when read (tests, explain)
     # Expensive details, read only when a rule or a report needs them:
     cmdline: str | None = None  # NUL separators replaced by spaces

@@ -5,9 +5,13 @@ CONTRACT (filled in by the scoring work; the types below are what decision.py an
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from uoomd.readings import Pid, ProcessInfo, ProcessKey
+from uoomd import kernel
+from uoomd.plan import GuardPlan, MatchPlan, Plan, RulePlan
+from uoomd.readings import Pid, ProcessInfo, ProcessKey, Snapshot
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -43,7 +47,9 @@ class Candidate:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Exclusion:
     process: ProcessInfo
-    reason: str  # "kernel thread", "init", "no mm", "oom_score_adj -1000", "protected by rule 'x'", "self", ...
+    reason: (
+        str  # "kernel thread", "init", "no mm", "oom_score_adj -1000", "protected by rule 'x'", "self", ...
+    )
     rules: tuple[str, ...] = ()
 
 
@@ -69,3 +75,229 @@ class Ranking:
 
 
 _ = Pid  # re-exported for callers
+
+
+class MissingDetailError(RuntimeError):
+    """A programming error: the snapshot lacks a process detail the plan's rules match on,
+    so a protect rule could silently miss. Read the snapshot with plan.needed_details()."""
+
+
+# Exclusion reasons, also shown by `uoomd candidates --json`.
+REASON_KTHREAD = "kernel thread"
+REASON_INIT = "init"
+REASON_NO_MM = "no mm"
+REASON_ADJ_MIN = "oom_score_adj -1000"
+REASON_SELF = "self"
+REASON_PARENT = "uoomd's parent"
+REASON_SCOPE = "outside the guard's scope"
+
+
+def _search(pattern: re.Pattern[str] | None, value: str | None) -> bool:
+    if pattern is None:
+        return True
+    return value is not None and pattern.search(value) is not None
+
+
+def rule_matches(match: MatchPlan, process: ProcessInfo) -> bool:
+    """All given keys must match; a detail that was not read (None) does not match."""
+    return (
+        _search(match.name, process.name)
+        and _search(match.cmdline, process.cmdline)
+        and _search(match.exe, process.exe)
+        and _search(match.cgroup, process.cgroup)
+        and (match.user is None or process.user == match.user)
+        and (match.uid is None or process.uid == match.uid)
+    )
+
+
+def matching_rules(rules: Iterable[RulePlan], process: ProcessInfo) -> tuple[RulePlan, ...]:
+    return tuple(rule for rule in rules if rule_matches(rule.match, process))
+
+
+def check_details(snapshot_details: frozenset[str], plan: Plan) -> None:
+    """Raise MissingDetailError if the plan's rules need details the snapshot did not read."""
+    missing = plan.needed_details() - snapshot_details
+    if missing:
+        raise MissingDetailError(
+            f"the snapshot lacks {sorted(missing)} that the policy's rules match on; "
+            f"read it with details=plan.needed_details()"
+        )
+
+
+def effective_adj(own_adj: int, rules: Iterable[RulePlan], *, ignore_positive_adj: bool) -> int:
+    """The process's own oom_score_adj (a positive one counted as 0 when the guard says so),
+    plus every matching rule's ``adjust``, clamped to the kernel's [-1000, 1000]."""
+    adj = 0 if ignore_positive_adj and own_adj > 0 else own_adj
+    adj += sum(rule.adjust for rule in rules)
+    return max(kernel.OOM_SCORE_ADJ_MIN, min(kernel.OOM_SCORE_ADJ_MAX, adj))
+
+
+def rss_pages(process: ProcessInfo, page_size: int) -> int:
+    """get_mm_rss(): the stat counter when read (what the kernel uses), else status' exact sum."""
+    if process.mm_rss_pages is not None:
+        return process.mm_rss_pages
+    return process.rss_bytes // page_size
+
+
+def badness_for(process: ProcessInfo, *, adj: int, totalpages: int, page_size: int) -> Badness:
+    """mm/oom_kill.c oom_badness() term by term, for an eligible process."""
+    return Badness(
+        rss_pages=rss_pages(process, page_size),
+        swap_pages=process.swap_bytes // page_size,
+        pgtables_pages=process.pgtables_bytes // page_size,
+        adj=adj,
+        adj_points=kernel.adj_points(adj, totalpages),
+        totalpages=totalpages,
+    )
+
+
+def kernel_badness(process: ProcessInfo, *, totalpages: int, page_size: int) -> int:
+    """oom_badness() with the process's own oom_score_adj: LONG_MIN when the kernel skips it."""
+    return kernel.oom_badness(
+        pid=process.pid,
+        kthread=process.kthread,
+        has_mm=process.has_mm,
+        adj=process.oom_score_adj,
+        rss_pages=rss_pages(process, page_size),
+        swap_pages=process.swap_bytes // page_size,
+        pgtables_bytes=process.pgtables_bytes,
+        page_size=page_size,
+        totalpages=totalpages,
+    )
+
+
+def fork_order(process: ProcessInfo) -> tuple[int, int]:
+    """The position in the kernel's task list (for_each_process()): fork order.
+    Start time in clock ticks, then PID within one tick (PIDs wrap only after pid_max forks)."""
+    return (process.starttime_ticks, process.pid)
+
+
+def uoomd_pids(snapshot: Snapshot) -> dict[Pid, str]:
+    """uoomd itself and its parent (a shell or supervisor waiting on it), with reasons."""
+    pids: dict[Pid, str] = {snapshot.self_pid: REASON_SELF}
+    for process in snapshot.processes:
+        if process.pid == snapshot.self_pid:
+            if process.ppid > 0:
+                pids.setdefault(process.ppid, REASON_PARENT)
+            break
+    return pids
+
+
+def score_process(
+    process: ProcessInfo,
+    plan: Plan,
+    guard: GuardPlan,
+    totalpages: int,
+    *,
+    page_size: int,
+    system_totalpages: int,
+    spared: dict[Pid, str] | None = None,
+    members: frozenset[Pid] | None = None,
+) -> Candidate | Exclusion:
+    """One process for one guard: a Candidate, or an Exclusion with its reason.
+
+    ``spared`` maps PIDs that are never victims (uoomd and its parent) to a reason;
+    ``members`` restricts a cgroup-scoped guard (None: every process).
+    """
+    if process.kthread:
+        return Exclusion(process=process, reason=REASON_KTHREAD)
+    if process.pid == 1:
+        return Exclusion(process=process, reason=REASON_INIT)
+    if not process.has_mm:
+        return Exclusion(process=process, reason=REASON_NO_MM)
+    if spared and process.pid in spared:
+        return Exclusion(process=process, reason=spared[process.pid])
+    if members is not None and process.pid not in members:
+        return Exclusion(process=process, reason=REASON_SCOPE)
+    rules = matching_rules(plan.rules_for(guard.name), process)
+    labels = tuple(rule.label for rule in rules)
+    if process.oom_score_adj == kernel.OOM_SCORE_ADJ_MIN:
+        # The admin's or the program's own "never kill me": kernel semantics, no rule overrides it.
+        return Exclusion(process=process, reason=REASON_ADJ_MIN, rules=labels)
+    protecting = [rule for rule in rules if rule.protect]
+    if protecting:
+        return Exclusion(process=process, reason=f"protected by rule {protecting[0].label!r}", rules=labels)
+    adj = effective_adj(process.oom_score_adj, rules, ignore_positive_adj=guard.ignore_positive_adj)
+    if adj == kernel.OOM_SCORE_ADJ_MIN:
+        # oom_badness() skips OOM_SCORE_ADJ_MIN; rules that push a process there do the same.
+        return Exclusion(process=process, reason="effective oom_score_adj -1000 after rules", rules=labels)
+    badness = badness_for(process, adj=adj, totalpages=totalpages, page_size=page_size)
+    if badness.points < guard.min_badness:
+        return Exclusion(
+            process=process,
+            reason=f"badness {badness.points} below min_badness {guard.min_badness}",
+            rules=labels,
+        )
+    system_badness = kernel_badness(process, totalpages=system_totalpages, page_size=page_size)
+    return Candidate(
+        process=process,
+        badness=badness,
+        kernel_points=kernel_badness(process, totalpages=totalpages, page_size=page_size),
+        oom_score=kernel.proc_oom_score(system_badness, system_totalpages),
+        effective_adj=adj,
+        rules=labels,
+    )
+
+
+def _best_first(candidate: Candidate) -> tuple[int, int, int]:
+    # Highest points first; among equals the kernel keeps the LAST in fork order
+    # (oom_evaluate_task() replaces on equal points), so later-forked first.
+    order = fork_order(candidate.process)
+    return (-candidate.badness.points, -order[0], -order[1])
+
+
+def rank(
+    snapshot: Snapshot,
+    plan: Plan,
+    guard: GuardPlan,
+    *,
+    totalpages: int,
+    members: frozenset[Pid] | None = None,
+) -> Ranking:
+    """Rank every process of a snapshot for one guard, best victim first (pure).
+
+    With no rules and no min_badness, ``best`` is the kernel's own choice
+    (select_bad_process()) for the same totalpages.
+    """
+    check_details(snapshot.details, plan)
+    spared = uoomd_pids(snapshot)
+    system_totalpages = kernel.system_totalpages(
+        total_ram_bytes=snapshot.total_ram_bytes,
+        total_swap_bytes=snapshot.total_swap_bytes,
+        page_size=snapshot.page_size,
+    )
+    candidates: list[Candidate] = []
+    excluded: list[Exclusion] = []
+    for process in snapshot.processes:
+        result = score_process(
+            process,
+            plan,
+            guard,
+            totalpages,
+            page_size=snapshot.page_size,
+            system_totalpages=system_totalpages,
+            spared=spared,
+            members=members,
+        )
+        if isinstance(result, Candidate):
+            candidates.append(result)
+        else:
+            excluded.append(result)
+    candidates.sort(key=_best_first)
+    return Ranking(
+        guard=guard.name, candidates=tuple(candidates), excluded=tuple(excluded), taken_at=snapshot.taken_at
+    )
+
+
+def kernel_choice(
+    snapshot: Snapshot, *, totalpages: int, members: frozenset[Pid] | None = None
+) -> ProcessInfo | None:
+    """The process the kernel's OOM killer would pick now (no rules, no uoomd exceptions)."""
+    ordered = sorted(
+        (p for p in snapshot.processes if members is None or p.pid in members),
+        key=fork_order,
+    )
+    chosen = kernel.select_bad_process(
+        (p, kernel_badness(p, totalpages=totalpages, page_size=snapshot.page_size)) for p in ordered
+    )
+    return chosen[0] if chosen is not None else None
