@@ -93,7 +93,9 @@ def _cmd_candidates(args: argparse.Namespace, out: TextIO) -> int:
     from uoomd.report import run_candidates  # noqa: PLC0415
 
     plan = load_plan(args.policy or default_policy_path())
-    return run_candidates(plan, guard_name=args.guard, top=args.top, as_json=args.json, proc_root=args.proc_root, out=out)
+    return run_candidates(
+        plan, guard_name=args.guard, top=args.top, as_json=args.json, proc_root=args.proc_root, out=out
+    )
 
 
 def _cmd_explain(args: argparse.Namespace, out: TextIO) -> int:

@@ -1,0 +1,90 @@
+"""The command line: one exit code per failure class, pinned here and in the README."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from uoomd.cli import main
+from uoomd.errors import ExitCode
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = main(list(argv), out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_exit_code_table_is_stable() -> None:
+    assert {c.name: int(c) for c in ExitCode} == {
+        "OK": 0,
+        "POLICY": 1,
+        "USAGE": 2,
+        "SETUP": 3,
+        "NOT_FOUND": 4,
+        "INTERNAL": 70,
+    }
+
+
+def test_check_good_policy_prints_effective_policy_and_exits_0() -> None:
+    code, out, _ = run("check", str(ROOT / "policies" / "server.toml"))
+    assert code == ExitCode.OK
+    assert "[[guard]]" in out
+    assert 'name = "databases"' in out
+    assert out.rstrip().endswith(": ok")
+
+
+def test_check_json_has_defaults_filled_in() -> None:
+    code, out, _ = run("check", "--json", str(ROOT / "policies" / "audit.toml"))
+    assert code == ExitCode.OK
+    data = json.loads(out)
+    assert data["daemon"]["dry_run"] is True
+    assert data["hooks"]["timeout_s"] == 10.0
+    assert data["guard"][0]["victim"] == "process"
+
+
+def test_check_bad_policy_exits_1_naming_file_and_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[guard]]\nname = "system"\nvictim = "all"\n')
+    code, out, err = run("check", str(bad))
+    assert code == ExitCode.POLICY
+    assert out == ""
+    assert err.startswith(f"{bad}:3: guard[0].victim: ")
+
+
+def test_check_uses_uoomd_policy_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "env.toml"
+    path.write_text('[[guard]]\nname = "from-env"\n')
+    monkeypatch.setenv("UOOMD_POLICY", str(path))
+    code, out, _ = run("check")
+    assert code == ExitCode.OK
+    assert 'name = "from-env"' in out
+
+
+def test_check_without_file_uses_the_shipped_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("UOOMD_POLICY", raising=False)
+    code, out, _ = run("check")
+    assert code == ExitCode.OK
+    assert 'name = "system-core"' in out
+
+
+def test_bad_usage_exits_2() -> None:
+    with pytest.raises(SystemExit) as caught:
+        run("frobnicate")
+    assert caught.value.code == ExitCode.USAGE
+
+
+def test_schema_is_json_schema_with_every_table() -> None:
+    code, out, _ = run("schema")
+    assert code == ExitCode.OK
+    schema = json.loads(out)
+    assert set(schema["properties"]) == {"daemon", "escalation", "guard", "rule", "hooks"}
+    assert schema["additionalProperties"] is False
+    assert "guard" in schema["required"]

@@ -1,0 +1,184 @@
+"""Compile a validated PolicyModel into a Plan, checking what needs the whole policy or the machine."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from uoomd.plan import (
+    Amount,
+    DaemonPlan,
+    EscalationPlan,
+    GuardPlan,
+    HooksPlan,
+    LogFormat,
+    MatchPlan,
+    Plan,
+    PsiAction,
+    PsiKind,
+    PsiTriggerPlan,
+    RulePlan,
+    Scope,
+    ScopeKind,
+    VictimKind,
+)
+from uoomd.policy.locate import KeyPath
+from uoomd.policy.model import GuardModel, MatchModel, PolicyModel, duration_s
+from uoomd.units import parse_percent, parse_size_bytes
+
+Issue = tuple[KeyPath, str]
+
+
+def to_amount(value: str | int) -> Amount:
+    if isinstance(value, int):
+        return Amount(bytes=value)
+    fraction = parse_percent(value)
+    if fraction is not None:
+        return Amount(fraction=fraction)
+    return Amount(bytes=parse_size_bytes(value))
+
+
+def compile_policy(model: PolicyModel, *, source: str, check_system: bool) -> tuple[list[Issue], Plan | None]:
+    issues: list[Issue] = []
+    names = [g.name for g in model.guard]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            issues.append((("guard", i, "name"), f"guard {name!r} is defined twice: guard names must be unique"))
+    guards = tuple(_compile_guard(i, g, issues, check_system=check_system) for i, g in enumerate(model.guard))
+    rules: list[RulePlan] = []
+    for i, rule in enumerate(model.rule):
+        for j, guard_name in enumerate(rule.guards):
+            if guard_name not in names:
+                issues.append((("rule", i, "guards", j), f"no guard named {guard_name!r} (guards: {', '.join(names)})"))
+        rules.append(
+            RulePlan(
+                index=i,
+                label=rule.name or f"rule[{i}]",
+                match=_compile_match(rule.match),
+                protect=rule.protect,
+                adjust=rule.adjust,
+                guards=tuple(rule.guards),
+            )
+        )
+    argv = tuple(model.hooks.after_kill)
+    if check_system and argv and not os.access(argv[0], os.X_OK):
+        issues.append((("hooks", "after_kill"), f"{argv[0]!r} is not an executable file"))
+    if issues:
+        return issues, None
+    plan = Plan(
+        source=source,
+        daemon=DaemonPlan(
+            dry_run=model.daemon.dry_run,
+            poll_min_s=duration_s(model.daemon.poll_min),
+            poll_max_s=duration_s(model.daemon.poll_max),
+            log_format=LogFormat(model.daemon.log_format),
+            state_file=model.daemon.state_file,
+            notify_desktop=model.daemon.notify_desktop,
+        ),
+        escalation=EscalationPlan(
+            term_timeout_s=duration_s(model.escalation.term_timeout),
+            kill_timeout_s=duration_s(model.escalation.kill_timeout),
+            max_kills_per_minute=model.escalation.max_kills_per_minute,
+        ),
+        guards=guards,
+        rules=tuple(rules),
+        hooks=HooksPlan(after_kill=argv, timeout_s=duration_s(model.hooks.timeout)),
+    )
+    return [], plan
+
+
+def _compile_guard(index: int, guard: GuardModel, issues: list[Issue], *, check_system: bool) -> GuardPlan:
+    here: KeyPath = ("guard", index)
+    if guard.scope == "system":
+        scope = Scope(kind=ScopeKind.SYSTEM)
+    else:
+        path = os.path.normpath(guard.scope.removeprefix("cgroup:"))
+        scope = Scope(kind=ScopeKind.CGROUP, cgroup_path=path)
+        if check_system:
+            problem = cgroup_scope_problem(path)
+            if problem:
+                issues.append(((*here, "scope"), problem))
+    amounts = {
+        key: to_amount(getattr(guard, key))
+        for key in (
+            "mem_available_term",
+            "mem_available_kill",
+            "swap_free_term",
+            "swap_free_kill",
+            "psi_mem_gate",
+        )
+    }
+    for term_key, kill_key in (
+        ("mem_available_term", "mem_available_kill"),
+        ("swap_free_term", "swap_free_kill"),
+    ):
+        term, kill = amounts[term_key], amounts[kill_key]
+        if _below(term, kill):
+            issues.append(
+                (
+                    (*here, term_key),
+                    f"{term_key} ({term.describe()}) sits below {kill_key} ({kill.describe()}): "
+                    "the term level must be at or above the kill level",
+                )
+            )
+    triggers = tuple(
+        PsiTriggerPlan(
+            kind=PsiKind(t.kind),
+            stall_us=round(duration_s(t.stall) * 1e6),
+            window_us=round(duration_s(t.window) * 1e6),
+            sustain_s=duration_s(t.sustain),
+            action=PsiAction(t.action),
+        )
+        for t in guard.psi
+    )
+    return GuardPlan(
+        name=guard.name,
+        scope=scope,
+        mem_available_term=amounts["mem_available_term"],
+        mem_available_kill=amounts["mem_available_kill"],
+        swap_free_term=amounts["swap_free_term"],
+        swap_free_kill=amounts["swap_free_kill"],
+        victim=VictimKind(guard.victim),
+        min_badness=guard.min_badness,
+        ignore_positive_adj=guard.ignore_positive_adj,
+        psi_mem_gate=amounts["psi_mem_gate"],
+        psi=triggers,
+    )
+
+
+def _below(term: Amount, kill: Amount) -> bool:
+    # Mixed units (a percent against a size) depend on the scope's total, known only
+    # at run time: the daemon clamps then, the checker cannot judge here.
+    if term.fraction is not None and kill.fraction is not None:
+        return term.fraction < kill.fraction
+    if term.bytes is not None and kill.bytes is not None:
+        return term.bytes < kill.bytes
+    return False
+
+
+def cgroup_scope_problem(path: str) -> str | None:
+    """Why a cgroup scope cannot be guarded, or None. Checked at start: guarding a typo guards nothing."""
+    if not os.path.isdir(path):
+        return f"cgroup directory {path!r} does not exist"
+    if not os.path.exists(os.path.join(path, "cgroup.procs")):
+        return f"{path!r} is not a cgroup directory (no cgroup.procs)"
+    if not (
+        os.path.exists(os.path.join(path, "memory.current"))
+        or os.path.exists(os.path.join(path, "memory.usage_in_bytes"))
+    ):
+        return f"{path!r} has no memory controller (neither memory.current nor memory.usage_in_bytes)"
+    return None
+
+
+def _compile_match(match: MatchModel) -> MatchPlan:
+    def rx(value: str | None) -> re.Pattern[str] | None:
+        return re.compile(value) if value is not None else None
+
+    return MatchPlan(
+        name=rx(match.name),
+        cmdline=rx(match.cmdline),
+        exe=rx(match.exe),
+        cgroup=rx(match.cgroup),
+        user=match.user,
+        uid=match.uid,
+    )

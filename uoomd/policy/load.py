@@ -1,0 +1,164 @@
+"""Read a policy file and turn it into a Plan, or one PolicyError listing every mistake with its line."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import stat
+import tomllib
+from importlib import resources
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from uoomd.errors import PolicyError, PolicyIssue
+from uoomd.plan import Plan
+from uoomd.policy.compile import compile_policy
+from uoomd.policy.locate import KeyPath, find_line, format_path, locate_lines
+from uoomd.policy.model import PolicyModel
+
+_TOML_LINE_RE = re.compile(r"\(at line (\d+), column (\d+)\)")
+# pydantic appends the tag of the union member or validator to a field's location
+# ("mem_available_term.str", "...function-after[...]"): not keys the user wrote.
+_TAG_RE = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\]|function-.*|literal\[.*\]|union\[.*\])$")
+
+
+def packaged_policy_path(name: str) -> str:
+    """The copy of etc/uoomd.toml (or policies/NAME) shipped inside the installed package."""
+    base = resources.files("uoomd") / "data"
+    candidate = base / name if name == "uoomd.toml" else base / "policies" / name
+    path = str(candidate)
+    if os.path.exists(path):
+        return path
+    # Running from a source checkout (editable install or tests): the repository's files.
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return os.path.join(repo, "etc", name) if name == "uoomd.toml" else os.path.join(repo, "policies", name)
+
+
+def load_plan(path: str, *, check_system: bool = True) -> Plan:
+    """Load, validate and compile. check_system also checks what depends on this machine
+    (cgroup scopes exist, hook programs exist, file ownership when running as root)."""
+    text = _read_text(path, check_owner=check_system)
+    return parse_plan(text, path, check_system=check_system)
+
+
+def parse_plan(text: str, path: str = "<policy>", *, check_system: bool = False) -> Plan:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        message = str(exc)
+        match = _TOML_LINE_RE.search(message)
+        line = int(match.group(1)) if match else None
+        message = _TOML_LINE_RE.sub("", message).strip()
+        raise PolicyError(path, [PolicyIssue(key="", message=f"TOML syntax: {message}", line=line)]) from None
+    lines = locate_lines(text)
+    try:
+        model = PolicyModel.model_validate(data)
+    except ValidationError as exc:
+        raise PolicyError(path, _issues_from_validation(exc, data, lines)) from None
+    issues, plan = compile_policy(model, source=path, check_system=check_system)
+    if issues:
+        located = [PolicyIssue(key=format_path(p), message=m, line=find_line(lines, p)) for p, m in issues]
+        raise PolicyError(path, located)
+    assert plan is not None
+    return plan
+
+
+def _read_text(path: str, *, check_owner: bool) -> str:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW if check_owner and os.geteuid() == 0 else os.O_RDONLY)
+    except FileNotFoundError:
+        raise PolicyError(path, [PolicyIssue(key="", message="no such file")]) from None
+    except OSError as exc:
+        raise PolicyError(path, [PolicyIssue(key="", message=f"cannot open: {exc.strerror}")]) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise PolicyError(path, [PolicyIssue(key="", message="not a regular file")])
+        if check_owner and os.geteuid() == 0:
+            _check_owner(path, info)
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            raw = handle.read()
+    finally:
+        os.close(fd)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PolicyError(
+            path, [PolicyIssue(key="", message=f"not UTF-8 text: {exc.reason} at byte {exc.start}")]
+        ) from None
+
+
+def _check_owner(path: str, info: os.stat_result) -> None:
+    # A root daemon's policy decides what gets killed and which programs run as root:
+    # anyone who can write it owns the machine (like sshd's StrictModes).
+    if info.st_uid != 0:
+        raise PolicyError(path, [PolicyIssue(key="", message=f"refused: owned by uid {info.st_uid}, not root")])
+    if info.st_mode & stat.S_IWOTH or (info.st_mode & stat.S_IWGRP and info.st_gid != 0):
+        raise PolicyError(
+            path,
+            [
+                PolicyIssue(
+                    key="",
+                    message=f"refused: writable by others (mode {stat.S_IMODE(info.st_mode):o}); chmod go-w",
+                )
+            ],
+        )
+
+
+def _issues_from_validation(exc: ValidationError, data: dict[str, Any], lines: dict[KeyPath, int]) -> list[PolicyIssue]:
+    issues: list[PolicyIssue] = []
+    seen: set[tuple[str, str]] = set()
+    for error in exc.errors(include_url=False):
+        path: KeyPath = tuple(p for p in error["loc"] if not (isinstance(p, str) and _TAG_RE.match(p)))
+        message = _message(error, path)
+        key = format_path(path)
+        if (key, message) in seen:
+            continue
+        seen.add((key, message))
+        issues.append(PolicyIssue(key=key, message=message, line=find_line(lines, path)))
+    issues.sort(key=lambda i: (i.line or 0, i.key))
+    return issues
+
+
+def _message(error: Any, path: KeyPath) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        siblings = _fields_at(path[:-1])
+        hint = difflib.get_close_matches(str(path[-1]), siblings, n=1, cutoff=0.6)
+        known = f" (did you mean {hint[0]!r}?)" if hint else f" (known keys: {', '.join(siblings)})"
+        return f"unknown key{known}"
+    if kind == "missing":
+        return "required key is missing"
+    message = str(error["msg"])
+    for prefix in ("Value error, ", "Assertion failed, "):
+        message = message.removeprefix(prefix)
+    if kind in {"literal_error", "enum"}:
+        return f"{message}, got {error.get('input')!r}"
+    return message
+
+
+def _fields_at(path: KeyPath) -> list[str]:
+    model: type[BaseModel] = PolicyModel
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        inner = _model_of(field.annotation)
+        if inner is None:
+            return []
+        model = inner
+    return list(model.model_fields)
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None

@@ -1,0 +1,232 @@
+"""The policy file's schema as pydantic models: field names are the public TOML keys."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from uoomd.units import parse_duration_s, parse_percent, parse_size_bytes
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+# The kernel's PSI trigger limits: kernel/sched/psi.c psi_trigger_create() rejects
+# windows outside [500ms, 10s] and stalls not shorter than the window.
+PSI_WINDOW_MIN_US = 500_000
+PSI_WINDOW_MAX_US = 10_000_000
+
+
+def _check_amount(value: str | int) -> str | int:
+    if isinstance(value, bool):
+        raise ValueError("expected a size like '512MiB' or a percent like '5%', not a boolean")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    if parse_percent(value) is None:
+        parse_size_bytes(value)
+    return value
+
+
+def _check_duration(value: str | int | float) -> str | int | float:
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like '200ms' or '5s', not a boolean")
+    seconds = float(value) if isinstance(value, int | float) else parse_duration_s(value)
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return value
+
+
+def _check_regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"invalid regular expression {value!r}: {exc}") from None
+    return value
+
+
+AmountValue = Annotated[
+    str | int,
+    AfterValidator(_check_amount),
+    Field(description="a percent of the scope's total ('5%') or a size ('512MiB', '2G', bytes as an integer)"),
+]
+DurationValue = Annotated[
+    str | int | float,
+    AfterValidator(_check_duration),
+    Field(description="a duration: '200ms', '5s', '1m', or seconds as a number"),
+]
+RegexValue = Annotated[str, AfterValidator(_check_regex), Field(description="a Python regular expression, searched")]
+
+
+def duration_s(value: str | int | float) -> float:
+    return float(value) if isinstance(value, int | float) else parse_duration_s(value)
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a typo in a safety policy must never pass silently.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class DaemonModel(_Strict):
+    """[daemon]: how the daemon runs."""
+
+    dry_run: bool = Field(False, description="audit mode: decide, log and explain, send no signal")
+    poll_min: DurationValue = Field("20ms", description="fastest poll, near a threshold")
+    poll_max: DurationValue = Field("1s", description="slowest poll, when memory is plentiful")
+    log_format: Literal["auto", "console", "json"] = Field(
+        "auto", description="auto: console lines on a terminal, JSON lines otherwise"
+    )
+    state_file: str = Field("/run/uoomd/state.json", description="where `uoomd status` reads what the daemon sees")
+    notify_desktop: bool = Field(False, description="send a desktop notification over D-Bus when a process is killed")
+
+    @model_validator(mode="after")
+    def _poll_order(self) -> Self:
+        lo, hi = duration_s(self.poll_min), duration_s(self.poll_max)
+        if lo <= 0:
+            raise ValueError("poll_min must be greater than 0")
+        if lo > hi:
+            raise ValueError(f"poll_min ({self.poll_min}) must not exceed poll_max ({self.poll_max})")
+        return self
+
+
+class EscalationModel(_Strict):
+    """[escalation]: SIGTERM first, SIGKILL after a timeout, then wait for the memory."""
+
+    term_timeout: DurationValue = Field("5s", description="after SIGTERM, how long before SIGKILL")
+    kill_timeout: DurationValue = Field("3s", description="after SIGKILL, how long to wait for the memory to come back")
+    max_kills_per_minute: int = Field(10, ge=1, le=1000, description="victims chosen per minute, all guards together")
+
+
+class PsiModel(_Strict):
+    """[[guard.psi]]: a PSI trigger on the guard's memory.pressure."""
+
+    kind: Literal["some", "full"] = Field(
+        "full", description="some: any task stalled; full: all non-idle tasks stalled"
+    )
+    stall: DurationValue = Field("200ms", description="stall time ...")
+    window: DurationValue = Field("2s", description="... within this window (kernel trigger semantics, 500ms..10s)")
+    sustain: DurationValue = Field("0s", description="act only when the trigger keeps firing this long")
+    action: Literal["warn", "term", "kill"] = Field("term", description="warn: log only; term/kill: pick a victim")
+
+    @model_validator(mode="after")
+    def _window(self) -> Self:
+        stall_us = round(duration_s(self.stall) * 1e6)
+        window_us = round(duration_s(self.window) * 1e6)
+        if not PSI_WINDOW_MIN_US <= window_us <= PSI_WINDOW_MAX_US:
+            raise ValueError(f"window must be between 500ms and 10s (got {self.window})")
+        if not 0 < stall_us < window_us:
+            raise ValueError(f"stall ({self.stall}) must be greater than 0 and shorter than window ({self.window})")
+        return self
+
+
+class GuardModel(_Strict):
+    """[[guard]]: what to watch and when to act."""
+
+    name: str = Field(description="a short name for logs and `--guard`")
+    scope: str = Field("system", description="'system', or 'cgroup:<path of a cgroup directory>' (v2, or v1 memory)")
+    mem_available_term: AmountValue = Field("5%", description="SIGTERM below this MemAvailable")
+    mem_available_kill: AmountValue = Field("2.5%", description="SIGKILL below this MemAvailable")
+    swap_free_term: AmountValue = Field("10%", description="with swap, memory AND swap must both be low to act")
+    swap_free_kill: AmountValue = Field("5%")
+    victim: Literal["process", "process-group", "cgroup"] = Field("process", description="what to signal")
+    min_badness: int = Field(0, ge=0, description="never pick a victim smaller than this (kernel badness points)")
+    ignore_positive_adj: bool = Field(
+        False, description="discount the oom_score_adj that browsers raise on their own tabs"
+    )
+    psi_mem_gate: AmountValue = Field("20%", description="PSI triggers act only while MemAvailable is below this")
+    psi: list[PsiModel] = Field(default_factory=list, description="PSI triggers on this guard's memory.pressure")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME_RE.match(value):
+            raise ValueError(f"{value!r}: use 1-64 letters, digits, '_', '.' or '-'")
+        return value
+
+    @field_validator("scope")
+    @classmethod
+    def _scope(cls, value: str) -> str:
+        if value == "system":
+            return value
+        if not value.startswith("cgroup:"):
+            raise ValueError(f"{value!r}: expected 'system' or 'cgroup:/sys/fs/cgroup/...'")
+        path = value.removeprefix("cgroup:")
+        if not path.startswith("/"):
+            raise ValueError(f"{value!r}: the cgroup must be an absolute directory path")
+        return value
+
+
+class MatchModel(_Strict):
+    """match = { ... }: all given keys must match."""
+
+    name: RegexValue | None = Field(None, description="regex searched in the process name (comm, 15 chars)")
+    cmdline: RegexValue | None = Field(
+        None, description="regex searched in the command line (arguments joined by spaces)"
+    )
+    exe: RegexValue | None = Field(None, description="regex searched in the executable's path")
+    cgroup: RegexValue | None = Field(None, description="regex searched in the process's cgroup path")
+    user: str | None = Field(None, description="user name, exact")
+    uid: int | None = Field(None, ge=0, description="user id, exact")
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> Self:
+        if all(getattr(self, key) is None for key in type(self).model_fields):
+            raise ValueError("match needs at least one of: name, cmdline, exe, cgroup, user, uid")
+        return self
+
+
+class RuleModel(_Strict):
+    """[[rule]]: protections first, then adjustments add up."""
+
+    name: str | None = Field(None, description="a label for logs (default: rule[N])")
+    match: MatchModel
+    protect: bool = Field(False, description="never a victim")
+    adjust: int = Field(
+        0,
+        ge=-2000,
+        le=2000,
+        description="added to oom_score_adj, clamped to [-1000, 1000]; >0 prefer, <0 avoid",
+    )
+    guards: list[str] = Field(default_factory=list, description="guard names this rule applies to (default: all)")
+
+    @model_validator(mode="after")
+    def _does_something(self) -> Self:
+        if self.protect and self.adjust:
+            raise ValueError("a rule either protects or adjusts, not both (protect wins anyway)")
+        if not self.protect and not self.adjust:
+            raise ValueError("rule does nothing: set protect = true or a non-zero adjust")
+        return self
+
+
+class HooksModel(_Strict):
+    """[hooks]: programs to run, as argv (never through a shell)."""
+
+    after_kill: list[str] = Field(
+        default_factory=list, description="argv run after a victim is signalled; facts in UOOMD_* variables"
+    )
+    timeout: DurationValue = Field("10s", description="a hook still running after this is killed")
+
+    @field_validator("after_kill")
+    @classmethod
+    def _absolute(cls, value: list[str]) -> list[str]:
+        if value and not value[0].startswith("/"):
+            raise ValueError(f"{value[0]!r}: the program must be an absolute path (hooks run with a clean PATH)")
+        return value
+
+
+class PolicyModel(_Strict):
+    """A uoomd policy file."""
+
+    daemon: DaemonModel = Field(default_factory=DaemonModel)
+    escalation: EscalationModel = Field(default_factory=EscalationModel)
+    guard: list[GuardModel] = Field(min_length=1, description="one or more guards")
+    rule: list[RuleModel] = Field(default_factory=list)
+    hooks: HooksModel = Field(default_factory=HooksModel)
+
+
+def policy_json_schema() -> dict[str, Any]:
+    schema = PolicyModel.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "uoomd policy"
+    return schema
