@@ -1,0 +1,696 @@
+"""Decide, from one observation, which guard escalates against which victim: the escalation state machine (pure).
+
+Modelled on h11: phases and events are closed sets, the transitions are data
+(:data:`TABLE` and :data:`DRY_RUN_TABLE`) that tests and docs enumerate, and
+:func:`step` is a function of its inputs.  It reads no file and no clock: ``obs.now``
+is the daemon's ``time.monotonic()``, ``obs.alive`` says which in-flight victims the
+daemon still found alive through their pidfds.  What to do comes back as frozen
+:data:`Action` values; ``actions.py`` executes them, a test asserts on them.
+
+Every decision, acted on or not, is exactly one :class:`Record` with the trigger, the
+reading, the victim with its badness terms, the runner-up and the ``action`` taken.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from typing import assert_never
+
+from uoomd.plan import GuardPlan, Plan, PsiAction, PsiTriggerPlan, VictimKind
+from uoomd.readings import GuardReading, MemoryReading, Observation, ProcessKey
+from uoomd.scoring import Candidate, Ranking
+
+RATE_WINDOW_S = 60.0  # max_kills_per_minute counts victims chosen in this sliding window
+
+SIGTERM = int(signal.SIGTERM)
+SIGKILL = int(signal.SIGKILL)
+
+
+class Phase(StrEnum):
+    IDLE = "idle"
+    TERM_SENT = "term_sent"
+    KILL_SENT = "kill_sent"
+    RECOVERING = "recovering"
+    AUDIT_HOLD = "audit_hold"  # dry-run: a victim was named but nothing was sent; wait term_timeout
+
+
+class Event(StrEnum):
+    TERM_LEVEL = "term_level"  # available (and swap, where there is swap) below the term level
+    KILL_LEVEL = "kill_level"
+    PSI_TERM = "psi_term"  # a PSI trigger with action "term" sustained, below the PSI memory gate
+    PSI_KILL = "psi_kill"
+    PSI_WARN = "psi_warn"
+    VICTIM_EXITED = "victim_exited"  # the in-flight victim is not in obs.alive any more
+    TERM_TIMEOUT = "term_timeout"
+    KILL_TIMEOUT = "kill_timeout"
+    MEMORY_BACK = "memory_back"  # available (and swap) at or above the term level again
+    RECOVERY_TIMEOUT = "recovery_timeout"
+    HOLD_EXPIRED = "hold_expired"  # dry-run: term_timeout after a would_term/would_kill
+
+
+class Outcome(StrEnum):
+    """What a transition does; the ``action`` field of its Record."""
+
+    TERM = "term"
+    KILL = "kill"
+    WOULD_TERM = "would_term"
+    WOULD_KILL = "would_kill"
+    WARN = "warn"
+    MARK_STUCK = "mark_stuck"
+    NONE = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    next: Phase
+    outcome: Outcome
+
+
+_COMMON: dict[tuple[Phase, Event], Transition] = {
+    (Phase.IDLE, Event.PSI_WARN): Transition(Phase.IDLE, Outcome.WARN),
+    (Phase.TERM_SENT, Event.VICTIM_EXITED): Transition(Phase.RECOVERING, Outcome.NONE),
+    # Escalate the same victim; never a second SIGTERM (earlyoom#373: a process that
+    # ignores SIGTERM was sent SIGTERM again and again while memory ran out).
+    (Phase.TERM_SENT, Event.TERM_TIMEOUT): Transition(Phase.KILL_SENT, Outcome.KILL),
+    (Phase.TERM_SENT, Event.KILL_LEVEL): Transition(Phase.KILL_SENT, Outcome.KILL),
+    (Phase.KILL_SENT, Event.VICTIM_EXITED): Transition(Phase.RECOVERING, Outcome.NONE),
+    # A SIGKILLed process that does not exit is stuck in the kernel (D state, a frozen
+    # cgroup): give up on it, never pick it again for this guard, and move on.
+    (Phase.KILL_SENT, Event.KILL_TIMEOUT): Transition(Phase.IDLE, Outcome.MARK_STUCK),
+    (Phase.RECOVERING, Event.MEMORY_BACK): Transition(Phase.IDLE, Outcome.NONE),
+    (Phase.RECOVERING, Event.RECOVERY_TIMEOUT): Transition(Phase.IDLE, Outcome.NONE),
+    # Present in both tables so that a reload switching dry_run never strands a guard.
+    (Phase.AUDIT_HOLD, Event.HOLD_EXPIRED): Transition(Phase.IDLE, Outcome.NONE),
+    (Phase.AUDIT_HOLD, Event.MEMORY_BACK): Transition(Phase.IDLE, Outcome.NONE),
+}
+
+TABLE: Mapping[tuple[Phase, Event], Transition] = {
+    (Phase.IDLE, Event.TERM_LEVEL): Transition(Phase.TERM_SENT, Outcome.TERM),
+    (Phase.IDLE, Event.PSI_TERM): Transition(Phase.TERM_SENT, Outcome.TERM),
+    (Phase.IDLE, Event.KILL_LEVEL): Transition(Phase.KILL_SENT, Outcome.KILL),
+    (Phase.IDLE, Event.PSI_KILL): Transition(Phase.KILL_SENT, Outcome.KILL),
+    **_COMMON,
+}
+"""The live escalation table: (phase, event) -> (next phase, outcome). A pair that is
+not in the table leaves the guard where it is."""
+
+DRY_RUN_TABLE: Mapping[tuple[Phase, Event], Transition] = {
+    # The victim will not exit (nothing is sent), so hold for term_timeout and then
+    # decide afresh: each decision is logged again, and no victim is ever marked stuck.
+    (Phase.IDLE, Event.TERM_LEVEL): Transition(Phase.AUDIT_HOLD, Outcome.WOULD_TERM),
+    (Phase.IDLE, Event.PSI_TERM): Transition(Phase.AUDIT_HOLD, Outcome.WOULD_TERM),
+    (Phase.IDLE, Event.KILL_LEVEL): Transition(Phase.AUDIT_HOLD, Outcome.WOULD_KILL),
+    (Phase.IDLE, Event.PSI_KILL): Transition(Phase.AUDIT_HOLD, Outcome.WOULD_KILL),
+    **_COMMON,
+}
+"""The dry-run table: the same decisions, parked in ``audit_hold`` instead of waiting for an exit."""
+
+_CHOOSING = frozenset({Outcome.TERM, Outcome.KILL, Outcome.WOULD_TERM, Outcome.WOULD_KILL})
+_HOLDING = frozenset({Phase.TERM_SENT, Phase.KILL_SENT, Phase.AUDIT_HOLD})  # phases with an in-flight victim
+
+
+# --- actions ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SendSignal:
+    """Signal a victim. ``victim_kind`` says how: the process, its group (killpg through
+    a pidfd-verified leader, ``pgid``) or every member of ``cgroup``."""
+
+    guard: str
+    target: ProcessKey
+    signal: int
+    victim_kind: VictimKind
+    pgid: int
+    cgroup: str | None
+    dry_run: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReleaseMemory:
+    """process_mrelease() the SIGKILLed target: reap its memory before it finishes exiting.
+
+    The kernel refuses a process that is not already dying (mm/oom_kill.c
+    process_mrelease(), Linux 6.18, -EINVAL unless task_will_free_mem()), so this only
+    ever follows a SIGKILL (earlyoom#354)."""
+
+    guard: str
+    target: ProcessKey
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KillCgroup:
+    """Write 1 to the victim's ``cgroup.kill`` (or the executor's fallback where it does not exist)."""
+
+    guard: str
+    path: str
+    dry_run: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunHook:
+    """Run ``plan.hooks.after_kill`` with the facts as UOOMD_* environment variables, never through a shell."""
+
+    guard: str
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Record:
+    """A structured log event: a snake_case name and its facts as key/values."""
+
+    event: str
+    fields: tuple[tuple[str, object], ...]
+
+    def get(self, key: str) -> object:
+        for name, value in self.fields:
+            if name == key:
+                return value
+        raise KeyError(key)
+
+    def as_dict(self) -> dict[str, object]:
+        return dict(self.fields)
+
+
+Action = SendSignal | ReleaseMemory | KillCgroup | RunHook | Record
+
+
+# --- state --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PsiTrack:
+    """One PSI trigger's recent history: when the kernel last reported it, and since when
+    it has been reported without a gap."""
+
+    last_fired_at: float | None = None
+    active_since: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GuardState:
+    guard: str
+    phase: Phase = Phase.IDLE
+    victim: Candidate | None = None
+    phase_since: float = 0.0
+    trigger: str = ""  # what started the current escalation, repeated in its later records
+    stuck: frozenset[ProcessKey] = frozenset()
+    psi: tuple[PsiTrack, ...] = ()
+    noted: frozenset[str] = frozenset()  # once-per-episode records already emitted
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class State:
+    guards: tuple[GuardState, ...]
+    kill_times: tuple[float, ...] = ()  # when victims were chosen, any guard, last RATE_WINDOW_S
+
+    def guard(self, name: str) -> GuardState:
+        for gs in self.guards:
+            if gs.guard == name:
+                return gs
+        raise KeyError(name)
+
+    def in_flight(self) -> frozenset[ProcessKey]:
+        return frozenset(gs.victim.key for gs in self.guards if gs.phase in _HOLDING and gs.victim)
+
+
+def initial_state(plan: Plan) -> State:
+    return State(guards=tuple(_fresh_guard_state(g) for g in plan.guards))
+
+
+def _fresh_guard_state(guard: GuardPlan) -> GuardState:
+    return GuardState(guard=guard.name, psi=tuple(PsiTrack() for _ in guard.psi))
+
+
+# --- levels and PSI (pure predicates) -----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Levels:
+    """A guard's thresholds resolved against one reading, and where the reading stands."""
+
+    term_bytes: int
+    kill_bytes: int
+    swap_term_bytes: int
+    swap_kill_bytes: int
+    gate_bytes: int
+    term_crossed: bool
+    kill_crossed: bool
+    memory_back: bool
+
+
+def levels(reading: MemoryReading, guard: GuardPlan) -> Levels:
+    """Both memory and swap must be low to act; with no swap at all, MemAvailable alone is
+    enough (oomd#80: a swapless machine never fired because "swap free" never fell)."""
+    term_bytes = guard.mem_available_term.resolve_bytes(reading.total_bytes)
+    kill_bytes = guard.mem_available_kill.resolve_bytes(reading.total_bytes)
+    swap_term = guard.swap_free_term.resolve_bytes(reading.swap_total_bytes)
+    swap_kill = guard.swap_free_kill.resolve_bytes(reading.swap_total_bytes)
+    no_swap = reading.swap_total_bytes == 0
+    avail = reading.available_bytes
+    swap_free = reading.swap_free_bytes
+    return Levels(
+        term_bytes=term_bytes,
+        kill_bytes=kill_bytes,
+        swap_term_bytes=swap_term,
+        swap_kill_bytes=swap_kill,
+        gate_bytes=guard.psi_mem_gate.resolve_bytes(reading.total_bytes),
+        term_crossed=avail < term_bytes and (no_swap or swap_free < swap_term),
+        kill_crossed=avail < kill_bytes and (no_swap or swap_free < swap_kill),
+        memory_back=avail >= term_bytes and (no_swap or swap_free >= swap_term),
+    )
+
+
+def update_psi(
+    tracks: tuple[PsiTrack, ...],
+    triggers: tuple[PsiTriggerPlan, ...],
+    fired: tuple[int, ...],
+    now: float,
+    grace_s: float,
+) -> tuple[PsiTrack, ...]:
+    """Advance each trigger's history by one poll.
+
+    The kernel reports a trigger at most once per window while the stall lasts
+    (kernel/sched/psi.c update_triggers(), Linux 6.18: no new event before
+    last_event_time + win.size), and we see a report up to one poll late, so a trigger
+    stays active while its last report is younger than window + grace_s."""
+    if len(tracks) != len(triggers):
+        tracks = tuple(PsiTrack() for _ in triggers)
+    out: list[PsiTrack] = []
+    for i, (track, trigger) in enumerate(zip(tracks, triggers, strict=True)):
+        horizon_s = trigger.window_us / 1e6 + grace_s
+        was_active = track.last_fired_at is not None and now - track.last_fired_at <= horizon_s
+        if i in fired:
+            since = track.active_since if was_active and track.active_since is not None else now
+            out.append(PsiTrack(last_fired_at=now, active_since=since))
+        elif was_active:
+            out.append(track)
+        else:
+            out.append(PsiTrack(last_fired_at=track.last_fired_at, active_since=None))
+    return tuple(out)
+
+
+def sustained(track: PsiTrack, trigger: PsiTriggerPlan, now: float) -> bool:
+    return track.active_since is not None and now - track.active_since >= trigger.sustain_s
+
+
+def describe_psi(index: int, trigger: PsiTriggerPlan) -> str:
+    """E.g. ``psi[0] full 200000/2000000us sustained 4s``."""
+    return f"psi[{index}] {trigger.kind} {trigger.stall_us}/{trigger.window_us}us sustained {trigger.sustain_s:g}s"
+
+
+# --- the step -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Ctx:
+    guard: GuardPlan
+    plan: Plan
+    obs: Observation
+    reading: GuardReading | None
+    lv: Levels | None
+    ranking: Ranking | None
+    table: Mapping[tuple[Phase, Event], Transition]
+    others: frozenset[ProcessKey]  # in-flight victims of other guards: never picked here
+    kill_times: tuple[float, ...]  # victims chosen in the last RATE_WINDOW_S, all guards
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Detected:
+    event: Event | None
+    trigger: str
+
+
+def _detect(gs: GuardState, ctx: _Ctx) -> _Detected:
+    """The one event this poll brings to this guard, by priority within its phase."""
+    obs, lv, esc = ctx.obs, ctx.lv, ctx.plan.escalation
+    elapsed_s = obs.now - gs.phase_since
+    match gs.phase:
+        case Phase.IDLE:
+            return _detect_idle(gs, ctx)
+        case Phase.TERM_SENT:
+            if gs.victim is None or gs.victim.key not in obs.alive:
+                return _Detected(event=Event.VICTIM_EXITED, trigger=gs.trigger)
+            if lv is not None and lv.kill_crossed:
+                return _Detected(event=Event.KILL_LEVEL, trigger="mem_available_kill")
+            if elapsed_s >= esc.term_timeout_s:
+                return _Detected(event=Event.TERM_TIMEOUT, trigger="term_timeout")
+        case Phase.KILL_SENT:
+            if gs.victim is None or gs.victim.key not in obs.alive:
+                return _Detected(event=Event.VICTIM_EXITED, trigger=gs.trigger)
+            if elapsed_s >= esc.kill_timeout_s:
+                return _Detected(event=Event.KILL_TIMEOUT, trigger="kill_timeout")
+        case Phase.RECOVERING:
+            if lv is not None and lv.memory_back:
+                return _Detected(event=Event.MEMORY_BACK, trigger=gs.trigger)
+            if elapsed_s >= esc.kill_timeout_s:
+                return _Detected(event=Event.RECOVERY_TIMEOUT, trigger=gs.trigger)
+        case Phase.AUDIT_HOLD:
+            if lv is not None and lv.memory_back:
+                return _Detected(event=Event.MEMORY_BACK, trigger=gs.trigger)
+            if elapsed_s >= esc.term_timeout_s:
+                return _Detected(event=Event.HOLD_EXPIRED, trigger=gs.trigger)
+        case _:
+            assert_never(gs.phase)
+    return _Detected(event=None, trigger=gs.trigger)
+
+
+def _detect_idle(gs: GuardState, ctx: _Ctx) -> _Detected:
+    """Priority: kill level, PSI kill, term level, PSI term, PSI warn."""
+    guard, reading, lv, now = ctx.guard, ctx.reading, ctx.lv, ctx.obs.now
+    if reading is None or lv is None:
+        return _Detected(event=None, trigger="")
+    if lv.kill_crossed:
+        return _Detected(event=Event.KILL_LEVEL, trigger="mem_available_kill")
+    active = [(i, t) for i, t in enumerate(guard.psi) if i < len(gs.psi) and sustained(gs.psi[i], t, now)]
+    # nohang#25: PSI alone hit busy but healthy machines; it acts only when memory is short too.
+    gated = reading.memory.available_bytes < lv.gate_bytes
+    psi_kill = [(i, t) for i, t in active if t.action is PsiAction.KILL and gated]
+    if psi_kill:
+        return _Detected(event=Event.PSI_KILL, trigger=describe_psi(*psi_kill[0]))
+    if lv.term_crossed:
+        return _Detected(event=Event.TERM_LEVEL, trigger="mem_available_term")
+    psi_term = [(i, t) for i, t in active if t.action is PsiAction.TERM and gated]
+    if psi_term:
+        return _Detected(event=Event.PSI_TERM, trigger=describe_psi(*psi_term[0]))
+    # A warning acts on nothing, so it is not gated: it is how a user learns the trigger fires.
+    warn = [(i, t) for i, t in active if t.action is PsiAction.WARN]
+    if warn:
+        return _Detected(event=Event.PSI_WARN, trigger=describe_psi(*warn[0]))
+    return _Detected(event=None, trigger="")
+
+
+def step(state: State, obs: Observation, plan: Plan, rankings: Mapping[str, Ranking]) -> tuple[State, list[Action]]:
+    """Advance every guard by one poll; return the new state and what to do, in order."""
+    readings = {r.guard: r for r in obs.guards}
+    kill_times = tuple(t for t in state.kill_times if obs.now - t < RATE_WINDOW_S)
+    old = {gs.guard: gs for gs in state.guards}
+    in_flight = set(state.in_flight())
+    table = DRY_RUN_TABLE if plan.daemon.dry_run else TABLE
+    new_states: list[GuardState] = []
+    actions: list[Action] = []
+    for guard in plan.guards:
+        gs = old.get(guard.name) or _fresh_guard_state(guard)
+        reading = readings.get(guard.name)
+        fired = reading.psi_fired if reading else ()
+        gs = replace(gs, psi=update_psi(gs.psi, guard.psi, fired, obs.now, plan.daemon.poll_max_s))
+        gs = _prune_stuck(gs, rankings.get(guard.name))
+        if gs.victim is not None:
+            in_flight.discard(gs.victim.key)
+        ctx = _Ctx(
+            guard=guard,
+            plan=plan,
+            obs=obs,
+            reading=reading,
+            lv=levels(reading.memory, guard) if reading is not None else None,
+            ranking=rankings.get(guard.name),
+            table=table,
+            others=frozenset(in_flight),
+            kill_times=kill_times,
+        )
+        gs, acts, chosen = _step_guard(gs, ctx)
+        if chosen:
+            kill_times = (*kill_times, obs.now)
+        if gs.phase in _HOLDING and gs.victim is not None:
+            in_flight.add(gs.victim.key)
+        new_states.append(gs)
+        actions.extend(acts)
+    return State(guards=tuple(new_states), kill_times=kill_times), actions
+
+
+def _prune_stuck(gs: GuardState, ranking: Ranking | None) -> GuardState:
+    """Forget stuck processes that are gone (in neither list of a fresh ranking), so the set stays small."""
+    if ranking is None or not gs.stuck:
+        return gs
+    present = {c.key for c in ranking.candidates} | {e.process.key for e in ranking.excluded}
+    return replace(gs, stuck=gs.stuck & present)
+
+
+def _step_guard(gs: GuardState, ctx: _Ctx) -> tuple[GuardState, list[Action], bool]:
+    """One guard, one poll: (new guard state, actions, whether a new victim was chosen)."""
+    detected = _detect(gs, ctx)
+    if detected.event is None:
+        if gs.phase is Phase.IDLE:
+            gs = replace(gs, noted=frozenset())  # the episode is over
+        return gs, [], False
+    transition = ctx.table.get((gs.phase, detected.event))
+    if transition is None:
+        return gs, [], False
+    now = ctx.obs.now
+    after_s = now - gs.phase_since
+    outcome = transition.outcome
+    if gs.phase is Phase.IDLE and outcome in _CHOOSING:
+        return _choose(gs, ctx, transition, detected.trigger)
+    match outcome:
+        case Outcome.WARN:
+            if "psi_warn" in gs.noted:
+                return gs, [], False
+            rec = Record(event="psi_warn", fields=_decision_fields(ctx, detected.trigger, None, Outcome.WARN))
+            return replace(gs, noted=gs.noted | {"psi_warn"}), [rec], False
+        case Outcome.KILL | Outcome.WOULD_KILL:  # escalation of the in-flight victim
+            assert gs.victim is not None
+            outcome = Outcome.WOULD_KILL if ctx.plan.daemon.dry_run else Outcome.KILL
+            rest = (ctx.ranking or _empty_ranking(ctx.guard.name)).without(gs.stuck | ctx.others | {gs.victim.key})
+            fields = _decision_fields(ctx, detected.trigger, gs.victim, outcome, runner_up=rest.best)
+            rec = Record(event="victim_escalated", fields=(*fields, ("after_s", after_s)))
+            acts = [rec, *_signal_actions(ctx, gs.victim, SIGKILL, gs.trigger)]
+            return replace(gs, phase=transition.next, phase_since=now), acts, False
+        case Outcome.MARK_STUCK:
+            assert gs.victim is not None
+            rec = Record(event="victim_stuck", fields=(*_guard_victim_fields(ctx, gs.victim), ("after_s", after_s)))
+            new = replace(gs, phase=transition.next, phase_since=now, victim=None, stuck=gs.stuck | {gs.victim.key})
+            return replace(new, trigger="", noted=frozenset()), [rec], False
+        case Outcome.NONE:
+            return _quiet_transition(gs, ctx, transition, detected.event, after_s)
+        case Outcome.TERM | Outcome.WOULD_TERM:
+            raise AssertionError(f"{outcome} outside idle: table row ({gs.phase}, {detected.event})")
+        case _:
+            assert_never(outcome)
+
+
+def _quiet_transition(
+    gs: GuardState, ctx: _Ctx, transition: Transition, event: Event, after_s: float
+) -> tuple[GuardState, list[Action], bool]:
+    now = ctx.obs.now
+    records: list[Action] = []
+    match event:
+        case Event.VICTIM_EXITED:
+            assert gs.victim is not None
+            records.append(
+                Record(
+                    event="victim_exited",
+                    fields=(*_guard_victim_fields(ctx, gs.victim), ("phase", str(gs.phase)), ("after_s", after_s)),
+                )
+            )
+        case Event.MEMORY_BACK:
+            records.append(
+                Record(
+                    event="memory_recovered",
+                    fields=(("guard", ctx.guard.name), *_reading_fields(ctx), ("after_s", after_s)),
+                )
+            )
+        case Event.RECOVERY_TIMEOUT:
+            records.append(
+                Record(
+                    event="recovery_timeout",
+                    fields=(("guard", ctx.guard.name), *_reading_fields(ctx), ("after_s", after_s)),
+                )
+            )
+        case Event.HOLD_EXPIRED:
+            records.append(Record(event="audit_hold_ended", fields=(("guard", ctx.guard.name), ("after_s", after_s))))
+        case _:
+            pass
+    victim = gs.victim if transition.next is Phase.RECOVERING else None
+    trigger = gs.trigger if transition.next is not Phase.IDLE else ""
+    new = replace(gs, phase=transition.next, phase_since=now, victim=victim, trigger=trigger)
+    if transition.next is Phase.IDLE:
+        new = replace(new, noted=frozenset())
+    return new, records, False
+
+
+def _choose(
+    gs: GuardState,
+    ctx: _Ctx,
+    transition: Transition,
+    trigger: str,
+) -> tuple[GuardState, list[Action], bool]:
+    """Idle -> a victim: the guard conditions (rate limit, a candidate left) and the signal."""
+    others, kill_times = ctx.others, ctx.kill_times
+    limit = ctx.plan.escalation.max_kills_per_minute
+    if len(kill_times) >= limit:
+        if "rate_limited" in gs.noted:
+            return gs, [], False
+        rec = Record(
+            event="rate_limited",
+            fields=(
+                *_decision_fields(ctx, trigger, None, Outcome.NONE),
+                ("victims_last_minute", len(kill_times)),
+                ("max_kills_per_minute", limit),
+            ),
+        )
+        return replace(gs, noted=gs.noted | {"rate_limited"}), [rec], False
+    ranking = (ctx.ranking or _empty_ranking(ctx.guard.name)).without(gs.stuck | others)
+    victim = ranking.best
+    if victim is None:
+        if "no_candidate" in gs.noted:
+            return gs, [], False
+        rec = Record(
+            event="no_candidate",
+            fields=(
+                *_decision_fields(ctx, trigger, None, Outcome.NONE),
+                ("ranking", "missing" if ctx.ranking is None else "empty"),
+                ("excluded", len(ctx.ranking.excluded) if ctx.ranking else 0),
+                ("stuck", len(gs.stuck)),
+                ("in_flight_elsewhere", len(others)),
+            ),
+        )
+        return replace(gs, noted=gs.noted | {"no_candidate"}), [rec], False
+    outcome = transition.outcome
+    rec = Record(
+        event="victim_chosen",
+        fields=_decision_fields(ctx, trigger, victim, outcome, runner_up=_runner_up(ranking)),
+    )
+    sig = SIGKILL if outcome in (Outcome.KILL, Outcome.WOULD_KILL) else SIGTERM
+    acts: list[Action] = [rec, *_signal_actions(ctx, victim, sig, trigger)]
+    new = replace(gs, phase=transition.next, phase_since=ctx.obs.now, victim=victim, trigger=trigger, noted=frozenset())
+    return new, acts, True
+
+
+def _empty_ranking(guard: str) -> Ranking:
+    return Ranking(guard=guard, candidates=(), excluded=(), taken_at=0.0)
+
+
+def _runner_up(ranking: Ranking) -> Candidate | None:
+    return ranking.candidates[1] if len(ranking.candidates) > 1 else None
+
+
+# --- building actions ---------------------------------------------------------------------
+
+
+def _cgroup_target(victim: Candidate) -> str | None:
+    """The cgroup to kill, or None to fall back to the process: never the root, which would be everything."""
+    path = victim.process.cgroup
+    if path is None or path.strip("/") == "":
+        return None
+    return path
+
+
+def _signal_actions(ctx: _Ctx, victim: Candidate, sig: int, trigger: str) -> list[Action]:
+    dry_run = ctx.plan.daemon.dry_run
+    kind = ctx.guard.victim
+    proc = victim.process
+    cgroup = _cgroup_target(victim) if kind is VictimKind.CGROUP else proc.cgroup
+    if kind is VictimKind.CGROUP and cgroup is None:
+        kind = VictimKind.PROCESS  # the cgroup was not read, or is the root: the process alone
+    if kind is VictimKind.PROCESS_GROUP and proc.pgid <= 1:
+        kind = VictimKind.PROCESS  # killpg(0) is our own group and killpg(1) init's: never
+    acts: list[Action] = []
+    if kind is VictimKind.CGROUP and sig == SIGKILL:
+        assert cgroup is not None
+        acts.append(KillCgroup(guard=ctx.guard.name, path=cgroup, dry_run=dry_run))
+    else:
+        acts.append(
+            SendSignal(
+                guard=ctx.guard.name,
+                target=victim.key,
+                signal=sig,
+                victim_kind=kind,
+                pgid=proc.pgid,
+                cgroup=cgroup,
+                dry_run=dry_run,
+            )
+        )
+    if dry_run:
+        return acts
+    if sig == SIGKILL:
+        acts.append(ReleaseMemory(guard=ctx.guard.name, target=victim.key))
+    if ctx.plan.hooks.after_kill:
+        acts.append(_hook(ctx, victim, sig, trigger, kind))
+    return acts
+
+
+def _hook(ctx: _Ctx, victim: Candidate, sig: int, trigger: str, kind: VictimKind) -> RunHook:
+    proc = victim.process
+    env = (
+        ("UOOMD_GUARD", ctx.guard.name),
+        ("UOOMD_PID", str(proc.pid)),
+        ("UOOMD_STARTTIME", str(proc.starttime_ticks)),
+        ("UOOMD_NAME", proc.name),
+        ("UOOMD_SIGNAL", signal.Signals(sig).name),
+        ("UOOMD_VICTIM_KIND", str(kind)),
+        ("UOOMD_BADNESS", str(victim.badness.points)),
+        ("UOOMD_RULES", ",".join(victim.rules)),
+        ("UOOMD_TRIGGER", trigger),
+        ("UOOMD_RSS_BYTES", str(proc.rss_bytes)),
+        ("UOOMD_CGROUP", proc.cgroup or ""),
+    )
+    return RunHook(guard=ctx.guard.name, argv=ctx.plan.hooks.after_kill, env=env)
+
+
+# --- record fields ------------------------------------------------------------------------
+
+
+def _reading_fields(ctx: _Ctx) -> tuple[tuple[str, object], ...]:
+    if ctx.reading is None or ctx.lv is None:
+        return (("reading", None),)
+    mem = ctx.reading.memory
+    fields: list[tuple[str, object]] = [
+        ("available_bytes", mem.available_bytes),
+        ("available_fraction", round(mem.available_fraction, 4)),
+        ("total_bytes", mem.total_bytes),
+        ("swap_free_bytes", mem.swap_free_bytes),
+        ("swap_total_bytes", mem.swap_total_bytes),
+        ("term_threshold_bytes", ctx.lv.term_bytes),
+        ("kill_threshold_bytes", ctx.lv.kill_bytes),
+        ("swap_term_threshold_bytes", ctx.lv.swap_term_bytes),
+        ("swap_kill_threshold_bytes", ctx.lv.swap_kill_bytes),
+    ]
+    pressure = ctx.reading.pressure
+    if pressure is not None:
+        fields += [("psi_some_avg10", pressure.some_avg10), ("psi_full_avg10", pressure.full_avg10)]
+    return tuple(fields)
+
+
+def _guard_victim_fields(ctx: _Ctx, victim: Candidate) -> tuple[tuple[str, object], ...]:
+    proc = victim.process
+    return (
+        ("guard", ctx.guard.name),
+        ("pid", int(proc.pid)),
+        ("name", proc.name),
+        ("starttime_ticks", proc.starttime_ticks),
+    )
+
+
+def _decision_fields(
+    ctx: _Ctx, trigger: str, victim: Candidate | None, outcome: Outcome, runner_up: Candidate | None = None
+) -> tuple[tuple[str, object], ...]:
+    fields: list[tuple[str, object]] = [("guard", ctx.guard.name), ("trigger", trigger), *_reading_fields(ctx)]
+    if victim is not None:
+        proc = victim.process
+        b = victim.badness
+        fields += [
+            ("pid", int(proc.pid)),
+            ("name", proc.name),
+            ("starttime_ticks", proc.starttime_ticks),
+            ("badness", b.points),
+            ("rss_pages", b.rss_pages),
+            ("swap_pages", b.swap_pages),
+            ("pgtables_pages", b.pgtables_pages),
+            ("adj_points", b.adj_points),
+            ("totalpages", b.totalpages),
+            ("effective_adj", victim.effective_adj),
+            ("rules", victim.rules),
+            ("rss_bytes", proc.rss_bytes),
+            ("victim_kind", str(ctx.guard.victim)),
+        ]
+        fields += [
+            ("runner_up_pid", int(runner_up.process.pid) if runner_up else None),
+            ("runner_up_name", runner_up.process.name if runner_up else None),
+            ("runner_up_badness", runner_up.badness.points if runner_up else None),
+        ]
+    fields.append(("action", str(outcome)))
+    return tuple(fields)
