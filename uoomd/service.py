@@ -1,0 +1,107 @@
+"""Living as a system service: sd_notify readiness/status/watchdog, and the daemon's own protection."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import resource
+import time
+from dataclasses import dataclass
+
+import sdnotify
+
+# include/uapi/asm-generic/mman-common.h
+MCL_CURRENT = 1
+MCL_FUTURE = 2
+MCL_ONFAULT = 4  # Linux 4.4+: lock pages as they are touched, not the whole reserved address space
+
+
+class Notifier:
+    """sd_notify(3) messages; a no-op outside systemd (no NOTIFY_SOCKET)."""
+
+    def __init__(self) -> None:
+        self._enabled = bool(os.environ.get("NOTIFY_SOCKET"))
+        self._notifier = sdnotify.SystemdNotifier() if self._enabled else None
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        pid = os.environ.get("WATCHDOG_PID", "")
+        wanted = usec.isdigit() and (not pid or pid == str(os.getpid()))
+        # Ping at half the interval, as sd_watchdog_enabled(3) recommends.
+        self.watchdog_interval_s: float | None = int(usec) / 2e6 if wanted else None
+        self._last_ping = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    def _send(self, message: str) -> None:
+        if self._notifier is not None:
+            self._notifier.notify(message)
+
+    def ready(self, status: str) -> None:
+        self._send(f"READY=1\nSTATUS={status}")
+
+    def status(self, status: str) -> None:
+        self._send(f"STATUS={status}")
+
+    def reloading(self) -> None:
+        monotonic_us = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self._send(f"RELOADING=1\nMONOTONIC_USEC={monotonic_us}")
+
+    def stopping(self) -> None:
+        self._send("STOPPING=1")
+
+    def watchdog(self, now: float) -> None:
+        """Ping from the loop itself, so a stuck loop stops the pings and systemd restarts us."""
+        if self.watchdog_interval_s is None or now - self._last_ping < self.watchdog_interval_s:
+            return
+        self._last_ping = now
+        self._send("WATCHDOG=1")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Protection:
+    """What self-protection achieved, for the start-up log line."""
+
+    oom_score_adj: int | None
+    mlocked: bool
+    mlock_error: str | None
+    nice: int | None
+
+
+def protect_self() -> Protection:
+    """Make uoomd the last thing the kernel kills, keep it in RAM and ahead in the run queue."""
+    adj: int | None
+    try:
+        # -1000 exempts us from the kernel OOM killer (needs CAP_SYS_RESOURCE to lower it).
+        with open("/proc/self/oom_score_adj", "w") as handle:
+            handle.write("-1000")
+        adj = -1000
+    except OSError:
+        try:
+            with open("/proc/self/oom_score_adj") as handle:
+                adj = int(handle.read())
+        except OSError:
+            adj = None
+    mlocked, mlock_error = _mlockall()
+    nice: int | None
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, -10)
+        nice = os.getpriority(os.PRIO_PROCESS, 0)
+    except OSError:
+        nice = None
+    return Protection(oom_score_adj=adj, mlocked=mlocked, mlock_error=mlock_error, nice=nice)
+
+
+def _mlockall() -> tuple[bool, str | None]:
+    # A daemon whose pages are swapped or evicted stalls exactly when memory is short.
+    soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return False, "libc not found"
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    if libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) == 0:
+        return True, None
+    err = ctypes.get_errno()
+    limit = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft} bytes"
+    return False, f"{os.strerror(err)} (RLIMIT_MEMLOCK {limit}; LimitMEMLOCK=infinity in the unit lifts it)"
