@@ -1,0 +1,192 @@
+"""Parsing and reading /proc, on text samples and on recorded trees (tests/fixtures/proc)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.helpers_proc import CHILDREN, IDLE, recorded_children
+from uoomd.sources import procfs
+
+pytestmark = pytest.mark.unit
+
+STAT = (
+    b"4242 (evil) S 1 1\nx) S 77 4242 4242 0 -1 4194560 100 0 0 0 5 3 0 0 20 0 1 0 "
+    b"123456 10485760 2560 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0\n"
+)
+
+
+def test_parse_stat_ends_comm_at_the_last_paren() -> None:
+    stat = procfs.parse_stat(STAT)
+    assert stat.name == "evil) S 1 1\nx"
+    assert (stat.state, stat.ppid, stat.pgid) == ("S", 77, 4242)
+    assert stat.starttime_ticks == 123456
+    assert stat.vsize_bytes == 10485760
+    assert stat.rss_pages == 2560
+    assert not stat.kthread
+
+
+def test_parse_stat_sees_pf_kthread() -> None:
+    line = b"2 (kthreadd) S 0 0 0 0 -1 2129984 0 0 0 0 0 0 0 0 20 0 1 0 5 0 0 1 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0\n"
+    assert procfs.parse_stat(line).kthread
+
+
+def test_parse_stat_rejects_a_truncated_line() -> None:
+    with pytest.raises(ValueError, match="fields"):
+        procfs.parse_stat(b"12 (x) S 1 1")
+
+
+def test_parse_status_converts_kib_to_bytes() -> None:
+    text = (
+        "Name:\tx\nUid:\t1000\t1000\t1000\t1000\nRssAnon:\t     108 kB\nRssFile:\t    1640 kB\n"
+        "RssShmem:\t       4 kB\nVmPTE:\t      48 kB\nVmSwap:\t      12 kB\n"
+    )
+    status = procfs.parse_status(text)
+    assert status.uid == 1000
+    assert status.has_mm
+    assert (status.rss_anon_bytes, status.rss_file_bytes, status.rss_shmem_bytes) == (108 << 10, 1640 << 10, 4 << 10)
+    assert (status.pgtables_bytes, status.swap_bytes) == (48 << 10, 12 << 10)
+
+
+def test_parse_status_of_a_zombie_has_no_mm() -> None:
+    status = procfs.parse_status("Name:\tx\nState:\tZ (zombie)\nUid:\t0\t0\t0\t0\nThreads:\t1\n")
+    assert not status.has_mm
+    assert status.rss_anon_bytes == 0
+
+
+def test_parse_status_ignores_keys_hidden_in_the_name_line() -> None:
+    status = procfs.parse_status("Name:\tUid: 5 RssAnon: 9\nUid:\t7\t7\t7\t7\n")
+    assert status.uid == 7
+    assert not status.has_mm
+
+
+def test_parse_cmdline_turns_nuls_into_spaces() -> None:
+    assert procfs.parse_cmdline(b"python3\0-c\0print(1)\0") == "python3 -c print(1)"
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("12:memory:/app/web\n11:cpu:/x\n0::/user.slice\n", "/app/web"),
+        ("5:cpu,memory:/a\n", "/a"),
+        ("0::/system.slice/foo.service\n", "/system.slice/foo.service"),
+        ("3:cpu:/x\n", None),
+    ],
+)
+def test_parse_cgroup_prefers_the_v1_memory_line_then_v2(text: str, want: str | None) -> None:
+    assert procfs.parse_cgroup(text) == want
+
+
+def test_read_snapshot_reads_a_recorded_tree() -> None:
+    snap = procfs.read_snapshot(IDLE, details=frozenset({"cmdline", "exe", "cgroup", "user"}))
+    assert len(snap.processes) > 20
+    assert snap.total_ram_bytes > 0
+    kthreads = [p for p in snap.processes if p.kthread]
+    users = [p for p in snap.processes if not p.kthread]
+    assert kthreads
+    assert users
+    assert all(p.exe is None and p.mm_rss_pages == 0 for p in kthreads)
+    # readlink(exe) may fail (here: init's exe, outside this container's view): None, not an error
+    with_exe = [p for p in users if p.exe is not None]
+    assert with_exe
+    assert all(p.exe.startswith("/") for p in with_exe if p.exe is not None)
+    init = next(p for p in snap.processes if p.pid == 1)
+    assert init.user == "root"
+    assert init.cgroup is not None
+
+
+def test_read_snapshot_reads_details_only_when_asked() -> None:
+    snap = procfs.read_snapshot(IDLE)
+    assert all(p.cmdline is None and p.exe is None and p.cgroup is None and p.user is None for p in snap.processes)
+
+
+def test_recorded_children_tree_has_hostile_name_zombie_and_adjs() -> None:
+    snap = procfs.read_snapshot(CHILDREN, details=frozenset({"cmdline"}))
+    ours = {p.pid: p for p in snap.processes if p.pid in set(recorded_children(CHILDREN))}
+    names = {p.name for p in ours.values()}
+    assert "evil) S 1 1\nx" in names
+    zombies = [p for p in ours.values() if p.state == "Z"]
+    assert len(zombies) == 1
+    assert not zombies[0].has_mm
+    adjs = {p.name: p.oom_score_adj for p in ours.values()}
+    assert adjs["hog-adj-pos"] == 500
+    assert adjs["hog-adj-max"] == 1000
+
+
+def test_restricting_pids_reads_only_those(tmp_path: Path) -> None:
+    snap = procfs.read_snapshot(IDLE, pids=[1, 999_999])
+    assert [p.pid for p in snap.processes] == [1]
+
+
+def _copy_tree(tmp_path: Path) -> Path:
+    root = tmp_path / "proc"
+    shutil.copytree(IDLE, root, symlinks=True)
+    return root
+
+
+def test_a_process_with_missing_files_is_skipped_as_vanished(tmp_path: Path) -> None:
+    root = _copy_tree(tmp_path)
+    (root / "1" / "status").unlink()  # it exited between reading stat and status
+    snap = procfs.read_snapshot(str(root))
+    assert 1 not in {p.pid for p in snap.processes}
+    assert len(snap.processes) == len(procfs.read_snapshot(IDLE).processes) - 1
+
+
+def test_an_empty_pid_dir_is_skipped(tmp_path: Path) -> None:
+    root = _copy_tree(tmp_path)
+    (root / "4000000").mkdir()
+    assert 4000000 not in {p.pid for p in procfs.read_snapshot(str(root)).processes}
+
+
+def test_permission_and_esrch_errors_skip_the_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Root reads every fixture file, so chmod cannot simulate EPERM here: make os.open fail
+    # the way the kernel does instead (EACCES on open, ESRCH on read of an exited task).
+    root = _copy_tree(tmp_path)
+    real_open, real_read = os.open, os.read
+    denied = os.fsencode(str(root / "1" / "status"))
+    gone = os.fsencode(str(root / "2" / "stat"))
+    gone_fds: set[int] = set()
+
+    def fake_open(path: bytes, flags: int, *args: int) -> int:
+        if path == denied:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        fd = real_open(path, flags, *args)
+        if path == gone:
+            gone_fds.add(fd)
+        return fd
+
+    def fake_read(fd: int, size: int) -> bytes:
+        if fd in gone_fds:
+            gone_fds.discard(fd)
+            raise ProcessLookupError(errno.ESRCH, "No such process")
+        return real_read(fd, size)
+
+    monkeypatch.setattr(procfs.os, "open", fake_open)
+    monkeypatch.setattr(procfs.os, "read", fake_read)
+    pids = {p.pid for p in procfs.read_snapshot(str(root)).processes}
+    assert 1 not in pids
+    assert 2 not in pids
+    assert len(pids) > 10
+
+
+def test_other_read_errors_are_not_swallowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake_open(path: bytes, flags: int, *args: int) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(procfs.os, "open", fake_open)
+    with pytest.raises(OSError, match="Too many open files"):
+        procfs.read_process(IDLE, 1)
+
+
+def test_read_oom_score_of_a_missing_pid_is_none() -> None:
+    assert procfs.read_oom_score(IDLE, 999_999) is None
+    assert procfs.read_oom_score(IDLE, 1) is not None
+
+
+def test_unknown_detail_is_a_programming_error() -> None:
+    with pytest.raises(ValueError, match="unknown process details"):
+        procfs.read_snapshot(IDLE, details=frozenset({"environ"}))
