@@ -1,0 +1,937 @@
+"""Carry out the decision core's Action values on the machine: the only code in uoomd that signals a process.
+
+Every primitive returns an :class:`ActionResult` (a frozen value the daemon logs as key/values)
+and never raises for a condition the machine can produce (a process that vanished, a recycled
+PID, an old kernel, a hook that hangs). Identity is ``(pid, starttime)``: a victim is signalled
+only through a pidfd whose process was verified *after* the pidfd was opened.
+
+The action types live in ``decision.py``; this module reads them by attribute through the small
+Protocols below, so it depends on their shape, not on their module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import platform
+import select
+import signal
+import subprocess
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol, runtime_checkable
+
+from uoomd.plan import VictimKind
+from uoomd.readings import Pid, ProcessKey
+
+# --------------------------------------------------------------------------------------------
+# Results
+
+
+class Outcome(StrEnum):
+    """What happened to one action; a closed set the daemon and tests match on."""
+
+    SENT = "sent"  # the signal was delivered (or cgroup.kill written)
+    GONE = "gone"  # the process exited before we acted: good, nothing to do
+    RECYCLED = "recycled"  # the PID now belongs to another process: nothing was sent
+    REFUSED = "refused"  # a safety check (or the kernel, for process_mrelease) said no
+    DRY_RUN = "dry_run"  # would have acted; sent nothing
+    RELEASED = "released"  # process_mrelease() reaped the victim's memory
+    NOT_SUPPORTED = "not_supported"  # the kernel or architecture lacks the call
+    FAILED = "failed"  # an unexpected errno, a hook that exited non-zero or could not start
+    STARTED = "started"  # a hook was started; its result comes from Executor.poll()
+    COMPLETED = "completed"  # a hook exited 0
+    TIMED_OUT = "timed_out"  # a hook outlived its timeout; its process group was killed
+    RECORDED = "recorded"  # a Record action: nothing to execute, the daemon logs it
+
+
+class ActionKind(StrEnum):
+    SIGNAL = "signal"
+    RELEASE = "release"
+    CGROUP_KILL = "cgroup_kill"
+    HOOK = "hook"
+    RECORD = "record"
+
+
+Scalar = str | int | float | bool | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ActionResult:
+    """The outcome of one action, with its facts as key/values (never formatted into a message)."""
+
+    kind: ActionKind
+    outcome: Outcome
+    guard: str | None = None
+    pid: int | None = None
+    details: tuple[tuple[str, Scalar], ...] = ()
+
+    def fields(self) -> dict[str, Scalar]:
+        """Everything as one flat mapping, ready for ``log.info("action_executed", **fields)``."""
+        out: dict[str, Scalar] = {"action": self.kind.value, "outcome": self.outcome.value}
+        if self.guard is not None:
+            out["guard"] = self.guard
+        if self.pid is not None:
+            out["pid"] = self.pid
+        out.update(self.details)
+        return out
+
+    def detail(self, key: str) -> Scalar:
+        return dict(self.details).get(key)
+
+
+def _result(
+    kind: ActionKind, outcome: Outcome, *, pid: int | None = None, guard: str | None = None, **details: Scalar
+) -> ActionResult:
+    return ActionResult(kind=kind, outcome=outcome, pid=pid, guard=guard, details=tuple(details.items()))
+
+
+def _errno_result(kind: ActionKind, exc: OSError, *, pid: int | None = None, **details: Scalar) -> ActionResult:
+    code = exc.errno or 0
+    outcome = Outcome.GONE if code == errno.ESRCH else Outcome.FAILED
+    details["errno"] = errno.errorcode.get(code, str(code))
+    return ActionResult(kind=kind, outcome=outcome, pid=pid, details=tuple(details.items()))
+
+
+# --------------------------------------------------------------------------------------------
+# The shapes of the decision core's actions (uoomd/decision.py), read by attribute.
+
+
+@runtime_checkable
+class SignalAction(Protocol):
+    @property
+    def guard(self) -> str: ...
+    @property
+    def target(self) -> ProcessKey: ...
+    @property
+    def signal(self) -> int: ...
+    @property
+    def victim_kind(self) -> VictimKind: ...
+    @property
+    def pgid(self) -> int: ...
+    @property
+    def cgroup(self) -> str | None: ...
+    @property
+    def dry_run(self) -> bool: ...
+
+
+@runtime_checkable
+class ReleaseAction(Protocol):
+    @property
+    def guard(self) -> str: ...
+    @property
+    def target(self) -> ProcessKey: ...
+
+
+@runtime_checkable
+class CgroupKillAction(Protocol):
+    @property
+    def guard(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def dry_run(self) -> bool: ...
+
+
+@runtime_checkable
+class HookAction(Protocol):
+    @property
+    def guard(self) -> str: ...
+    @property
+    def argv(self) -> tuple[str, ...]: ...
+    @property
+    def env(self) -> tuple[tuple[str, str], ...]: ...
+
+
+@runtime_checkable
+class RecordAction(Protocol):
+    @property
+    def event(self) -> str: ...
+    @property
+    def fields(self) -> object: ...
+
+
+Action = SignalAction | ReleaseAction | CgroupKillAction | HookAction | RecordAction
+
+
+def action_kind(action: object) -> ActionKind:
+    """Which kind of action this is, by shape. Order matters: a SendSignal also has a ``target``."""
+    if isinstance(action, SignalAction):
+        return ActionKind.SIGNAL
+    if isinstance(action, CgroupKillAction):
+        return ActionKind.CGROUP_KILL
+    if isinstance(action, HookAction):
+        return ActionKind.HOOK
+    if isinstance(action, ReleaseAction):
+        return ActionKind.RELEASE
+    if isinstance(action, RecordAction):
+        return ActionKind.RECORD
+    raise TypeError(f"not an action: {type(action).__name__}")
+
+
+# --------------------------------------------------------------------------------------------
+# /proc/PID/stat: the three facts the executor re-checks after opening a pidfd.
+
+PF_KTHREAD = 0x00200000  # include/linux/sched.h, Linux 6.18
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StatIdentity:
+    starttime_ticks: int  # field 22
+    pgid: int  # field 5
+    kthread: bool  # field 9 (flags) & PF_KTHREAD
+    state: str  # field 3
+
+
+def parse_stat_identity(text: str) -> StatIdentity:
+    """Parse /proc/PID/stat. comm may hold spaces and ')' (attacker-controlled): split after the *last* ')'."""
+    rest = text[text.rindex(")") + 2 :].split()
+    # rest[0] is field 3 (state); field N is rest[N - 3]. fs/proc/array.c do_task_stat(), Linux 6.18
+    return StatIdentity(
+        state=rest[0],
+        pgid=int(rest[2]),
+        kthread=bool(int(rest[6]) & PF_KTHREAD),
+        starttime_ticks=int(rest[19]),
+    )
+
+
+def read_stat_identity(proc_root: str, pid: int) -> StatIdentity | None:
+    """None when the process is gone (no file, or it vanished while we read)."""
+    try:
+        with open(f"{proc_root}/{pid}/stat", encoding="utf-8", errors="surrogateescape") as f:
+            return parse_stat_identity(f.read())
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ESRCH:
+            return None
+        raise
+
+
+# --------------------------------------------------------------------------------------------
+# pidfds
+
+
+@dataclass(slots=True, kw_only=True)
+class PidFd:
+    """An open pidfd whose process was verified to be ``key``; owns the fd until close()."""
+
+    fd: int
+    key: ProcessKey
+    pgid: int
+    kthread: bool
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def exited(self) -> bool:
+        """True once the process has exited: the kernel makes a pidfd readable (POLLIN) then.
+
+        kernel/pid.c pidfd_poll(), Linux 6.18: readable when the thread group has exited
+        (also while it is a zombie not yet reaped by its parent)."""
+        if self.fd < 0:
+            return True
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        return bool(poller.poll(0))
+
+    def __enter__(self) -> PidFd:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+class OpenFailure(StrEnum):
+    GONE = "gone"
+    RECYCLED = "recycled"
+
+
+def open_victim_checked(proc_root: str, key: ProcessKey) -> PidFd | OpenFailure:
+    """Open a pidfd for ``key`` and verify it is that process; say why not otherwise."""
+    # Order matters. A pidfd refers to the process that held the PID when it was opened, for as
+    # long as the fd lives: the PID cannot be handed to someone else *behind* an open pidfd. So we
+    # open FIRST and only then re-read the start time: if /proc/PID/stat (read after the open)
+    # still shows key.starttime_ticks, the process behind the pidfd is the victim, and every later
+    # pidfd_send_signal() reaches it or nobody (ESRCH). Checking before opening would leave a
+    # window in which the victim exits, the PID is recycled, and we open the newcomer.
+    try:
+        fd = os.pidfd_open(key.pid)
+    except OSError as exc:
+        # ESRCH: no such process. EINVAL: the PID is a thread, not a thread-group leader, so it is
+        # not a process we ranked (ranking reads /proc/PID, which lists only leaders).
+        if exc.errno in (errno.ESRCH, errno.EINVAL):
+            return OpenFailure.GONE
+        raise
+    try:
+        ident = read_stat_identity(proc_root, key.pid)
+    except BaseException:
+        os.close(fd)
+        raise
+    if ident is None:
+        os.close(fd)
+        return OpenFailure.GONE
+    if ident.starttime_ticks != key.starttime_ticks:
+        os.close(fd)
+        return OpenFailure.RECYCLED
+    return PidFd(fd=fd, key=key, pgid=ident.pgid, kthread=ident.kthread)
+
+
+def open_victim(proc_root: str, key: ProcessKey) -> PidFd | None:
+    """A verified pidfd for ``key``, or None when the process vanished or its PID was recycled."""
+    opened = open_victim_checked(proc_root, key)
+    return opened if isinstance(opened, PidFd) else None
+
+
+def refusal_reason(pid: int) -> str | None:
+    """Why uoomd must never signal this PID, whatever the policy said (defence in depth)."""
+    if pid <= 1:
+        return "init" if pid == 1 else "invalid pid"
+    if pid == os.getpid():
+        return "self"
+    if pid == os.getppid():
+        return "parent"
+    return None
+
+
+def send_signal(pidfd: PidFd, sig: int) -> ActionResult:
+    """pidfd_send_signal(); a vanished process is GONE, a forbidden one REFUSED, never an exception."""
+    pid = pidfd.key.pid
+    reason = refusal_reason(pid)
+    if reason is None and pidfd.kthread:
+        reason = "kernel thread"
+    if reason is not None:
+        return _result(ActionKind.SIGNAL, Outcome.REFUSED, pid=pid, signal=_signame(sig), reason=reason)
+    try:
+        signal.pidfd_send_signal(pidfd.fd, sig)
+    except OSError as exc:
+        return _errno_result(ActionKind.SIGNAL, exc, pid=pid, signal=_signame(sig))
+    return _result(ActionKind.SIGNAL, Outcome.SENT, pid=pid, signal=_signame(sig))
+
+
+def _signame(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return str(sig)
+
+
+# --------------------------------------------------------------------------------------------
+# process_mrelease(2)
+
+# include/uapi/asm-generic/unistd.h (aarch64, riscv64) and arch/x86/entry/syscalls/syscall_64.tbl:
+# both 448 since Linux 5.15. Other machines: not_supported rather than a guessed number.
+_MRELEASE_NR = {"x86_64": 448, "aarch64": 448, "riscv64": 448}
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded at import: not while memory is short
+
+
+def process_mrelease_nr(machine: str | None = None) -> int | None:
+    return _MRELEASE_NR.get(machine if machine is not None else platform.machine())
+
+
+def release_memory(pidfd: PidFd) -> ActionResult:
+    """process_mrelease(pidfd, 0): reap a dying victim's memory now, not when its exit path gets to it.
+
+    Only meaningful after SIGKILL. mm/oom_kill.c process_mrelease(), Linux 6.18: EINVAL when the
+    task is not dying (!task_will_free_mem()), which is what earlyoom#354 saw after SIGTERM;
+    ESRCH once it is reaped; ENOSYS on kernels before 5.15 (or without CONFIG_MMU)."""
+    pid = pidfd.key.pid
+    nr = process_mrelease_nr()
+    if nr is None:
+        return _result(ActionKind.RELEASE, Outcome.NOT_SUPPORTED, pid=pid, errno="ENOSYS", machine=platform.machine())
+    if pidfd.fd < 0:
+        return _result(ActionKind.RELEASE, Outcome.GONE, pid=pid)
+    ret = _LIBC.syscall(ctypes.c_long(nr), ctypes.c_long(pidfd.fd), ctypes.c_long(0))
+    if ret == 0:
+        return _result(ActionKind.RELEASE, Outcome.RELEASED, pid=pid)
+    code = ctypes.get_errno()
+    name = errno.errorcode.get(code, str(code))
+    if code == errno.ESRCH:
+        return _result(ActionKind.RELEASE, Outcome.GONE, pid=pid, errno=name)
+    if code == errno.EINVAL:
+        return _result(ActionKind.RELEASE, Outcome.REFUSED, pid=pid, errno=name, reason="process is not dying")
+    if code in (errno.ENOSYS, errno.EPERM):
+        # EPERM: a seccomp filter without the call (earlyoom#315 had SIGSYS for the same reason).
+        return _result(ActionKind.RELEASE, Outcome.NOT_SUPPORTED, pid=pid, errno=name)
+    return _result(ActionKind.RELEASE, Outcome.FAILED, pid=pid, errno=name)
+
+
+# --------------------------------------------------------------------------------------------
+# Process groups
+
+
+def pgid_refusal_reason(pgid: int) -> str | None:
+    if pgid <= 1:
+        return "init or invalid pgid"
+    if pgid == os.getpgid(0):
+        return "own process group"
+    if pgid == os.getpgid(os.getppid()):
+        return "parent's process group"
+    return None
+
+
+def signal_process_group(proc_root: str, key: ProcessKey, pgid: int, sig: int) -> ActionResult:
+    """killpg(pgid), but only after the pidfd of ``key`` verified that the victim is alive and in ``pgid``."""
+    reason = refusal_reason(key.pid) or pgid_refusal_reason(pgid)
+    if reason is not None:
+        return _result(ActionKind.SIGNAL, Outcome.REFUSED, pid=key.pid, pgid=pgid, signal=_signame(sig), reason=reason)
+    opened = open_victim_checked(proc_root, key)
+    if not isinstance(opened, PidFd):
+        return _result(ActionKind.SIGNAL, Outcome(opened.value), pid=key.pid, pgid=pgid, signal=_signame(sig))
+    with opened:
+        if opened.kthread:
+            return _result(
+                ActionKind.SIGNAL, Outcome.REFUSED, pid=key.pid, pgid=pgid, signal=_signame(sig), reason="kernel thread"
+            )
+        # The pgid was re-read from stat after the pidfd was opened: the verified victim is a member
+        # now. A group cannot be re-numbered while it has a member (kernel/pid.c free_pid() waits
+        # for every PIDTYPE_PGID user), so the number still names the victim's group at killpg().
+        if opened.pgid != pgid:
+            return _result(
+                ActionKind.SIGNAL,
+                Outcome.REFUSED,
+                pid=key.pid,
+                pgid=pgid,
+                signal=_signame(sig),
+                reason="pgid changed",
+                actual_pgid=opened.pgid,
+            )
+        try:
+            os.killpg(pgid, sig)
+        except OSError as exc:
+            return _errno_result(ActionKind.SIGNAL, exc, pid=key.pid, pgid=pgid, signal=_signame(sig))
+        return _result(ActionKind.SIGNAL, Outcome.SENT, pid=key.pid, pgid=pgid, signal=_signame(sig))
+
+
+# --------------------------------------------------------------------------------------------
+# Cgroups
+
+DEFAULT_CGROUP_ROOTS = ("/sys/fs/cgroup/memory", "/sys/fs/cgroup/unified", "/sys/fs/cgroup")
+
+
+def resolve_cgroup_dir(path: str, cgroup_roots: Iterable[str]) -> str | None:
+    """The cgroup directory ``path`` names, strictly below one of ``cgroup_roots``; None otherwise.
+
+    ``path`` may be a directory (``/sys/fs/cgroup/memory/app``) or a hierarchy path as in
+    /proc/PID/cgroup (``/app``). Anything resolving outside the roots is refused: we write there."""
+    for root in cgroup_roots:
+        real_root = os.path.realpath(root)
+        for candidate in (path, real_root + "/" + path.lstrip("/")):
+            real = os.path.realpath(candidate)
+            if real.startswith(real_root + "/") and os.path.isfile(os.path.join(real, "cgroup.procs")):
+                return real
+    return None
+
+
+def read_cgroup_pids(cgroup_dir: str) -> list[int]:
+    """PIDs in this cgroup and every cgroup below it (cgroup.kill kills the subtree too)."""
+    pids: list[int] = []
+    for dirpath, _dirs, files in os.walk(cgroup_dir):
+        if "cgroup.procs" not in files:
+            continue
+        try:
+            with open(os.path.join(dirpath, "cgroup.procs"), encoding="ascii") as f:
+                pids.extend(int(line) for line in f if line.strip())
+        except FileNotFoundError:
+            continue  # a child cgroup removed while we walked
+    return pids
+
+
+def cgroup_refusal_reason(cgroup_dir: str, cgroup_roots: Iterable[str], pids: Iterable[int]) -> str | None:
+    real = os.path.realpath(cgroup_dir)
+    if real in {os.path.realpath(r) for r in cgroup_roots} or os.path.ismount(real):
+        return "root cgroup"
+    members = set(pids)
+    if os.getpid() in members:
+        return "contains uoomd"
+    if 1 in members:
+        return "contains init"
+    return None
+
+
+def signal_cgroup(proc_root: str, cgroup_dir: str, sig: int, cgroup_roots: Iterable[str]) -> ActionResult:
+    """Kill or signal every process of a cgroup (and its descendants).
+
+    cgroup v2 with SIGKILL: write "1" to cgroup.kill (Linux 5.14+), which the kernel applies
+    atomically to the subtree, new forks included (kernel/cgroup/cgroup.c cgroup_kill()).
+    cgroup v1, or another signal: signal each member through its own pidfd."""
+    roots = tuple(cgroup_roots)
+    real = os.path.realpath(cgroup_dir)
+    pids = read_cgroup_pids(real)
+    reason = cgroup_refusal_reason(real, roots, pids)
+    if reason is not None:
+        return _result(ActionKind.CGROUP_KILL, Outcome.REFUSED, cgroup=real, signal=_signame(sig), reason=reason)
+    kill_file = os.path.join(real, "cgroup.kill")
+    if sig == signal.SIGKILL and os.path.isfile(kill_file):
+        try:
+            with open(kill_file, "w", encoding="ascii") as f:
+                f.write("1")
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return _result(ActionKind.CGROUP_KILL, Outcome.GONE, cgroup=real, signal=_signame(sig))
+            return _errno_result(ActionKind.CGROUP_KILL, exc, cgroup=real, signal=_signame(sig))
+        return _result(
+            ActionKind.CGROUP_KILL,
+            Outcome.SENT,
+            cgroup=real,
+            signal=_signame(sig),
+            method="cgroup.kill",
+            members=len(pids),
+        )
+    return _signal_members(proc_root, real, pids, sig)
+
+
+def _signal_members(proc_root: str, cgroup_dir: str, pids: list[int], sig: int) -> ActionResult:
+    # Same principle as open_victim: open a pidfd for every listed PID first, then re-read the
+    # member list. A PID still listed after its pidfd was opened means the pidfd's process is the
+    # member (a PID names one live process at a time); a PID that left or was recycled is skipped.
+    fds: dict[int, int] = {}
+    try:
+        for pid in pids:
+            if refusal_reason(pid) is not None or pid in fds:
+                continue
+            try:
+                fds[pid] = os.pidfd_open(pid)
+            except OSError:
+                continue
+        still = set(read_cgroup_pids(cgroup_dir))
+        sent = gone = refused = 0
+        for pid, fd in fds.items():
+            ident = read_stat_identity(proc_root, pid)
+            if pid not in still or ident is None:
+                gone += 1
+                continue
+            if ident.kthread:
+                refused += 1
+                continue
+            try:
+                signal.pidfd_send_signal(fd, sig)
+                sent += 1
+            except ProcessLookupError:
+                gone += 1
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    outcome = Outcome.SENT if sent else Outcome.GONE
+    return _result(
+        ActionKind.CGROUP_KILL,
+        outcome,
+        cgroup=cgroup_dir,
+        signal=_signame(sig),
+        method="pidfd",
+        members=len(pids),
+        sent=sent,
+        gone=gone,
+        refused=refused,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Hooks
+
+HOOK_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+HOOK_OUTPUT_LIMIT_BYTES = 4096
+
+
+def hook_environment(env: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """A clean environment: a fixed PATH plus the UOOMD_* variables, nothing inherited.
+
+    Values (process names, cmdlines) are attacker-controlled; they travel as data, and a value
+    the kernel cannot carry (a NUL byte) is dropped rather than failing the hook."""
+    out = {"PATH": HOOK_PATH}
+    for key, value in env:
+        if key.startswith("UOOMD_") and key.replace("_", "").isalnum() and key.isascii() and "\0" not in value:
+            out[key] = value
+    return out
+
+
+class HookHandle:
+    """One running hook: started without a shell in its own session, polled, never waited on."""
+
+    def __init__(self, argv: tuple[str, ...], env: dict[str, str], timeout_s: float, now: float) -> None:
+        self.argv = argv
+        self.deadline = now + timeout_s
+        self.timeout_s = timeout_s
+        self.started_at = now
+        self.result: ActionResult | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._output = bytearray()
+        self._output_total_bytes = 0
+        self._killed = False
+        try:
+            self._proc = subprocess.Popen(
+                argv,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                cwd="/",
+                close_fds=True,
+                # Its own session and process group (pgid == its pid), so a timeout can kill
+                # everything it forked, and a terminal's SIGINT for uoomd does not reach it.
+                start_new_session=True,
+            )
+        except (OSError, ValueError) as exc:
+            code = getattr(exc, "errno", None)
+            self.result = _result(
+                ActionKind.HOOK,
+                Outcome.FAILED,
+                argv0=argv[0] if argv else "",
+                errno=errno.errorcode.get(code, str(code)) if code else None,
+                error=type(exc).__name__,
+            )
+            return
+        assert self._proc.stdout is not None
+        # Drained without blocking at each poll; a hook that writes faster than we drain just
+        # blocks on its full pipe, which its timeout bounds.
+        os.set_blocking(self._proc.stdout.fileno(), False)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def _drain(self) -> None:
+        assert self._proc is not None
+        assert self._proc.stdout is not None
+        fd = self._proc.stdout.fileno()
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                return
+            if not chunk:
+                return
+            self._output_total_bytes += len(chunk)
+            room = HOOK_OUTPUT_LIMIT_BYTES - len(self._output)
+            if room > 0:
+                self._output += chunk[:room]
+
+    def poll(self, now: float) -> ActionResult | None:
+        """The final result once the hook is reaped; None while it runs. Kills it past its deadline."""
+        if self.result is not None or self._proc is None:
+            return self.result
+        self._drain()
+        code = self._proc.poll()
+        if code is None:
+            if now >= self.deadline and not self._killed:
+                # Our own child, not yet reaped: its PID (== its pgid) cannot have been recycled.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self._proc.pid, signal.SIGKILL)
+                self._killed = True
+            return None
+        if self._killed:
+            # The leader is reaped; also kill any member of its group that outlived it.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
+        self._drain()
+        assert self._proc.stdout is not None
+        self._proc.stdout.close()
+        outcome = Outcome.COMPLETED if code == 0 else Outcome.FAILED
+        if self._killed:
+            outcome = Outcome.TIMED_OUT
+        self.result = _result(
+            ActionKind.HOOK,
+            outcome,
+            pid=self._proc.pid,
+            argv0=self.argv[0],
+            exit_code=code,
+            duration_s=round(now - self.started_at, 3),
+            timeout_s=self.timeout_s,
+            output=self._output.decode("utf-8", errors="replace"),
+            output_bytes=self._output_total_bytes,
+        )
+        return self.result
+
+    def wait(self, timeout_s: float, interval_s: float = 0.01) -> ActionResult | None:
+        """Poll until finished or ``timeout_s`` passed (tests and shutdown; the loop uses poll())."""
+        end = time.monotonic() + timeout_s
+        while True:
+            now = time.monotonic()
+            result = self.poll(now)
+            if result is not None or now >= end:
+                return result
+            time.sleep(interval_s)
+
+
+def run_hook(
+    argv: tuple[str, ...], env: Iterable[tuple[str, str]], timeout_s: float, now: float | None = None
+) -> HookHandle:
+    """Start a hook and return at once; its result comes from ``handle.poll(now)``. Never raises.
+
+    Design: a polled handle, not a thread. The daemon loop already wakes every poll interval, the
+    result then lands in the loop's own log stream in order, timeouts need no lock, and the daemon
+    keeps a single thread (no thread stacks, nothing to join at shutdown)."""
+    return HookHandle(tuple(argv), hook_environment(env), timeout_s, time.monotonic() if now is None else now)
+
+
+class HookRunner:
+    """The running hooks of an executor: started by execute(), reaped by poll()."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.running: list[HookHandle] = []
+
+    def start(self, argv: tuple[str, ...], env: Iterable[tuple[str, str]], now: float) -> HookHandle:
+        handle = run_hook(argv, env, self.timeout_s, now)
+        if handle.result is None:
+            self.running.append(handle)
+        return handle
+
+    def poll(self, now: float) -> tuple[ActionResult, ...]:
+        done: list[ActionResult] = []
+        still: list[HookHandle] = []
+        for handle in self.running:
+            result = handle.poll(now)
+            if result is None:
+                still.append(handle)
+            else:
+                done.append(result)
+        self.running = still
+        return tuple(done)
+
+    def next_deadline(self) -> float | None:
+        """When the loop must wake to enforce a timeout (None: no hook running)."""
+        return min((h.deadline for h in self.running), default=None)
+
+
+# --------------------------------------------------------------------------------------------
+# Executors
+
+
+class Executor(Protocol):
+    def execute(self, action: Action) -> ActionResult: ...
+    def alive(self, key: ProcessKey) -> bool: ...
+    def poll(self, now: float | None = None) -> tuple[ActionResult, ...]: ...
+    def close(self) -> None: ...
+
+
+def _record_details(fields: object) -> tuple[tuple[str, Scalar], ...]:
+    items: Iterable[object]
+    if isinstance(fields, Mapping):
+        items = fields.items()
+    elif isinstance(fields, tuple | list):
+        items = fields
+    else:
+        return ()
+    out: list[tuple[str, Scalar]] = []
+    for item in items:
+        if isinstance(item, tuple) and len(item) == 2:
+            key, value = item
+            scalar = value if isinstance(value, str | int | float | bool) or value is None else str(value)
+            out.append((str(key), scalar))
+    return tuple(out)
+
+
+def _record_result(action: RecordAction) -> ActionResult:
+    return ActionResult(
+        kind=ActionKind.RECORD,
+        outcome=Outcome.RECORDED,
+        details=(("event", action.event), *_record_details(action.fields)),
+    )
+
+
+class LiveExecutor:
+    """Acts on the machine. Keeps the pidfds of signalled victims so alive() is a poll, not a /proc scan."""
+
+    max_tracked = 64  # victims in flight are a handful; a cap keeps a bug from leaking fds
+
+    def __init__(
+        self,
+        proc_root: str = "/proc",
+        *,
+        cgroup_roots: tuple[str, ...] = DEFAULT_CGROUP_ROOTS,
+        hook_timeout_s: float = 10.0,
+    ) -> None:
+        self.proc_root = proc_root
+        self.cgroup_roots = cgroup_roots
+        self.hooks = HookRunner(hook_timeout_s)
+        self._tracked: dict[ProcessKey, PidFd] = {}
+
+    # -- actions
+
+    def execute(self, action: Action) -> ActionResult:
+        if isinstance(action, SignalAction):
+            result = self._signal(action)
+        elif isinstance(action, CgroupKillAction):
+            result = self._kill_cgroup(action)
+        elif isinstance(action, HookAction):
+            handle = self.hooks.start(action.argv, action.env, time.monotonic())
+            result = handle.result or _result(ActionKind.HOOK, Outcome.STARTED, pid=handle.pid, argv0=action.argv[0])
+        elif isinstance(action, ReleaseAction):
+            result = self._release(action.target)
+        else:
+            result = _record_result(action)
+        guard = getattr(action, "guard", None)
+        if guard is not None and result.guard is None:
+            result = ActionResult(
+                kind=result.kind, outcome=result.outcome, guard=guard, pid=result.pid, details=result.details
+            )
+        return result
+
+    def _signal(self, action: SignalAction) -> ActionResult:
+        key, sig = action.target, action.signal
+        reason = refusal_reason(key.pid)
+        if reason is not None:
+            return _result(ActionKind.SIGNAL, Outcome.REFUSED, pid=key.pid, signal=_signame(sig), reason=reason)
+        if action.dry_run:
+            opened = open_victim_checked(self.proc_root, key)
+            if isinstance(opened, PidFd):
+                opened.close()
+                return _result(
+                    ActionKind.SIGNAL,
+                    Outcome.DRY_RUN,
+                    pid=key.pid,
+                    signal=_signame(sig),
+                    victim=action.victim_kind.value,
+                )
+            return _result(ActionKind.SIGNAL, Outcome(opened.value), pid=key.pid, signal=_signame(sig))
+        match action.victim_kind:
+            case VictimKind.PROCESS:
+                pass
+            case VictimKind.PROCESS_GROUP:
+                result = signal_process_group(self.proc_root, key, action.pgid, sig)
+                if result.outcome is Outcome.SENT:
+                    self._track(key)
+                return result
+            case VictimKind.CGROUP:
+                return self._signal_victim_cgroup(action)
+        pidfd = self._tracked.get(key)
+        if pidfd is None or pidfd.fd < 0:
+            opened = open_victim_checked(self.proc_root, key)
+            if not isinstance(opened, PidFd):
+                return _result(ActionKind.SIGNAL, Outcome(opened.value), pid=key.pid, signal=_signame(sig))
+            pidfd = opened
+        result = send_signal(pidfd, sig)
+        if result.outcome is Outcome.SENT:
+            self._keep(pidfd)
+        elif self._tracked.get(key) is not pidfd:
+            pidfd.close()
+        return result
+
+    def _signal_victim_cgroup(self, action: SignalAction) -> ActionResult:
+        # The victim stands for its cgroup: verify the victim first (a recycled PID must not make us
+        # kill a cgroup), then signal the cgroup named in the action.
+        key = action.target
+        opened = open_victim_checked(self.proc_root, key)
+        if not isinstance(opened, PidFd):
+            return _result(ActionKind.CGROUP_KILL, Outcome(opened.value), pid=key.pid, signal=_signame(action.signal))
+        if action.cgroup is None:
+            opened.close()
+            return _result(ActionKind.CGROUP_KILL, Outcome.REFUSED, pid=key.pid, reason="no cgroup given")
+        cgroup_dir = resolve_cgroup_dir(action.cgroup, self.cgroup_roots)
+        if cgroup_dir is None:
+            opened.close()
+            return _result(
+                ActionKind.CGROUP_KILL, Outcome.REFUSED, pid=key.pid, cgroup=action.cgroup, reason="not a cgroup"
+            )
+        result = signal_cgroup(self.proc_root, cgroup_dir, action.signal, self.cgroup_roots)
+        if result.outcome is Outcome.SENT:
+            self._keep(opened)
+        else:
+            opened.close()
+        return ActionResult(kind=result.kind, outcome=result.outcome, pid=key.pid, details=result.details)
+
+    def _kill_cgroup(self, action: CgroupKillAction) -> ActionResult:
+        cgroup_dir = resolve_cgroup_dir(action.path, self.cgroup_roots)
+        if cgroup_dir is None:
+            return _result(ActionKind.CGROUP_KILL, Outcome.REFUSED, cgroup=action.path, reason="not a cgroup")
+        if action.dry_run:
+            pids = read_cgroup_pids(cgroup_dir)
+            reason = cgroup_refusal_reason(cgroup_dir, self.cgroup_roots, pids)
+            if reason is not None:
+                return _result(ActionKind.CGROUP_KILL, Outcome.REFUSED, cgroup=cgroup_dir, reason=reason)
+            return _result(ActionKind.CGROUP_KILL, Outcome.DRY_RUN, cgroup=cgroup_dir, members=len(pids))
+        return signal_cgroup(self.proc_root, cgroup_dir, signal.SIGKILL, self.cgroup_roots)
+
+    def _release(self, key: ProcessKey) -> ActionResult:
+        pidfd = self._tracked.get(key)
+        if pidfd is not None:
+            return release_memory(pidfd)
+        opened = open_victim_checked(self.proc_root, key)
+        if not isinstance(opened, PidFd):
+            return _result(ActionKind.RELEASE, Outcome(opened.value), pid=key.pid)
+        with opened:
+            return release_memory(opened)
+
+    # -- victim tracking
+
+    def _track(self, key: ProcessKey) -> None:
+        opened = open_victim(self.proc_root, key)
+        if opened is not None:
+            self._keep(opened)
+
+    def _keep(self, pidfd: PidFd) -> None:
+        old = self._tracked.pop(pidfd.key, None)
+        if old is not None and old is not pidfd:
+            old.close()
+        self._tracked[pidfd.key] = pidfd
+        while len(self._tracked) > self.max_tracked:
+            oldest = next(iter(self._tracked))
+            self._tracked.pop(oldest).close()
+
+    def alive(self, key: ProcessKey) -> bool:
+        """Whether the process ``key`` still runs. Tracked victims: one poll() on the pidfd."""
+        pidfd = self._tracked.get(key)
+        if pidfd is None:
+            opened = open_victim(self.proc_root, key)
+            if opened is None:
+                return False
+            with opened:
+                return not opened.exited()
+        if pidfd.exited():
+            self._tracked.pop(key).close()
+            return False
+        return True
+
+    def tracked(self) -> frozenset[ProcessKey]:
+        return frozenset(self._tracked)
+
+    def poll(self, now: float | None = None) -> tuple[ActionResult, ...]:
+        """Results of hooks that finished (or were killed) since the last poll."""
+        return self.hooks.poll(time.monotonic() if now is None else now)
+
+    def close(self) -> None:
+        for pidfd in self._tracked.values():
+            pidfd.close()
+        self._tracked.clear()
+
+
+@dataclass(slots=True)
+class RecordingExecutor:
+    """Records actions and sends nothing: for decision tests and dry-run.
+
+    ``alive()`` answers True for every key until a test calls ``mark_exited(key)``."""
+
+    actions: list[Action] = field(default_factory=list)
+    exited: set[ProcessKey] = field(default_factory=set)
+
+    def execute(self, action: Action) -> ActionResult:
+        self.actions.append(action)
+        kind = action_kind(action)
+        if isinstance(action, RecordAction) and kind is ActionKind.RECORD:
+            return _record_result(action)
+        pid: int | None = None
+        if isinstance(action, SignalAction | ReleaseAction):
+            pid = action.target.pid
+        return _result(kind, Outcome.DRY_RUN, pid=pid, guard=getattr(action, "guard", None))
+
+    def mark_exited(self, key: ProcessKey) -> None:
+        self.exited.add(key)
+
+    def alive(self, key: ProcessKey) -> bool:
+        return key not in self.exited
+
+    def poll(self, now: float | None = None) -> tuple[ActionResult, ...]:
+        return ()
+
+    def close(self) -> None:
+        return None
+
+
+_ = Pid  # ProcessKey.pid is a Pid; re-exported for callers building keys
