@@ -27,6 +27,7 @@ RATE_WINDOW_S = 60.0  # max_kills_per_minute counts victims chosen in this slidi
 
 SIGTERM = int(signal.SIGTERM)
 SIGKILL = int(signal.SIGKILL)
+_SIGNAL_NAMES = {SIGTERM: "SIGTERM", SIGKILL: "SIGKILL"}
 
 
 class Phase(StrEnum):
@@ -620,7 +621,7 @@ def _hook(ctx: _Ctx, victim: Candidate, sig: int, trigger: str, kind: VictimKind
         ("UOOMD_PID", str(proc.pid)),
         ("UOOMD_STARTTIME", str(proc.starttime_ticks)),
         ("UOOMD_NAME", proc.name),
-        ("UOOMD_SIGNAL", signal.Signals(sig).name),
+        ("UOOMD_SIGNAL", _SIGNAL_NAMES[sig]),
         ("UOOMD_VICTIM_KIND", str(kind)),
         ("UOOMD_BADNESS", str(victim.badness.points)),
         ("UOOMD_RULES", ",".join(victim.rules)),

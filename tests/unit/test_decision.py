@@ -1,0 +1,785 @@
+"""The escalation state machine: one test per table row, then scripted scenarios on synthetic readings."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import pytest
+
+from uoomd.decision import (
+    DRY_RUN_TABLE,
+    SIGKILL,
+    SIGTERM,
+    TABLE,
+    Action,
+    Event,
+    GuardState,
+    KillCgroup,
+    Outcome,
+    Phase,
+    PsiTrack,
+    Record,
+    ReleaseMemory,
+    RunHook,
+    SendSignal,
+    State,
+    Transition,
+    describe_psi,
+    initial_state,
+    levels,
+    step,
+    update_psi,
+)
+from uoomd.plan import (
+    Amount,
+    DaemonPlan,
+    EscalationPlan,
+    GuardPlan,
+    HooksPlan,
+    Plan,
+    PsiAction,
+    PsiKind,
+    PsiTriggerPlan,
+    Scope,
+    ScopeKind,
+    VictimKind,
+)
+from uoomd.readings import GuardReading, MemoryReading, Observation, Pid, ProcessInfo, ProcessKey, Uid
+from uoomd.scoring import Badness, Candidate, Ranking
+
+pytestmark = pytest.mark.unit
+
+GiB = 1 << 30
+TOTAL = 16 * GiB
+HIGH = 8 * GiB  # well above every level
+LOW = 1 * GiB  # below term (10% = 1.6 GiB), above kill (5% = 0.8 GiB)
+CRIT = GiB // 2  # below kill
+GATED = 2 * GiB  # above term, below the PSI gate (20% = 3.2 GiB)
+TERM_TIMEOUT = 5.0
+KILL_TIMEOUT = 3.0
+
+
+# --- builders ---------------------------------------------------------------------------
+
+
+def proc(pid: int, *, name: str = "", pgid: int | None = None, cgroup: str | None = None) -> ProcessInfo:
+    return ProcessInfo(
+        pid=Pid(pid),
+        ppid=Pid(1),
+        pgid=pid if pgid is None else pgid,
+        starttime_ticks=10_000 + pid,
+        name=name or f"hog{pid}",
+        state="R",
+        uid=Uid(1000),
+        kthread=False,
+        has_mm=True,
+        oom_score_adj=0,
+        rss_anon_bytes=pid * 4096 * 100,
+        rss_file_bytes=4096,
+        rss_shmem_bytes=0,
+        swap_bytes=0,
+        pgtables_bytes=8192,
+        cgroup=cgroup,
+    )
+
+
+def cand(pid: int, points: int = 0, *, rules: tuple[str, ...] = (), **kw: object) -> Candidate:
+    p = proc(pid, **kw)  # type: ignore[arg-type]
+    rss = points or pid * 100
+    badness = Badness(rss_pages=rss, swap_pages=3, pgtables_pages=2, adj=50, adj_points=200, totalpages=4_000_000)
+    return Candidate(
+        process=p,
+        badness=badness,
+        kernel_points=badness.points - 200,
+        oom_score=badness.points // 4000,
+        effective_adj=50,
+        rules=rules,
+    )
+
+
+def ranking(guard: str, *cands: Candidate) -> Ranking:
+    return Ranking(guard=guard, candidates=cands, excluded=(), taken_at=0.0)
+
+
+def guard_plan(
+    name: str = "system", *, psi: tuple[PsiTriggerPlan, ...] = (), victim: VictimKind = VictimKind.PROCESS
+) -> GuardPlan:
+    return GuardPlan(
+        name=name,
+        scope=Scope(kind=ScopeKind.SYSTEM),
+        mem_available_term=Amount(fraction=0.10),
+        mem_available_kill=Amount(fraction=0.05),
+        swap_free_term=Amount(fraction=0.10),
+        swap_free_kill=Amount(fraction=0.05),
+        psi_mem_gate=Amount(fraction=0.20),
+        psi=psi,
+        victim=victim,
+    )
+
+
+def trigger(action: PsiAction, *, sustain_s: float = 0.0, window_us: int = 2_000_000) -> PsiTriggerPlan:
+    return PsiTriggerPlan(kind=PsiKind.FULL, stall_us=200_000, window_us=window_us, sustain_s=sustain_s, action=action)
+
+
+def make_plan(
+    *guards: GuardPlan,
+    dry_run: bool = False,
+    max_kills: int = 10,
+    hook: tuple[str, ...] = (),
+) -> Plan:
+    return Plan(
+        source="test.toml",
+        daemon=DaemonPlan(dry_run=dry_run, poll_min_s=0.02, poll_max_s=1.0),
+        escalation=EscalationPlan(
+            term_timeout_s=TERM_TIMEOUT, kill_timeout_s=KILL_TIMEOUT, max_kills_per_minute=max_kills
+        ),
+        guards=guards or (guard_plan(),),
+        hooks=HooksPlan(after_kill=hook),
+    )
+
+
+def mem(available: int, *, swap_total: int = 0, swap_free: int = 0) -> MemoryReading:
+    return MemoryReading(
+        total_bytes=TOTAL, available_bytes=available, swap_total_bytes=swap_total, swap_free_bytes=swap_free
+    )
+
+
+@dataclass
+class Driver:
+    """Feeds scripted polls to step(); by default every in-flight victim stays alive."""
+
+    plan: Plan
+    rankings: dict[str, Ranking]
+    state: State = field(init=False)
+    log: list[Action] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.state = initial_state(self.plan)
+
+    def poll(
+        self,
+        now: float,
+        available: int | Mapping[str, MemoryReading] = HIGH,
+        *,
+        alive: Iterable[ProcessKey] | None = None,
+        fired: tuple[int, ...] = (),
+    ) -> list[Action]:
+        readings = {g.name: mem(available) for g in self.plan.guards} if isinstance(available, int) else dict(available)
+        obs = Observation(
+            now=now,
+            guards=tuple(GuardReading(guard=n, memory=m, psi_fired=fired) for n, m in readings.items()),
+            alive=self.state.in_flight() if alive is None else frozenset(alive),
+        )
+        self.state, actions = step(self.state, obs, self.plan, self.rankings)
+        self.log.extend(actions)
+        return actions
+
+    def phase(self, guard: str = "system") -> Phase:
+        return self.state.guard(guard).phase
+
+
+def driver(*guards: GuardPlan, cands: tuple[Candidate, ...] | None = None, **plan_kw: object) -> Driver:
+    plan = make_plan(*guards, **plan_kw)  # type: ignore[arg-type]
+    pool = cands if cands is not None else (cand(101, 5000), cand(102, 3000), cand(103, 1000))
+    return Driver(plan=plan, rankings={g.name: ranking(g.name, *pool) for g in plan.guards})
+
+
+def records(actions: Iterable[Action], event: str | None = None) -> list[Record]:
+    return [a for a in actions if isinstance(a, Record) and (event is None or a.event == event)]
+
+
+def signals(actions: Iterable[Action]) -> list[SendSignal]:
+    return [a for a in actions if isinstance(a, SendSignal)]
+
+
+def releases(actions: Iterable[Action]) -> list[ReleaseMemory]:
+    return [a for a in actions if isinstance(a, ReleaseMemory)]
+
+
+def key(pid: int) -> ProcessKey:
+    return ProcessKey(pid=Pid(pid), starttime_ticks=10_000 + pid)
+
+
+# --- one test per table row ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scene:
+    now: float
+    available: int
+    alive: bool = True  # the in-flight victim is alive
+    fired: tuple[int, ...] = ()
+
+
+_SCENES: dict[Event, Scene] = {
+    Event.TERM_LEVEL: Scene(now=1.0, available=LOW),
+    Event.KILL_LEVEL: Scene(now=1.0, available=CRIT),
+    Event.PSI_TERM: Scene(now=1.0, available=GATED, fired=(0,)),
+    Event.PSI_KILL: Scene(now=1.0, available=GATED, fired=(0,)),
+    Event.PSI_WARN: Scene(now=1.0, available=GATED, fired=(0,)),
+    Event.VICTIM_EXITED: Scene(now=1.0, available=LOW, alive=False),
+    Event.TERM_TIMEOUT: Scene(now=TERM_TIMEOUT, available=LOW),
+    Event.KILL_TIMEOUT: Scene(now=KILL_TIMEOUT, available=LOW),
+    Event.MEMORY_BACK: Scene(now=1.0, available=HIGH),
+    Event.RECOVERY_TIMEOUT: Scene(now=KILL_TIMEOUT, available=LOW),
+    Event.HOLD_EXPIRED: Scene(now=TERM_TIMEOUT, available=LOW),
+}
+
+_PSI_ACTION = {Event.PSI_TERM: PsiAction.TERM, Event.PSI_KILL: PsiAction.KILL, Event.PSI_WARN: PsiAction.WARN}
+
+_ROWS = [
+    pytest.param(dry, phase, event, tr, id=f"{'dry' if dry else 'live'}:{phase}+{event}->{tr.next}:{tr.outcome}")
+    for dry, table in ((False, TABLE), (True, DRY_RUN_TABLE))
+    for (phase, event), tr in table.items()
+]
+
+
+@pytest.mark.parametrize(("dry_run", "phase", "event", "transition"), _ROWS)
+def test_table_row(dry_run: bool, phase: Phase, event: Event, transition: Transition) -> None:
+    psi = (trigger(_PSI_ACTION[event]),) if event in _PSI_ACTION else ()
+    d = driver(guard_plan(psi=psi), dry_run=dry_run)
+    victim = d.rankings["system"].candidates[0]
+    held = phase is not Phase.IDLE
+    d.state = State(
+        guards=(GuardState(guard="system", phase=phase, victim=victim if held else None, psi=(PsiTrack(),) * len(psi)),)
+    )
+    scene = _SCENES[event]
+    actions = d.poll(scene.now, scene.available, alive=[victim.key] if scene.alive else [], fired=scene.fired)
+
+    gs = d.state.guard("system")
+    assert gs.phase is transition.next
+    sent = signals(actions)
+    match transition.outcome:
+        case Outcome.TERM | Outcome.WOULD_TERM:
+            assert [(s.target, s.signal, s.dry_run) for s in sent] == [(victim.key, SIGTERM, dry_run)]
+            assert releases(actions) == []
+        case Outcome.KILL | Outcome.WOULD_KILL:
+            assert [(s.target, s.signal, s.dry_run) for s in sent] == [(victim.key, SIGKILL, dry_run)]
+            assert releases(actions) == ([] if dry_run else [ReleaseMemory(guard="system", target=victim.key)])
+        case Outcome.WARN:
+            assert sent == []
+            assert [r.event for r in records(actions)] == ["psi_warn"]
+        case Outcome.MARK_STUCK:
+            assert sent == []
+            assert gs.stuck == {victim.key}
+            assert [r.event for r in records(actions)] == ["victim_stuck"]
+        case Outcome.NONE:
+            assert sent == []
+            assert len(records(actions)) == 1
+    decisions = [r for r in records(actions) if r.event in ("victim_chosen", "victim_escalated", "psi_warn")]
+    if decisions:
+        (decision,) = decisions
+        expected = transition.outcome
+        if dry_run and expected is Outcome.KILL:
+            expected = Outcome.WOULD_KILL
+        assert decision.get("action") == expected
+
+
+def test_every_phase_has_a_way_back_to_idle() -> None:
+    for table in (TABLE, DRY_RUN_TABLE):
+        reach = {Phase.IDLE}
+        changed = True
+        while changed:
+            before = set(reach)
+            reach |= {phase for (phase, _), tr in table.items() if tr.next in reach}
+            changed = reach != before
+        assert reach == set(Phase)
+
+
+def test_no_row_sends_a_second_sigterm() -> None:
+    # earlyoom#373: once SIGTERM went out, the only signal left is SIGKILL.
+    for table in (TABLE, DRY_RUN_TABLE):
+        for (phase, _), tr in table.items():
+            if tr.outcome in (Outcome.TERM, Outcome.WOULD_TERM):
+                assert phase is Phase.IDLE
+
+
+# --- escalation timing ---------------------------------------------------------------------
+
+
+def test_term_timeout_escalates_to_kill_exactly_then_and_not_before() -> None:
+    d = driver()
+    first = d.poll(0.0, LOW)
+    assert [(s.target, s.signal) for s in signals(first)] == [(key(101), SIGTERM)]
+    assert d.phase() is Phase.TERM_SENT
+    for t in (0.5, 1.0, 2.5, 4.0, 4.99):
+        assert d.poll(t, LOW) == []
+    assert d.phase() is Phase.TERM_SENT
+    kill = d.poll(5.0, LOW)
+    assert [(s.target, s.signal) for s in signals(kill)] == [(key(101), SIGKILL)]
+    assert releases(kill) == [ReleaseMemory(guard="system", target=key(101))]
+    (rec,) = records(kill)
+    assert (rec.event, rec.get("action"), rec.get("trigger"), rec.get("after_s")) == (
+        "victim_escalated",
+        "kill",
+        "term_timeout",
+        5.0,
+    )
+    assert d.phase() is Phase.KILL_SENT
+    sigterms = [s for s in signals(d.log) if s.signal == SIGTERM]
+    assert len(sigterms) == 1
+
+
+def test_kill_level_during_term_sent_escalates_immediately() -> None:
+    d = driver()
+    d.poll(0.0, LOW)
+    actions = d.poll(0.1, CRIT)
+    assert [(s.target, s.signal) for s in signals(actions)] == [(key(101), SIGKILL)]
+    assert releases(actions) == [ReleaseMemory(guard="system", target=key(101))]
+    assert records(actions)[0].get("trigger") == "mem_available_kill"
+
+
+def test_kill_level_from_idle_sends_sigkill_and_release_at_once() -> None:
+    d = driver()
+    actions = d.poll(0.0, CRIT)
+    assert [type(a).__name__ for a in actions] == ["Record", "SendSignal", "ReleaseMemory"]
+    assert signals(actions)[0].signal == SIGKILL
+    assert records(actions)[0].get("action") == "kill"
+    assert d.phase() is Phase.KILL_SENT
+
+
+def test_release_memory_follows_sigkill_to_the_same_target() -> None:
+    d = driver()
+    actions = d.poll(0.0, CRIT)
+    sig_at = next(i for i, a in enumerate(actions) if isinstance(a, SendSignal))
+    rel_at = next(i for i, a in enumerate(actions) if isinstance(a, ReleaseMemory))
+    assert sig_at < rel_at
+    assert releases(actions)[0].target == signals(actions)[0].target
+
+
+# --- recovery ------------------------------------------------------------------------------
+
+
+def test_victim_exiting_on_sigterm_recovers_without_a_kill() -> None:
+    d = driver()
+    d.poll(0.0, LOW)
+    exited = d.poll(1.0, LOW, alive=[])
+    assert [r.event for r in records(exited)] == ["victim_exited"]
+    assert records(exited)[0].get("after_s") == 1.0
+    assert d.phase() is Phase.RECOVERING
+    assert d.poll(1.5, LOW) == []  # memory not back yet: wait
+    back = d.poll(2.0, HIGH)
+    assert [r.event for r in records(back)] == ["memory_recovered"]
+    assert d.phase() is Phase.IDLE
+    assert all(s.signal == SIGTERM for s in signals(d.log))
+
+
+def test_recovery_waits_for_swap_as_well_where_there_is_swap() -> None:
+    d = driver()
+    swap = 8 * GiB
+    d.poll(0.0, {"system": mem(LOW, swap_total=swap, swap_free=0)})
+    d.poll(0.5, {"system": mem(LOW, swap_total=swap, swap_free=0)}, alive=[])
+    assert d.phase() is Phase.RECOVERING
+    d.poll(1.0, {"system": mem(HIGH, swap_total=swap, swap_free=GiB // 2)})  # swap still under its 10%
+    assert d.phase() is Phase.RECOVERING
+    d.poll(1.5, {"system": mem(HIGH, swap_total=swap, swap_free=2 * GiB)})
+    assert d.phase() is Phase.IDLE
+
+
+def test_recovery_timeout_returns_to_idle_and_next_poll_decides_again() -> None:
+    d = driver(cands=(cand(101, 5000), cand(102, 3000)))
+    d.poll(0.0, LOW)
+    d.poll(0.5, LOW, alive=[])
+    assert d.poll(0.5 + KILL_TIMEOUT - 0.01, LOW) == []
+    timeout = d.poll(0.5 + KILL_TIMEOUT, LOW)
+    assert [r.event for r in records(timeout)] == ["recovery_timeout"]
+    assert d.phase() is Phase.IDLE
+    d.rankings["system"] = ranking("system", cand(102, 3000))  # 101 is gone
+    again = d.poll(4.0, LOW)
+    assert [(s.target, s.signal) for s in signals(again)] == [(key(102), SIGTERM)]
+
+
+# --- stuck victims -------------------------------------------------------------------------
+
+
+def test_victim_alive_after_kill_timeout_is_marked_stuck_and_the_next_one_chosen() -> None:
+    d = driver()
+    d.poll(0.0, CRIT)
+    assert d.poll(KILL_TIMEOUT - 0.01, CRIT) == []
+    stuck = d.poll(KILL_TIMEOUT, CRIT)
+    assert [r.event for r in records(stuck)] == ["victim_stuck"]
+    assert records(stuck)[0].get("pid") == 101
+    assert d.state.guard("system").stuck == {key(101)}
+    assert d.phase() is Phase.IDLE
+    nxt = d.poll(KILL_TIMEOUT + 0.1, CRIT)
+    assert [(s.target, s.signal) for s in signals(nxt)] == [(key(102), SIGKILL)]
+    assert records(nxt)[0].get("runner_up_pid") == 103  # the stuck one is no runner-up either
+
+
+def test_stuck_victim_is_forgotten_once_it_is_gone_from_the_ranking() -> None:
+    d = driver()
+    d.poll(0.0, CRIT)
+    d.poll(KILL_TIMEOUT, CRIT)
+    assert d.state.guard("system").stuck == {key(101)}
+    d.rankings["system"] = ranking("system", cand(102, 3000))
+    d.poll(KILL_TIMEOUT + 0.1, HIGH)
+    assert d.state.guard("system").stuck == frozenset()
+
+
+def test_stuck_is_per_guard() -> None:
+    a, b = guard_plan("a"), guard_plan("b")
+    d = driver(a, b, cands=(cand(101, 5000), cand(102, 3000)))
+    d.poll(0.0, {"a": mem(CRIT), "b": mem(HIGH)})
+    d.poll(KILL_TIMEOUT, {"a": mem(CRIT), "b": mem(HIGH)})
+    assert d.state.guard("a").stuck == {key(101)}
+    actions = d.poll(KILL_TIMEOUT + 0.1, {"a": mem(HIGH), "b": mem(CRIT)})
+    assert [(s.guard, s.target) for s in signals(actions)] == [("b", key(101))]
+
+
+# --- rate limit ----------------------------------------------------------------------------
+
+
+def _exit_cycle(d: Driver, t: float) -> None:
+    """Victim chosen at t, exits at t+0.1, memory back at t+0.2."""
+    d.poll(t, LOW)
+    d.poll(t + 0.1, LOW, alive=[])
+    d.poll(t + 0.2, HIGH)
+
+
+def test_rate_limit_holds_victims_per_minute_and_records_once_per_episode() -> None:
+    pool = tuple(cand(100 + i, 9000 - i) for i in range(10))
+    d = driver(cands=pool, max_kills=2)
+    _exit_cycle(d, 0.0)
+    d.rankings["system"] = ranking("system", *pool[1:])
+    _exit_cycle(d, 10.0)
+    d.rankings["system"] = ranking("system", *pool[2:])
+    limited = [d.poll(20.0 + i, LOW) for i in range(10)]
+    assert [r.event for r in records(limited[0])] == ["rate_limited"]
+    assert records(limited[0])[0].get("victims_last_minute") == 2
+    assert all(a == [] for a in limited[1:])  # once per episode, not per poll
+    assert d.phase() is Phase.IDLE
+    assert d.poll(59.99, LOW) == []
+    freed = d.poll(60.0, LOW)  # the first victim (t=0) left the window
+    assert [(s.target, s.signal) for s in signals(freed)] == [(key(102), SIGTERM)]
+
+
+def test_rate_limit_record_repeats_in_a_new_episode() -> None:
+    d = driver(max_kills=1)
+    _exit_cycle(d, 0.0)
+    assert records(d.poll(1.0, LOW), "rate_limited")
+    d.poll(2.0, HIGH)  # episode over
+    assert records(d.poll(3.0, LOW), "rate_limited")
+
+
+def test_escalating_the_same_victim_is_not_rate_limited() -> None:
+    d = driver(max_kills=1)
+    d.poll(0.0, LOW)
+    kill = d.poll(TERM_TIMEOUT, LOW)
+    assert [s.signal for s in signals(kill)] == [SIGKILL]
+
+
+# --- one victim at a time ----------------------------------------------------------------
+
+
+def test_no_second_victim_while_one_is_in_flight() -> None:
+    d = driver()
+    d.poll(0.0, LOW)
+    for t in (0.1, 0.2, 0.3):
+        assert signals(d.poll(t, LOW)) == []
+    assert {s.target for s in signals(d.log)} == {key(101)}
+
+
+def test_two_guards_never_pick_the_same_process() -> None:
+    d = driver(guard_plan("a"), guard_plan("b"))
+    actions = d.poll(0.0, LOW)
+    assert [(s.guard, s.target) for s in signals(actions)] == [("a", key(101)), ("b", key(102))]
+    assert records(actions, "victim_chosen")[1].get("runner_up_pid") == 103
+
+
+def test_second_guard_skips_the_first_guards_victim_in_later_polls() -> None:
+    d = driver(guard_plan("a"), guard_plan("b"))
+    d.poll(0.0, {"a": mem(LOW), "b": mem(HIGH)})
+    actions = d.poll(1.0, {"a": mem(LOW), "b": mem(LOW)})
+    assert [(s.guard, s.target) for s in signals(actions)] == [("b", key(102))]
+
+
+def test_guard_with_only_another_guards_victim_left_has_no_candidate() -> None:
+    d = driver(guard_plan("a"), guard_plan("b"), cands=(cand(101),))
+    actions = d.poll(0.0, LOW)
+    assert [(s.guard, s.target) for s in signals(actions)] == [("a", key(101))]
+    (nc,) = records(actions, "no_candidate")
+    assert (nc.get("guard"), nc.get("in_flight_elsewhere"), nc.get("action")) == ("b", 1, "none")
+
+
+# --- levels, swap ---------------------------------------------------------------------------
+
+
+def test_without_swap_mem_available_alone_is_enough() -> None:
+    # oomd#80: a swapless machine never acted because "swap free" could not fall.
+    d = driver()
+    actions = d.poll(0.0, {"system": mem(LOW, swap_total=0, swap_free=0)})
+    assert [s.signal for s in signals(actions)] == [SIGTERM]
+
+
+def test_with_plenty_of_swap_low_memory_alone_does_not_act() -> None:
+    d = driver()
+    assert d.poll(0.0, {"system": mem(LOW, swap_total=8 * GiB, swap_free=4 * GiB)}) == []
+    actions = d.poll(1.0, {"system": mem(LOW, swap_total=8 * GiB, swap_free=GiB // 2)})
+    assert [s.signal for s in signals(actions)] == [SIGTERM]
+
+
+def test_levels_at_the_threshold_are_not_crossed() -> None:
+    lv = levels(mem(TOTAL // 10), guard_plan())
+    assert lv.term_bytes == TOTAL // 10
+    assert not lv.term_crossed
+    assert lv.memory_back
+    assert levels(mem(TOTAL // 10 - 1), guard_plan()).term_crossed
+
+
+# --- PSI -------------------------------------------------------------------------------
+
+
+def test_psi_trigger_acts_only_after_sustain() -> None:
+    d = driver(guard_plan(psi=(trigger(PsiAction.TERM, sustain_s=4.0),)))
+    assert d.poll(0.0, GATED, fired=(0,)) == []
+    assert d.poll(1.0, GATED) == []  # no report this poll, still within the 2 s window
+    assert d.poll(2.0, GATED, fired=(0,)) == []
+    assert d.poll(3.9, GATED) == []
+    actions = d.poll(4.0, GATED, fired=(0,))
+    assert [s.signal for s in signals(actions)] == [SIGTERM]
+    assert records(actions)[0].get("trigger") == "psi[0] full 200000/2000000us sustained 4s"
+
+
+def test_psi_gap_longer_than_window_restarts_the_sustain_clock() -> None:
+    d = driver(guard_plan(psi=(trigger(PsiAction.TERM, sustain_s=4.0),)))
+    d.poll(0.0, GATED, fired=(0,))
+    d.poll(2.0, GATED, fired=(0,))
+    # Last report at 2.0; window 2 s + one poll_max (1 s) of lateness: inactive after 5.0.
+    d.poll(5.5, GATED)
+    assert d.poll(6.0, GATED, fired=(0,)) == []
+    assert d.poll(8.0, GATED, fired=(0,)) == []
+    assert signals(d.poll(10.0, GATED, fired=(0,)))
+
+
+def test_psi_trigger_above_the_memory_gate_never_acts() -> None:
+    # nohang#25: a busy machine with plenty of memory is stalling, not running out.
+    d = driver(guard_plan(psi=(trigger(PsiAction.KILL),)))
+    for t in range(0, 20, 2):
+        assert d.poll(float(t), HIGH, fired=(0,)) == []
+    assert signals(d.poll(20.0, GATED, fired=(0,)))
+
+
+def test_psi_kill_action_sends_sigkill() -> None:
+    d = driver(guard_plan(psi=(trigger(PsiAction.KILL),)))
+    actions = d.poll(0.0, GATED, fired=(0,))
+    assert [s.signal for s in signals(actions)] == [SIGKILL]
+    assert releases(actions)
+
+
+def test_psi_warn_records_once_per_episode_and_signals_nothing() -> None:
+    d = driver(guard_plan(psi=(trigger(PsiAction.WARN),)))
+    first = d.poll(0.0, HIGH, fired=(0,))  # a warning is not gated by memory
+    assert [r.event for r in records(first)] == ["psi_warn"]
+    assert records(first)[0].get("action") == "warn"
+    assert d.poll(2.0, HIGH, fired=(0,)) == []
+    assert d.poll(4.0, HIGH, fired=(0,)) == []
+    d.poll(10.0, HIGH)  # inactive: the episode ends
+    assert [r.event for r in records(d.poll(12.0, HIGH, fired=(0,)))] == ["psi_warn"]
+    assert signals(d.log) == []
+
+
+def test_update_psi_keeps_active_since_across_reports_within_the_window() -> None:
+    trig = (trigger(PsiAction.TERM),)
+    tracks = update_psi((PsiTrack(),), trig, (0,), 1.0, 1.0)
+    tracks = update_psi(tracks, trig, (0,), 3.0, 1.0)
+    assert tracks == (PsiTrack(last_fired_at=3.0, active_since=1.0),)
+    tracks = update_psi(tracks, trig, (), 6.5, 1.0)
+    assert tracks[0].active_since is None
+
+
+def test_describe_psi_names_the_trigger() -> None:
+    assert describe_psi(2, trigger(PsiAction.TERM, sustain_s=1.5)) == "psi[2] full 200000/2000000us sustained 1.5s"
+
+
+# --- no candidate ----------------------------------------------------------------------------
+
+
+def test_empty_ranking_records_no_candidate_once_per_episode() -> None:
+    d = driver(cands=())
+    first = d.poll(0.0, LOW)
+    assert [(r.event, r.get("ranking")) for r in records(first)] == [("no_candidate", "empty")]
+    assert d.poll(0.5, CRIT) == []
+    d.poll(1.0, HIGH)
+    assert records(d.poll(1.5, LOW), "no_candidate")
+
+
+def test_missing_ranking_is_reported_and_acted_on_when_it_arrives() -> None:
+    d = driver()
+    pool = d.rankings.pop("system")
+    (rec,) = records(d.poll(0.0, LOW))
+    assert (rec.event, rec.get("ranking")) == ("no_candidate", "missing")
+    d.rankings["system"] = pool
+    assert [s.target for s in signals(d.poll(0.1, LOW))] == [key(101)]
+
+
+# --- dry run ---------------------------------------------------------------------------------
+
+
+def test_dry_run_logs_would_term_holds_then_decides_again_and_never_marks_stuck() -> None:
+    d = driver(dry_run=True, hook=("/usr/bin/true",))
+    first = d.poll(0.0, LOW)
+    assert records(first)[0].get("action") == "would_term"
+    assert [(s.target, s.signal, s.dry_run) for s in signals(first)] == [(key(101), SIGTERM, True)]
+    assert [type(a) for a in first if isinstance(a, (ReleaseMemory, RunHook))] == []
+    assert d.phase() is Phase.AUDIT_HOLD
+    for t in (1.0, 2.0, 4.99):
+        assert d.poll(t, CRIT) == []  # the hold: no per-poll spam, no would_kill walk
+    ended = d.poll(TERM_TIMEOUT, LOW)
+    assert [r.event for r in records(ended)] == ["audit_hold_ended"]
+    again = d.poll(TERM_TIMEOUT + 0.1, LOW)
+    assert [(r.event, r.get("action"), r.get("pid")) for r in records(again)] == [("victim_chosen", "would_term", 101)]
+    assert d.state.guard("system").stuck == frozenset()
+
+
+def test_dry_run_kill_level_logs_would_kill_without_release() -> None:
+    d = driver(dry_run=True)
+    actions = d.poll(0.0, CRIT)
+    assert records(actions)[0].get("action") == "would_kill"
+    assert [(s.signal, s.dry_run) for s in signals(actions)] == [(SIGKILL, True)]
+    assert releases(actions) == []
+
+
+def test_dry_run_cgroup_kill_carries_dry_run() -> None:
+    d = driver(guard_plan(victim=VictimKind.CGROUP), cands=(cand(101, cgroup="/app"),), dry_run=True)
+    actions = d.poll(0.0, CRIT)
+    assert [a for a in actions if isinstance(a, KillCgroup)] == [KillCgroup(guard="system", path="/app", dry_run=True)]
+
+
+# --- the record carries the facts ----------------------------------------------------------
+
+
+def test_victim_chosen_record_carries_trigger_reading_victim_runner_up_and_action() -> None:
+    d = driver(cands=(cand(101, 5000, rules=("browsers",), name="firefox"), cand(102, 3000, name="make")))
+    (rec,) = records(d.poll(0.0, LOW))
+    assert rec.event == "victim_chosen"
+    assert rec.as_dict() == {
+        "guard": "system",
+        "trigger": "mem_available_term",
+        "available_bytes": LOW,
+        "available_fraction": 0.0625,
+        "total_bytes": TOTAL,
+        "swap_free_bytes": 0,
+        "swap_total_bytes": 0,
+        "term_threshold_bytes": int(TOTAL * 0.10),
+        "kill_threshold_bytes": int(TOTAL * 0.05),
+        "swap_term_threshold_bytes": 0,
+        "swap_kill_threshold_bytes": 0,
+        "pid": 101,
+        "name": "firefox",
+        "starttime_ticks": 10_101,
+        "badness": 5000 + 3 + 2 + 200,
+        "rss_pages": 5000,
+        "swap_pages": 3,
+        "pgtables_pages": 2,
+        "adj_points": 200,
+        "totalpages": 4_000_000,
+        "effective_adj": 50,
+        "rules": ("browsers",),
+        "rss_bytes": 101 * 4096 * 100 + 4096,
+        "victim_kind": "process",
+        "runner_up_pid": 102,
+        "runner_up_name": "make",
+        "runner_up_badness": 3000 + 3 + 2 + 200,
+        "action": "term",
+    }
+
+
+def test_every_decision_is_exactly_one_record() -> None:
+    d = driver()
+    for t, avail in ((0.0, LOW), (TERM_TIMEOUT, LOW)):
+        actions = d.poll(t, avail)
+        assert len(records(actions)) == 1
+
+
+# --- victim kinds and hooks -------------------------------------------------------------------
+
+
+def test_process_group_victim_carries_pgid() -> None:
+    d = driver(guard_plan(victim=VictimKind.PROCESS_GROUP), cands=(cand(101, pgid=77),))
+    (sig,) = signals(d.poll(0.0, LOW))
+    assert (sig.victim_kind, sig.pgid, sig.target) == (VictimKind.PROCESS_GROUP, 77, key(101))
+
+
+def test_process_group_of_init_or_zero_falls_back_to_the_process() -> None:
+    d = driver(guard_plan(victim=VictimKind.PROCESS_GROUP), cands=(cand(101, pgid=1),))
+    (sig,) = signals(d.poll(0.0, LOW))
+    assert sig.victim_kind is VictimKind.PROCESS
+
+
+def test_cgroup_victim_is_termed_by_members_and_killed_by_cgroup_kill() -> None:
+    d = driver(guard_plan(victim=VictimKind.CGROUP), cands=(cand(101, cgroup="/user.slice/app"),))
+    (term,) = signals(d.poll(0.0, LOW))
+    assert (term.victim_kind, term.cgroup, term.signal) == (VictimKind.CGROUP, "/user.slice/app", SIGTERM)
+    kill = d.poll(TERM_TIMEOUT, LOW)
+    assert [a for a in kill if isinstance(a, KillCgroup)] == [
+        KillCgroup(guard="system", path="/user.slice/app", dry_run=False)
+    ]
+    assert releases(kill) == [ReleaseMemory(guard="system", target=key(101))]
+
+
+@pytest.mark.parametrize("cgroup", [None, "/", ""])
+def test_cgroup_victim_without_a_killable_cgroup_falls_back_to_the_process(cgroup: str | None) -> None:
+    d = driver(guard_plan(victim=VictimKind.CGROUP), cands=(cand(101, cgroup=cgroup),))
+    actions = d.poll(0.0, CRIT)
+    assert [a for a in actions if isinstance(a, KillCgroup)] == []
+    assert [(s.victim_kind, s.signal) for s in signals(actions)] == [(VictimKind.PROCESS, SIGKILL)]
+
+
+def test_hook_runs_after_term_and_kill_with_the_facts_in_its_environment() -> None:
+    d = driver(hook=("/usr/local/bin/notify", "--oom"), cands=(cand(101, 5000, rules=("a", "b"), name="x; rm -rf"),))
+    term = d.poll(0.0, LOW)
+    (hook,) = [a for a in term if isinstance(a, RunHook)]
+    env = dict(hook.env)
+    assert hook.argv == ("/usr/local/bin/notify", "--oom")
+    assert {k: env[k] for k in ("UOOMD_PID", "UOOMD_NAME", "UOOMD_SIGNAL", "UOOMD_GUARD", "UOOMD_RULES")} == {
+        "UOOMD_PID": "101",
+        "UOOMD_NAME": "x; rm -rf",  # a value in the environment, never a shell word
+        "UOOMD_SIGNAL": "SIGTERM",
+        "UOOMD_GUARD": "system",
+        "UOOMD_RULES": "a,b",
+    }
+    assert env["UOOMD_BADNESS"] == str(5000 + 205)
+    assert env["UOOMD_TRIGGER"] == "mem_available_term"
+    assert env["UOOMD_RSS_BYTES"] == str(101 * 4096 * 100 + 4096)
+    kill = d.poll(TERM_TIMEOUT, LOW)
+    (hook2,) = [a for a in kill if isinstance(a, RunHook)]
+    assert dict(hook2.env)["UOOMD_SIGNAL"] == "SIGKILL"
+
+
+def test_no_hook_when_none_is_configured() -> None:
+    d = driver()
+    assert [a for a in d.poll(0.0, CRIT) if isinstance(a, RunHook)] == []
+
+
+# --- plan changes and missing readings ------------------------------------------------------
+
+
+def test_a_guard_added_by_reload_starts_idle() -> None:
+    d = driver()
+    d.plan = make_plan(guard_plan("system"), guard_plan("new"))
+    d.rankings["new"] = ranking("new", cand(201))
+    actions = d.poll(0.0, {"system": mem(HIGH), "new": mem(LOW)})
+    assert [(s.guard, s.target.pid) for s in signals(actions)] == [("new", 201)]
+    assert [gs.guard for gs in d.state.guards] == ["system", "new"]
+
+
+def test_guard_without_a_reading_still_sees_its_victim_exit() -> None:
+    d = driver()
+    d.poll(0.0, LOW)
+    actions = d.poll(1.0, {}, alive=[])
+    assert [r.event for r in records(actions)] == ["victim_exited"]
+
+
+def test_step_is_pure_same_inputs_same_outputs() -> None:
+    d = driver()
+    d.poll(0.0, LOW)
+    before = d.state
+    obs = Observation(
+        now=TERM_TIMEOUT, guards=(GuardReading(guard="system", memory=mem(LOW)),), alive=before.in_flight()
+    )
+    first = step(before, obs, d.plan, d.rankings)
+    second = step(before, obs, d.plan, d.rankings)
+    assert first == second
+    assert before.guard("system").phase is Phase.TERM_SENT  # the input state is a value, not mutated
+    assert first[0].guard("system").phase is Phase.KILL_SENT
