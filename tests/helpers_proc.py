@@ -55,7 +55,9 @@ def make_guard(name: str = "system", **overrides: Any) -> GuardPlan:
 def make_rule(
     index: int, *, protect: bool = False, adjust: int = 0, guards: tuple[str, ...] = (), **match: Any
 ) -> RulePlan:
-    compiled = {k: re.compile(v) if k in ("name", "cmdline", "exe", "cgroup") else v for k, v in match.items()}
+    compiled: dict[str, Any] = {
+        k: re.compile(v) if k in ("name", "cmdline", "exe", "cgroup") else v for k, v in match.items()
+    }
     return RulePlan(
         index=index, label=f"rule[{index}]", match=MatchPlan(**compiled), protect=protect, adjust=adjust, guards=guards
     )

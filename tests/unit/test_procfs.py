@@ -165,8 +165,8 @@ def test_permission_and_esrch_errors_skip_the_process(tmp_path: Path, monkeypatc
             raise ProcessLookupError(errno.ESRCH, "No such process")
         return real_read(fd, size)
 
-    monkeypatch.setattr(procfs.os, "open", fake_open)
-    monkeypatch.setattr(procfs.os, "read", fake_read)
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "read", fake_read)
     pids = {p.pid for p in procfs.read_snapshot(str(root)).processes}
     assert 1 not in pids
     assert 2 not in pids
@@ -177,7 +177,7 @@ def test_other_read_errors_are_not_swallowed(tmp_path: Path, monkeypatch: pytest
     def fake_open(path: bytes, flags: int, *args: int) -> int:
         raise OSError(errno.EMFILE, "Too many open files")
 
-    monkeypatch.setattr(procfs.os, "open", fake_open)
+    monkeypatch.setattr(os, "open", fake_open)
     with pytest.raises(OSError, match="Too many open files"):
         procfs.read_process(IDLE, 1)
 

@@ -1,0 +1,190 @@
+"""Ranking with rules, on synthetic processes and on the recorded /proc trees."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers_proc import (
+    CHILDREN,
+    IDLE,
+    make_guard,
+    make_plan,
+    make_process,
+    make_rule,
+    make_snapshot,
+    recorded_oom_score,
+)
+from uoomd import kernel
+from uoomd.readings import Pid, ProcessInfo
+from uoomd.scoring import Candidate, Exclusion, MissingDetailError, kernel_choice, rank, score_process
+from uoomd.sources.procfs import read_snapshot
+
+pytestmark = pytest.mark.unit
+
+TOTAL = 1_048_576  # 4 GiB in pages: make_snapshot()'s machine
+
+
+def reasons(ranking_excluded: tuple[Exclusion, ...]) -> dict[int, str]:
+    return {e.process.pid: e.reason for e in ranking_excluded}
+
+
+def test_biggest_process_ranks_first() -> None:
+    snap = make_snapshot(make_process(10, mm_rss_pages=100), make_process(11, mm_rss_pages=300))
+    ranking = rank(snap, make_plan(), make_guard(), totalpages=TOTAL)
+    assert [c.process.pid for c in ranking.candidates] == [11, 10]
+
+
+@pytest.mark.parametrize(
+    ("process", "reason"),
+    [
+        (make_process(2, kthread=True, has_mm=False), "kernel thread"),
+        (make_process(1, mm_rss_pages=5000), "init"),
+        (make_process(30, state="Z", has_mm=False), "no mm"),
+        (make_process(31, oom_score_adj=-1000, mm_rss_pages=9000), "oom_score_adj -1000"),
+        (make_process(999_999, mm_rss_pages=9000), "self"),
+        (make_process(500, mm_rss_pages=9000), "uoomd's parent"),
+    ],
+)
+def test_exclusions_carry_their_reason(process: ProcessInfo, reason: str) -> None:
+    me = make_process(999_999, ppid=Pid(500), mm_rss_pages=1)
+    snap = make_snapshot(process, me) if process.pid != me.pid else make_snapshot(me)
+    ranking = rank(snap, make_plan(), make_guard(), totalpages=TOTAL)
+    assert reasons(ranking.excluded)[process.pid] == reason
+
+
+def test_protect_rule_wins_over_size_and_adjust() -> None:
+    plan = make_plan(make_rule(0, protect=True, name="^db$"), make_rule(1, adjust=900, name="^db$"))
+    snap = make_snapshot(make_process(10, name="db", mm_rss_pages=9000), make_process(11, mm_rss_pages=10))
+    ranking = rank(snap, plan, make_guard(), totalpages=TOTAL)
+    assert [c.process.pid for c in ranking.candidates] == [11]
+    (excl,) = ranking.excluded
+    assert excl.reason == "protected by rule 'rule[0]'"
+    assert excl.rules == ("rule[0]", "rule[1]")
+
+
+def test_adjustments_of_all_matching_rules_add_up_and_clamp() -> None:
+    plan = make_plan(make_rule(0, adjust=600, name="web"), make_rule(1, adjust=700, uid=1000))
+    process = make_process(10, name="web", oom_score_adj=100, mm_rss_pages=10)
+    result = score_process(process, plan, make_guard(), TOTAL, page_size=4096, system_totalpages=TOTAL)
+    assert isinstance(result, Candidate)
+    assert result.effective_adj == 1000  # 100 + 600 + 700 clamped
+    assert result.badness.adj_points == 1000 * (TOTAL // 1000)
+    assert result.kernel_points == 10 + 100 * (TOTAL // 1000)  # the kernel's own view is unchanged
+    assert result.rules == ("rule[0]", "rule[1]")
+
+
+def test_negative_adjust_can_push_below_a_smaller_process() -> None:
+    plan = make_plan(make_rule(0, adjust=-500, name="^big$"))
+    snap = make_snapshot(make_process(10, name="big", mm_rss_pages=5000), make_process(11, mm_rss_pages=100))
+    ranking = rank(snap, plan, make_guard(), totalpages=TOTAL)
+    assert ranking.best is not None
+    assert ranking.best.process.pid == 11
+
+
+def test_rules_reaching_adj_min_exclude_like_the_kernel() -> None:
+    plan = make_plan(make_rule(0, adjust=-1000, name="x"))
+    result = score_process(
+        make_process(10, name="x"), plan, make_guard(), TOTAL, page_size=4096, system_totalpages=TOTAL
+    )
+    assert isinstance(result, Exclusion)
+    assert "-1000" in result.reason
+
+
+def test_ignore_positive_adj_counts_a_positive_own_adj_as_zero() -> None:
+    guard = make_guard(ignore_positive_adj=True)
+    snap = make_snapshot(
+        make_process(10, oom_score_adj=1000, mm_rss_pages=10), make_process(11, oom_score_adj=0, mm_rss_pages=50)
+    )
+    ranking = rank(snap, make_plan(), guard, totalpages=TOTAL)
+    assert [c.process.pid for c in ranking.candidates] == [11, 10]
+    assert ranking.candidates[1].effective_adj == 0
+
+
+def test_guard_scope_members_restrict_candidates() -> None:
+    snap = make_snapshot(make_process(10, mm_rss_pages=9000), make_process(11, mm_rss_pages=10))
+    ranking = rank(snap, make_plan(), make_guard(), totalpages=TOTAL, members=frozenset({Pid(11)}))
+    assert [c.process.pid for c in ranking.candidates] == [11]
+    assert reasons(ranking.excluded)[10] == "outside the guard's scope"
+
+
+def test_min_badness_excludes_small_processes() -> None:
+    snap = make_snapshot(make_process(10, mm_rss_pages=99), make_process(11, mm_rss_pages=100))
+    ranking = rank(snap, make_plan(), make_guard(min_badness=100), totalpages=TOTAL)
+    assert [c.process.pid for c in ranking.candidates] == [11]
+    assert reasons(ranking.excluded)[10].startswith("badness 99 below min_badness 100")
+
+
+def test_rules_of_another_guard_do_not_apply() -> None:
+    plan = make_plan(make_rule(0, protect=True, name="x", guards=("other",)))
+    ranking = rank(make_snapshot(make_process(10, name="x")), plan, make_guard(), totalpages=TOTAL)
+    assert len(ranking.candidates) == 1
+
+
+def test_a_rule_needing_an_unread_detail_is_a_programming_error() -> None:
+    plan = make_plan(make_rule(0, protect=True, cmdline="postgres"))
+    with pytest.raises(MissingDetailError, match="cmdline"):
+        rank(make_snapshot(make_process(10)), plan, make_guard(), totalpages=TOTAL)
+
+
+def test_all_match_keys_must_match() -> None:
+    plan = make_plan(make_rule(0, protect=True, name="^a$", user="alice"))
+    snap = make_snapshot(
+        make_process(10, name="a", user="bob"), make_process(11, name="a", user="alice"), details=frozenset({"user"})
+    )
+    ranking = rank(snap, plan, make_guard(), totalpages=TOTAL)
+    assert [c.process.pid for c in ranking.candidates] == [10]
+
+
+def test_equal_points_rank_the_later_forked_first_like_the_kernel() -> None:
+    # oom_evaluate_task() replaces its choice on equal points; for_each_process() walks fork order.
+    early = make_process(300, starttime_ticks=100, mm_rss_pages=50)
+    late = make_process(200, starttime_ticks=200, mm_rss_pages=50)  # a wrapped, smaller PID forked later
+    snap = make_snapshot(early, late)
+    ranking = rank(snap, make_plan(), make_guard(), totalpages=TOTAL)
+    assert ranking.best is not None
+    assert ranking.best.process.pid == 200
+    chosen = kernel_choice(snap, totalpages=TOTAL)
+    assert chosen is not None
+    assert chosen.pid == 200
+
+
+def test_hostile_names_are_matched_as_data_not_syntax() -> None:
+    plan = make_plan(make_rule(0, protect=True, name=r"^evil\) S"))
+    snap = make_snapshot(make_process(10, name="evil) S 1 1\nx", mm_rss_pages=9))
+    assert rank(snap, plan, make_guard(), totalpages=TOTAL).candidates == ()
+
+
+@pytest.mark.parametrize("root", [IDLE, CHILDREN])
+def test_computed_oom_score_equals_the_recorded_one(root: str) -> None:
+    snap = read_snapshot(root)
+    total = kernel.system_totalpages(
+        total_ram_bytes=snap.total_ram_bytes, total_swap_bytes=snap.total_swap_bytes, page_size=snap.page_size
+    )
+    ranking = rank(snap, make_plan(), make_guard(), totalpages=total)
+    scored = {c.process.pid: c.oom_score for c in ranking.candidates}
+    assert scored
+    assert all(score == recorded_oom_score(root, pid) for pid, score in scored.items())
+
+
+@pytest.mark.parametrize("root", [IDLE, CHILDREN])
+def test_without_rules_uoomd_picks_the_kernels_choice(root: str) -> None:
+    snap = read_snapshot(root, self_pid=0)  # no uoomd process in the recording
+    total = kernel.system_totalpages(
+        total_ram_bytes=snap.total_ram_bytes, total_swap_bytes=snap.total_swap_bytes, page_size=snap.page_size
+    )
+    best = rank(snap, make_plan(), make_guard(), totalpages=total).best
+    chosen = kernel_choice(snap, totalpages=total)
+    assert best is not None
+    assert chosen is not None
+    assert best.process.pid == chosen.pid
+
+
+def test_recorded_adj_1000_hog_is_the_victim() -> None:
+    snap = read_snapshot(CHILDREN, self_pid=0)
+    total = kernel.system_totalpages(
+        total_ram_bytes=snap.total_ram_bytes, total_swap_bytes=snap.total_swap_bytes, page_size=snap.page_size
+    )
+    ranking = rank(snap, make_plan(), make_guard(), totalpages=total)
+    assert ranking.best is not None
+    assert ranking.best.process.name == "hog-adj-max"
+    assert ranking.candidates[1].process.name == "hog-adj-pos"
