@@ -10,10 +10,11 @@ Which RSS counter: since Linux 6.2 the mm RSS counters are per-CPU
 (percpu_counter_read_positive), and so does /proc/PID/stat field 24
 (fs/proc/array.c do_task_stat()). /proc/PID/status prints exact sums
 (get_mm_counter_sum(), fs/proc/task_mmu.c task_mem(), since 6.16). Measured on
-this project's test VM (Linux 6.18.44, 2 CPUs, 24 GiB, no swap) over 82 live
-processes: with stat's rss our oom_score equals /proc/PID/oom_score for 82/82;
-with status' RssAnon+RssFile+RssShmem for 78/82 (tests/integration/test_oom_score_live.py
-prints both). So the stat value is used when present.
+this project's test VM (Linux 6.18.44, 2 CPUs, 24 GiB, no swap): the two differ for
+18 of 18 user processes (by 5-90 pages), yet both reproduce /proc/PID/oom_score for
+79/79 live processes (tests/integration/test_oom_score_live.py prints both), because
+one oom_score point is totalpages/1500 ~ 4,100 pages here. The stat value is used: it
+is the very counter oom_badness() reads, which matters for ranking near-equals.
 
 What /proc cannot show, and so is not reproduced: MMF_OOM_SKIP (an mm already
 reaped), in_vfork() (a vfork child before exec), oom_task_origin() (swapoff), and
