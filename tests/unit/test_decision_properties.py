@@ -1,0 +1,267 @@
+"""Properties of the escalation machine over random sequences of readings, rankings and exits (Hypothesis)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from uoomd.decision import (
+    RATE_WINDOW_S,
+    SIGKILL,
+    SIGTERM,
+    Action,
+    KillCgroup,
+    Phase,
+    Record,
+    ReleaseMemory,
+    RunHook,
+    SendSignal,
+    State,
+    initial_state,
+    step,
+)
+from uoomd.plan import (
+    Amount,
+    DaemonPlan,
+    EscalationPlan,
+    GuardPlan,
+    HooksPlan,
+    Plan,
+    PsiAction,
+    PsiKind,
+    PsiTriggerPlan,
+    Scope,
+    ScopeKind,
+    VictimKind,
+)
+from uoomd.readings import GuardReading, MemoryReading, Observation, Pid, ProcessInfo, ProcessKey, Uid
+from uoomd.scoring import Badness, Candidate, Ranking
+
+pytestmark = pytest.mark.unit
+
+GiB = 1 << 30
+TOTAL = 16 * GiB
+LEVELS = (8 * GiB, 2 * GiB, 1 * GiB, GiB // 2)  # high, under the PSI gate, under term, under kill
+DTS = (0.02, 0.3, 1.0, 2.0, 3.0, 5.0, 25.0)
+POOL_SIZE = 6
+
+
+def candidate(i: int) -> Candidate:
+    pid = 100 + i
+    proc = ProcessInfo(
+        pid=Pid(pid),
+        ppid=Pid(1),
+        pgid=pid,
+        starttime_ticks=5000 + i,
+        name=f"p{i}",
+        state="R",
+        uid=Uid(1000),
+        kthread=False,
+        has_mm=True,
+        oom_score_adj=0,
+        rss_anon_bytes=GiB,
+        rss_file_bytes=0,
+        rss_shmem_bytes=0,
+        swap_bytes=0,
+        pgtables_bytes=0,
+        cgroup=f"/app{i}",
+    )
+    badness = Badness(
+        rss_pages=1000 * (POOL_SIZE - i), swap_pages=0, pgtables_pages=0, adj=0, adj_points=0, totalpages=1
+    )
+    return Candidate(process=proc, badness=badness, kernel_points=0, oom_score=0, effective_adj=0, rules=())
+
+
+POOL = tuple(candidate(i) for i in range(POOL_SIZE))
+
+
+def guard_plan(name: str, victim: VictimKind, psi_action: PsiAction | None, sustain_s: float) -> GuardPlan:
+    psi: tuple[PsiTriggerPlan, ...] = ()
+    if psi_action is not None:
+        psi = (
+            PsiTriggerPlan(
+                kind=PsiKind.SOME, stall_us=100_000, window_us=1_000_000, sustain_s=sustain_s, action=psi_action
+            ),
+        )
+    return GuardPlan(
+        name=name,
+        scope=Scope(kind=ScopeKind.SYSTEM),
+        mem_available_term=Amount(fraction=0.10),
+        mem_available_kill=Amount(fraction=0.05),
+        swap_free_term=Amount(fraction=0.10),
+        swap_free_kill=Amount(fraction=0.05),
+        psi_mem_gate=Amount(fraction=0.20),
+        psi=psi,
+        victim=victim,
+    )
+
+
+@st.composite
+def plans(draw: st.DrawFn) -> Plan:
+    n = draw(st.integers(min_value=1, max_value=2))
+    guards = tuple(
+        guard_plan(
+            f"g{i}",
+            draw(st.sampled_from(VictimKind)),
+            draw(st.none() | st.sampled_from(PsiAction)),
+            draw(st.sampled_from((0.0, 1.0, 3.0))),
+        )
+        for i in range(n)
+    )
+    return Plan(
+        source="prop.toml",
+        daemon=DaemonPlan(dry_run=draw(st.booleans()), poll_min_s=0.02, poll_max_s=1.0),
+        escalation=EscalationPlan(
+            term_timeout_s=draw(st.sampled_from((1.0, 2.0, 5.0))),
+            kill_timeout_s=draw(st.sampled_from((0.5, 1.0, 3.0))),
+            max_kills_per_minute=draw(st.integers(min_value=1, max_value=4)),
+        ),
+        guards=guards,
+        hooks=HooksPlan(after_kill=("/bin/true",) if draw(st.booleans()) else ()),
+    )
+
+
+class Checker:
+    """Runs the machine and checks every invariant after every step."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.state: State = initial_state(plan)
+        self.now = 0.0
+        self.dead: set[ProcessKey] = set()
+        self.chosen_at: list[float] = []
+        self.chosen: dict[str, Candidate] = {}  # latest victim chosen per guard
+        self.sigterms: defaultdict[ProcessKey, int] = defaultdict(int)
+
+    def run_step(self, data: st.DataObject) -> None:
+        plan = self.plan
+        self.now += data.draw(st.sampled_from(DTS))
+        in_flight = sorted(self.state.in_flight(), key=lambda k: k.pid)
+        alive = frozenset(
+            k for k in in_flight if data.draw(st.integers(min_value=0, max_value=3)) > 0
+        )  # 3 in 4 live on
+        self.dead |= set(in_flight) - alive
+        living = [c for c in POOL if c.key not in self.dead]
+        rankings: dict[str, Ranking] = {}
+        for g in plan.guards:
+            order = data.draw(st.permutations(living))
+            keep = data.draw(st.integers(min_value=0, max_value=len(order)))
+            rankings[g.name] = Ranking(guard=g.name, candidates=tuple(order[:keep]), excluded=(), taken_at=self.now)
+        readings = tuple(
+            GuardReading(
+                guard=g.name,
+                memory=MemoryReading(
+                    total_bytes=TOTAL,
+                    available_bytes=data.draw(st.sampled_from(LEVELS)),
+                    swap_total_bytes=0,
+                    swap_free_bytes=0,
+                ),
+                psi_fired=(0,) if len(g.psi) > 0 and data.draw(st.booleans()) else (),
+            )
+            for g in plan.guards
+        )
+        obs = Observation(now=self.now, guards=readings, alive=alive)
+        before = self.state
+        self.state, actions = step(before, obs, plan, rankings)
+        self.check(before, actions, rankings)
+
+    def check(self, before: State, actions: list[Action], rankings: dict[str, Ranking]) -> None:
+        dry = self.plan.daemon.dry_run
+        after = self.state
+        # At most one in-flight victim per guard (structural), and never one process for two guards.
+        flying = [gs.victim.key for gs in after.guards if gs.phase in _HOLDING and gs.victim is not None]
+        assert len(flying) == len(set(flying))
+        for gs in after.guards:
+            assert (gs.victim is not None) == (gs.phase in _HOLDING or gs.phase is Phase.RECOVERING)
+        killed: set[tuple[str, ProcessKey]] = set()
+        for action in actions:
+            match action:
+                case Record(event="victim_chosen"):
+                    guard = str(action.get("guard"))
+                    prev = before.guard(guard) if any(g.guard == guard for g in before.guards) else None
+                    assert prev is None or prev.phase is Phase.IDLE  # never a second victim in flight
+                    victim = after.guard(guard).victim
+                    assert victim is not None
+                    assert victim.key in {c.key for c in rankings[guard].candidates}
+                    assert prev is None or victim.key not in prev.stuck
+                    self.chosen[guard] = victim
+                    self.chosen_at.append(self.now)
+                case SendSignal():
+                    victim = self.chosen.get(action.guard)
+                    assert victim is not None
+                    assert action.target == victim.key  # every signal goes to the guard's chosen victim
+                    assert action.dry_run == dry
+                    if action.signal == SIGKILL:
+                        killed.add((action.guard, action.target))
+                    elif action.signal == SIGTERM and not dry:
+                        self.sigterms[action.target] += 1
+                        assert self.sigterms[action.target] == 1  # earlyoom#373
+                case KillCgroup():
+                    victim = self.chosen.get(action.guard)
+                    assert victim is not None
+                    assert action.path == victim.process.cgroup
+                    assert action.dry_run == dry
+                    killed.add((action.guard, victim.key))
+                case ReleaseMemory():
+                    assert not dry
+                    assert (action.guard, action.target) in killed  # only after a SIGKILL to that target
+                case RunHook():
+                    assert not dry
+                case Record():
+                    pass
+        # Rate limit: never more than max_kills_per_minute victims in any window of 60 s.
+        limit = self.plan.escalation.max_kills_per_minute
+        for t in self.chosen_at:
+            assert sum(1 for u in self.chosen_at if t - RATE_WINDOW_S < u <= t) <= limit
+        if dry:
+            assert all(not gs.stuck for gs in after.guards)
+
+
+_HOLDING = (Phase.TERM_SENT, Phase.KILL_SENT, Phase.AUDIT_HOLD)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(plan=plans(), data=st.data(), n_steps=st.integers(min_value=1, max_value=40))
+def test_invariants_hold_over_random_runs(plan: Plan, data: st.DataObject, n_steps: int) -> None:
+    checker = Checker(plan)
+    for _ in range(n_steps):
+        checker.run_step(data)
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data(), max_kills=st.integers(min_value=1, max_value=3))
+def test_a_run_that_always_kills_stays_under_the_rate_limit(data: st.DataObject, max_kills: int) -> None:
+    # Every victim dies at once and memory stays critical: the limit is the only brake.
+    plan = Plan(
+        source="prop.toml",
+        daemon=DaemonPlan(),
+        escalation=EscalationPlan(term_timeout_s=1.0, kill_timeout_s=0.5, max_kills_per_minute=max_kills),
+        guards=(guard_plan("g0", VictimKind.PROCESS, None, 0.0), guard_plan("g1", VictimKind.PROCESS, None, 0.0)),
+    )
+    state = initial_state(plan)
+    now = 0.0
+    chosen: list[float] = []
+    ranking = {g.name: Ranking(guard=g.name, candidates=POOL, excluded=(), taken_at=0.0) for g in plan.guards}
+    for _ in range(60):
+        now += data.draw(st.sampled_from((0.5, 1.0, 4.0, 10.0)))
+        obs = Observation(
+            now=now,
+            guards=tuple(
+                GuardReading(
+                    guard=g.name,
+                    memory=MemoryReading(
+                        total_bytes=TOTAL, available_bytes=GiB // 4, swap_total_bytes=0, swap_free_bytes=0
+                    ),
+                )
+                for g in plan.guards
+            ),
+            alive=frozenset(),
+        )
+        state, actions = step(state, obs, plan, ranking)
+        chosen += [now for a in actions if isinstance(a, Record) and a.event == "victim_chosen"]
+    assert chosen  # the run did act
+    for t in chosen:
+        assert sum(1 for u in chosen if t - RATE_WINDOW_S < u <= t) <= max_kills
