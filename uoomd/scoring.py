@@ -47,9 +47,7 @@ class Candidate:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Exclusion:
     process: ProcessInfo
-    reason: (
-        str  # "kernel thread", "init", "no mm", "oom_score_adj -1000", "protected by rule 'x'", "self", ...
-    )
+    reason: str  # "kernel thread", "init", "no mm", "oom_score_adj -1000", "protected by rule 'x'", "self", ...
     rules: tuple[str, ...] = ()
 
 
@@ -193,6 +191,7 @@ def score_process(
     system_totalpages: int,
     spared: dict[Pid, str] | None = None,
     members: frozenset[Pid] | None = None,
+    guard_rules: tuple[RulePlan, ...] | None = None,
 ) -> Candidate | Exclusion:
     """One process for one guard: a Candidate, or an Exclusion with its reason.
 
@@ -209,7 +208,9 @@ def score_process(
         return Exclusion(process=process, reason=spared[process.pid])
     if members is not None and process.pid not in members:
         return Exclusion(process=process, reason=REASON_SCOPE)
-    rules = matching_rules(plan.rules_for(guard.name), process)
+    if guard_rules is None:
+        guard_rules = plan.rules_for(guard.name)
+    rules = matching_rules(guard_rules, process) if guard_rules else ()
     labels = tuple(rule.label for rule in rules)
     if process.oom_score_adj == kernel.OOM_SCORE_ADJ_MIN:
         # The admin's or the program's own "never kill me": kernel semantics, no rule overrides it.
@@ -228,11 +229,16 @@ def score_process(
             reason=f"badness {badness.points} below min_badness {guard.min_badness}",
             rules=labels,
         )
-    system_badness = kernel_badness(process, totalpages=system_totalpages, page_size=page_size)
+    kernel_points = kernel_badness(process, totalpages=totalpages, page_size=page_size)
+    system_badness = (
+        kernel_points
+        if system_totalpages == totalpages
+        else kernel_badness(process, totalpages=system_totalpages, page_size=page_size)
+    )
     return Candidate(
         process=process,
         badness=badness,
-        kernel_points=kernel_badness(process, totalpages=totalpages, page_size=page_size),
+        kernel_points=kernel_points,
         oom_score=kernel.proc_oom_score(system_badness, system_totalpages),
         effective_adj=adj,
         rules=labels,
@@ -266,6 +272,7 @@ def rank(
         total_swap_bytes=snapshot.total_swap_bytes,
         page_size=snapshot.page_size,
     )
+    guard_rules = plan.rules_for(guard.name)
     candidates: list[Candidate] = []
     excluded: list[Exclusion] = []
     for process in snapshot.processes:
@@ -278,20 +285,17 @@ def rank(
             system_totalpages=system_totalpages,
             spared=spared,
             members=members,
+            guard_rules=guard_rules,
         )
         if isinstance(result, Candidate):
             candidates.append(result)
         else:
             excluded.append(result)
     candidates.sort(key=_best_first)
-    return Ranking(
-        guard=guard.name, candidates=tuple(candidates), excluded=tuple(excluded), taken_at=snapshot.taken_at
-    )
+    return Ranking(guard=guard.name, candidates=tuple(candidates), excluded=tuple(excluded), taken_at=snapshot.taken_at)
 
 
-def kernel_choice(
-    snapshot: Snapshot, *, totalpages: int, members: frozenset[Pid] | None = None
-) -> ProcessInfo | None:
+def kernel_choice(snapshot: Snapshot, *, totalpages: int, members: frozenset[Pid] | None = None) -> ProcessInfo | None:
     """The process the kernel's OOM killer would pick now (no rules, no uoomd exceptions)."""
     ordered = sorted(
         (p for p in snapshot.processes if members is None or p.pid in members),
