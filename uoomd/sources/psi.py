@@ -262,7 +262,9 @@ class PsiTrigger:
                 raise
             os.stat(path)  # raises FileNotFoundError when there is nothing to poll either
             reason = f"cannot open {path} for writing: {os.strerror(exc.errno)}"
-            return cls._polled(path, kind=kind, requested=requested, reason=reason, now=now, initial=initial)
+            return cls.polled(
+                path, kind=kind, stall_us=stall_us, window_us=window_us, reason=reason, now=now, initial=initial
+            )
         attempts: list[tuple[TriggerMode, int, int]] = [(TriggerMode.KERNEL, stall_us, window_us)]
         rounded = round_for_unprivileged(stall_us, window_us)
         if rounded != requested:
@@ -301,29 +303,33 @@ class PsiTrigger:
             return trigger
         os.close(fd)
         reason = "the kernel refused the trigger (" + "; ".join(refusals) + "): computed from total= each poll"
-        return cls._polled(path, kind=kind, requested=requested, reason=reason, now=now, initial=initial)
+        return cls.polled(
+            path, kind=kind, stall_us=stall_us, window_us=window_us, reason=reason, now=now, initial=initial
+        )
 
     @classmethod
-    def _polled(
+    def polled(
         cls,
         path: str,
         *,
         kind: PsiKindName,
-        requested: tuple[int, int],
+        stall_us: int,
+        window_us: int,
         reason: str,
         now: float,
-        initial: PressureReading | None,
+        initial: PressureReading | None = None,
     ) -> PsiTrigger:
+        """A trigger computed from the ``total=`` counter of the readings handed to fired()."""
         trigger = cls(
             path=path,
             kind=kind,
-            stall_us=requested[0],
-            window_us=requested[1],
+            stall_us=stall_us,
+            window_us=window_us,
             mode=TriggerMode.POLLED,
             reason=reason,
             fd=None,
             armed_at=now,
-            requested=requested,
+            requested=(stall_us, window_us),
         )
         if initial is not None:
             trigger._window.update(now, stall_total_us(initial, kind))
