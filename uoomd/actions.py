@@ -564,6 +564,9 @@ class HookHandle:
         self._output = bytearray()
         self._output_total_bytes = 0
         self._killed = False
+        if not argv:
+            self.result = _result(ActionKind.HOOK, Outcome.FAILED, argv0="", error="empty argv")
+            return
         try:
             self._proc = subprocess.Popen(
                 argv,
@@ -756,23 +759,33 @@ class LiveExecutor:
     # -- actions
 
     def execute(self, action: Action) -> ActionResult:
-        if isinstance(action, SignalAction):
-            result = self._signal(action)
-        elif isinstance(action, CgroupKillAction):
-            result = self._kill_cgroup(action)
-        elif isinstance(action, HookAction):
-            handle = self.hooks.start(action.argv, action.env, time.monotonic())
-            result = handle.result or _result(ActionKind.HOOK, Outcome.STARTED, pid=handle.pid, argv0=action.argv[0])
-        elif isinstance(action, ReleaseAction):
-            result = self._release(action.target)
-        else:
-            result = _record_result(action)
+        """Carry out one action. Never raises for the machine's conditions: an errno the primitives
+        do not expect (EMFILE, EACCES on /proc, ...) becomes a FAILED result for the log."""
+        kind = action_kind(action)
+        try:
+            result = self._dispatch(action)
+        except OSError as exc:
+            result = _errno_result(kind, exc)  # ESRCH anywhere still reads as "gone"
         guard = getattr(action, "guard", None)
         if guard is not None and result.guard is None:
             result = ActionResult(
                 kind=result.kind, outcome=result.outcome, guard=guard, pid=result.pid, details=result.details
             )
         return result
+
+    def _dispatch(self, action: Action) -> ActionResult:
+        if isinstance(action, SignalAction):
+            return self._signal(action)
+        if isinstance(action, CgroupKillAction):
+            return self._kill_cgroup(action)
+        if isinstance(action, HookAction):
+            handle = self.hooks.start(action.argv, action.env, time.monotonic())
+            if handle.result is not None:
+                return handle.result
+            return _result(ActionKind.HOOK, Outcome.STARTED, pid=handle.pid, argv0=action.argv[0])
+        if isinstance(action, ReleaseAction):
+            return self._release(action.target)
+        return _record_result(action)
 
     def _signal(self, action: SignalAction) -> ActionResult:
         key, sig = action.target, action.signal

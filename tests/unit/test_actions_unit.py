@@ -275,3 +275,18 @@ def test_cgroup_kill_outside_the_roots_is_refused(tmp_path: Path) -> None:
     result = executor.execute(KillCgroup(guard="g", path=str(tmp_path / "elsewhere"), dry_run=False))
     assert result.outcome is Outcome.REFUSED
     assert (tmp_path / "elsewhere" / "cgroup.kill").read_text() == ""
+
+
+def test_hook_with_an_empty_argv_fails_without_raising() -> None:
+    result = LiveExecutor().execute(RunHook(guard="g", argv=(), env=()))
+    assert result.outcome is Outcome.FAILED
+    assert result.detail("error") == "empty argv"
+
+
+def test_an_unexpected_errno_becomes_a_failed_result(tmp_path: Path) -> None:
+    # A /proc whose stat cannot be read (a directory where a file should be): EISDIR, not ESRCH.
+    (tmp_path / str(os.getpid() + 1)).mkdir()
+    (tmp_path / str(os.getpid() + 1) / "stat").mkdir()
+    executor = LiveExecutor(proc_root=str(tmp_path))
+    result = executor.execute(ReleaseMemory(guard="g", target=key(os.getpid() + 1)))
+    assert result.outcome in {Outcome.FAILED, Outcome.GONE}
