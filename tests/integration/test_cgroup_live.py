@@ -12,6 +12,7 @@ import pytest
 from tests.cgroups import test_cgroup_or_skip
 from uoomd.plan import Scope, ScopeKind
 from uoomd.sources.cgroup import (
+    CgroupError,
     CgroupMemoryReader,
     cgroup_exists,
     pressure_path_for,
@@ -120,3 +121,15 @@ def test_cgroup_helpers_on_the_live_tree() -> None:
         memory_path = cg.memory_path
     assert not cgroup_exists(memory_path)  # cleanup removed it
     assert child.returncode == -9  # and killed the member first
+
+
+def test_reader_of_a_removed_cgroup_raises_cgroup_error() -> None:
+    machine_total, machine_swap = _machine()
+    with test_cgroup_or_skip(limit_bytes=64 * MIB) as cg:
+        reader = CgroupMemoryReader(cg.memory_path, machine_total, machine_swap)
+        assert reader.read().total_bytes == 64 * MIB
+    try:
+        with pytest.raises(CgroupError, match="removed"):
+            reader.read()
+    finally:
+        reader.close()

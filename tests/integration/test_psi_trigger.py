@@ -28,6 +28,7 @@ import pytest
 
 from tests.cgroups import TestCgroup, test_cgroup_or_skip
 from uoomd.sources.psi import (
+    PressureFileGone,
     PressureReader,
     PsiTrigger,
     PsiTriggerGone,
@@ -151,6 +152,19 @@ def test_pressure_reader_rereads_the_kept_fd() -> None:
     assert second.some_total_us >= first.some_total_us
     with open("/proc/pressure/memory") as f:
         assert parse_pressure(f.read()).some_total_us >= second.some_total_us
+
+
+def test_pressure_reader_on_a_removed_cgroup_reports_it_gone() -> None:
+    with test_cgroup_or_skip(limit_bytes=64 * MIB) as cg:
+        if cg.pressure_path is None:
+            pytest.skip("no v2 cgroup with memory.pressure here")
+        reader = PressureReader(cg.pressure_path)
+        assert reader.read().some_total_us == 0  # a fresh cgroup has no stall history
+    try:
+        with pytest.raises(PressureFileGone):
+            reader.read()
+    finally:
+        reader.close()
 
 
 def test_trigger_on_a_removed_cgroup_reports_it_gone() -> None:

@@ -56,8 +56,12 @@ class PressureError(ValueError):
     """A pressure file's text is not what PSI writes."""
 
 
-class PsiTriggerGone(Exception):
-    """The pressure file of an armed trigger went away (its cgroup was removed)."""
+class PressureFileGone(Exception):
+    """A kept-open pressure file went away: its cgroup was removed (kernfs answers ENODEV)."""
+
+
+class PsiTriggerGone(PressureFileGone):
+    """The pressure file of an armed trigger went away (poll() said POLLERR)."""
 
 
 def parse_pressure(text: str) -> PressureReading:
@@ -126,7 +130,13 @@ class PressureReader:
         return self._fd
 
     def read(self) -> PressureReading:
-        return parse_pressure(pread_all(self.fileno()).decode("ascii", errors="replace"))
+        try:
+            data = pread_all(self.fileno())
+        except OSError as exc:
+            if exc.errno == errno.ENODEV:
+                raise PressureFileGone(f"{self.path}: cgroup removed") from exc
+            raise
+        return parse_pressure(data.decode("ascii", errors="replace"))
 
     def close(self) -> None:
         if self._fd is not None:
