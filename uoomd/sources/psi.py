@@ -25,8 +25,11 @@ memory.pressure as root without CAP_SYS_RESOURCE):
   again 4 s later while the real stall was ~24 ms/s. Fresh cgroups (total 0) are unaffected.
 - Reading the same group's pressure file races with the worker: psi_show() runs
   update_averages() but not update_triggers(), so a read that lands first makes the worker
-  skip that period. With the file read every 50 ms, events came every 4 s instead of 2 s;
-  read once a second, the first event took 8 s. Expect a late event, never a lost stall.
+  skip that period. Page-cache thrash in a 64 MiB cgroup, trigger "some 50000 2000000" on
+  its v2 memory.pressure: with the file read every 0.5 s the first POLLPRI came after 4, 8
+  and 12 s (three runs); not read, after 2.04-2.05 s (four runs, the integration test).
+  So in a kernel mode the loop should read the pressure file when woken by the fd or
+  rarely, not at every short poll; the computed window saw the same stall within 0.5-1 s.
 """
 
 from __future__ import annotations
