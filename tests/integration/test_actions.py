@@ -306,19 +306,27 @@ def test_pid_reuse_stress_never_signals_the_newcomer(executor: LiveExecutor) -> 
 def test_process_mrelease_is_refused_before_sigkill_and_releases_after(
     hogs: HogFactory, executor: LiveExecutor
 ) -> None:
-    hog = hogs.start("--ignore-term", max_mib=200)
-    key = hog.key
-    before = executor.execute(ReleaseMemory(guard="test", target=key))
-    if before.outcome is Outcome.NOT_SUPPORTED:
-        pytest.skip(f"process_mrelease not supported: {before.fields()}")
-    assert before.outcome is Outcome.REFUSED
-    assert before.detail("errno") == "EINVAL"
-    assert hog.proc.poll() is None
+    # After SIGKILL the kernel either lets us reap (released) or, once the victim is further into
+    # its exit, answers ESRCH (gone): see release_memory(). Up to 5 victims, at least one released.
+    outcomes = []
+    for _ in range(5):
+        hog = hogs.start("--ignore-term", max_mib=200)
+        key = hog.key
+        before = executor.execute(ReleaseMemory(guard="test", target=key))
+        if before.outcome is Outcome.NOT_SUPPORTED:
+            pytest.skip(f"process_mrelease not supported: {before.fields()}")
+        assert before.outcome is Outcome.REFUSED
+        assert before.detail("errno") == "EINVAL"
+        assert hog.proc.poll() is None
 
-    assert executor.execute(signal_action(key, signal.SIGKILL)).outcome is Outcome.SENT
-    after = executor.execute(ReleaseMemory(guard="test", target=key))
-    assert after.outcome is Outcome.RELEASED, after.fields()
-    assert hog.proc.wait(timeout=10) == -signal.SIGKILL
+        assert executor.execute(signal_action(key, signal.SIGKILL)).outcome is Outcome.SENT
+        after = executor.execute(ReleaseMemory(guard="test", target=key))
+        assert after.outcome in {Outcome.RELEASED, Outcome.GONE}, after.fields()
+        assert hog.proc.wait(timeout=10) == -signal.SIGKILL
+        outcomes.append(after.outcome)
+        if after.outcome is Outcome.RELEASED:
+            break
+    assert Outcome.RELEASED in outcomes, outcomes
 
 
 def test_release_of_a_live_process_such_as_ourselves_is_refused_not_raised(executor: LiveExecutor) -> None:
