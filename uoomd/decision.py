@@ -20,7 +20,7 @@ from enum import StrEnum
 from typing import assert_never
 
 from uoomd.plan import GuardPlan, Plan, PsiAction, PsiTriggerPlan, VictimKind
-from uoomd.readings import GuardReading, MemoryReading, Observation, ProcessKey
+from uoomd.readings import GuardReading, MemoryReading, Observation, ProcessKey, Snapshot
 from uoomd.scoring import Candidate, Ranking
 
 RATE_WINDOW_S = 60.0  # max_kills_per_minute counts victims chosen in this sliding window
@@ -317,6 +317,7 @@ class _Ctx:
     ranking: Ranking | None
     table: Mapping[tuple[Phase, Event], Transition]
     others: frozenset[ProcessKey]  # in-flight victims of other guards: never picked here
+    stuck_elsewhere: frozenset[ProcessKey]  # survived another guard's SIGKILL: would survive ours
     kill_times: tuple[float, ...]  # victims chosen in the last RATE_WINDOW_S, all guards
 
 
@@ -391,6 +392,7 @@ def step(state: State, obs: Observation, plan: Plan, rankings: Mapping[str, Rank
     kill_times = tuple(t for t in state.kill_times if obs.now - t < RATE_WINDOW_S)
     old = {gs.guard: gs for gs in state.guards}
     in_flight = set(state.in_flight())
+    stuck_any: set[ProcessKey] = set().union(*(gs.stuck for gs in state.guards))
     table = DRY_RUN_TABLE if plan.daemon.dry_run else TABLE
     new_states: list[GuardState] = []
     actions: list[Action] = []
@@ -399,7 +401,7 @@ def step(state: State, obs: Observation, plan: Plan, rankings: Mapping[str, Rank
         reading = readings.get(guard.name)
         fired = reading.psi_fired if reading else ()
         gs = replace(gs, psi=update_psi(gs.psi, guard.psi, fired, obs.now, plan.daemon.poll_max_s))
-        gs = _prune_stuck(gs, rankings.get(guard.name))
+        gs = _prune_stuck(gs, obs.snapshot)
         if gs.victim is not None:
             in_flight.discard(gs.victim.key)
         ctx = _Ctx(
@@ -411,9 +413,11 @@ def step(state: State, obs: Observation, plan: Plan, rankings: Mapping[str, Rank
             ranking=rankings.get(guard.name),
             table=table,
             others=frozenset(in_flight),
+            stuck_elsewhere=frozenset(stuck_any - gs.stuck),
             kill_times=kill_times,
         )
         gs, acts, chosen = _step_guard(gs, ctx)
+        stuck_any |= gs.stuck
         if chosen:
             kill_times = (*kill_times, obs.now)
         if gs.phase in _HOLDING and gs.victim is not None:
@@ -423,11 +427,14 @@ def step(state: State, obs: Observation, plan: Plan, rankings: Mapping[str, Rank
     return State(guards=tuple(new_states), kill_times=kill_times), actions
 
 
-def _prune_stuck(gs: GuardState, ranking: Ranking | None) -> GuardState:
-    """Forget stuck processes that are gone (in neither list of a fresh ranking), so the set stays small."""
-    if ranking is None or not gs.stuck:
+def _prune_stuck(gs: GuardState, snapshot: Snapshot | None) -> GuardState:
+    """Forget stuck processes that no longer exist, so the set stays small.
+
+    Only a full snapshot can say a process is gone: a ranking may leave a live one out,
+    and a forgotten stuck process would be picked, and SIGTERMed, again."""
+    if snapshot is None or not gs.stuck:
         return gs
-    present = {c.key for c in ranking.candidates} | {e.process.key for e in ranking.excluded}
+    present = {p.key for p in snapshot.processes}
     return replace(gs, stuck=gs.stuck & present)
 
 
@@ -455,7 +462,9 @@ def _step_guard(gs: GuardState, ctx: _Ctx) -> tuple[GuardState, list[Action], bo
         case Outcome.KILL | Outcome.WOULD_KILL:  # escalation of the in-flight victim
             assert gs.victim is not None
             outcome = Outcome.WOULD_KILL if ctx.plan.daemon.dry_run else Outcome.KILL
-            rest = (ctx.ranking or _empty_ranking(ctx.guard.name)).without(gs.stuck | ctx.others | {gs.victim.key})
+            rest = (ctx.ranking or _empty_ranking(ctx.guard.name)).without(
+                gs.stuck | ctx.stuck_elsewhere | ctx.others | {gs.victim.key}
+            )
             fields = _decision_fields(ctx, detected.trigger, gs.victim, outcome, runner_up=rest.best)
             rec = Record(event="victim_escalated", fields=(*fields, ("after_s", after_s)))
             acts = [rec, *_signal_actions(ctx, gs.victim, SIGKILL, gs.trigger)]
@@ -534,7 +543,7 @@ def _choose(
             ),
         )
         return replace(gs, noted=gs.noted | {"rate_limited"}), [rec], False
-    ranking = (ctx.ranking or _empty_ranking(ctx.guard.name)).without(gs.stuck | others)
+    ranking = (ctx.ranking or _empty_ranking(ctx.guard.name)).without(gs.stuck | ctx.stuck_elsewhere | others)
     victim = ranking.best
     if victim is None:
         if "no_candidate" in gs.noted:
@@ -545,7 +554,7 @@ def _choose(
                 *_decision_fields(ctx, trigger, None, Outcome.NONE),
                 ("ranking", "missing" if ctx.ranking is None else "empty"),
                 ("excluded", len(ctx.ranking.excluded) if ctx.ranking else 0),
-                ("stuck", len(gs.stuck)),
+                ("stuck", len(gs.stuck | ctx.stuck_elsewhere)),
                 ("in_flight_elsewhere", len(others)),
             ),
         )

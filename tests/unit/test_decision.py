@@ -45,7 +45,7 @@ from uoomd.plan import (
     ScopeKind,
     VictimKind,
 )
-from uoomd.readings import GuardReading, MemoryReading, Observation, Pid, ProcessInfo, ProcessKey, Uid
+from uoomd.readings import GuardReading, MemoryReading, Observation, Pid, ProcessInfo, ProcessKey, Snapshot, Uid
 from uoomd.scoring import Badness, Candidate, Ranking
 
 pytestmark = pytest.mark.unit
@@ -164,12 +164,14 @@ class Driver:
         *,
         alive: Iterable[ProcessKey] | None = None,
         fired: tuple[int, ...] = (),
+        snapshot: tuple[ProcessInfo, ...] | None = None,
     ) -> list[Action]:
         readings = {g.name: mem(available) for g in self.plan.guards} if isinstance(available, int) else dict(available)
         obs = Observation(
             now=now,
             guards=tuple(GuardReading(guard=n, memory=m, psi_fired=fired) for n, m in readings.items()),
             alive=self.state.in_flight() if alive is None else frozenset(alive),
+            snapshot=None if snapshot is None else snap(snapshot, now),
         )
         self.state, actions = step(self.state, obs, self.plan, self.rankings)
         self.log.extend(actions)
@@ -195,6 +197,12 @@ def signals(actions: Iterable[Action]) -> list[SendSignal]:
 
 def releases(actions: Iterable[Action]) -> list[ReleaseMemory]:
     return [a for a in actions if isinstance(a, ReleaseMemory)]
+
+
+def snap(processes: tuple[ProcessInfo, ...], now: float) -> Snapshot:
+    return Snapshot(
+        processes=processes, taken_at=now, page_size=4096, total_ram_bytes=TOTAL, total_swap_bytes=0, self_pid=Pid(1)
+    )
 
 
 def key(pid: int) -> ProcessKey:
@@ -407,24 +415,30 @@ def test_victim_alive_after_kill_timeout_is_marked_stuck_and_the_next_one_chosen
     assert records(nxt)[0].get("runner_up_pid") == 103  # the stuck one is no runner-up either
 
 
-def test_stuck_victim_is_forgotten_once_it_is_gone_from_the_ranking() -> None:
+def test_stuck_victim_is_kept_while_it_exists_and_forgotten_once_gone_from_the_snapshot() -> None:
     d = driver()
     d.poll(0.0, CRIT)
     d.poll(KILL_TIMEOUT, CRIT)
     assert d.state.guard("system").stuck == {key(101)}
-    d.rankings["system"] = ranking("system", cand(102, 3000))
+    d.rankings["system"] = ranking("system", cand(102, 3000))  # a ranking alone proves nothing
     d.poll(KILL_TIMEOUT + 0.1, HIGH)
+    assert d.state.guard("system").stuck == {key(101)}
+    d.poll(KILL_TIMEOUT + 0.2, HIGH, snapshot=(proc(101), proc(102)))
+    assert d.state.guard("system").stuck == {key(101)}
+    d.poll(KILL_TIMEOUT + 0.3, HIGH, snapshot=(proc(102),))
     assert d.state.guard("system").stuck == frozenset()
 
 
-def test_stuck_is_per_guard() -> None:
+def test_a_process_stuck_for_one_guard_is_not_picked_by_another() -> None:
+    # It survived SIGKILL for kill_timeout: another guard's SIGTERM and SIGKILL would only lose time.
     a, b = guard_plan("a"), guard_plan("b")
     d = driver(a, b, cands=(cand(101, 5000), cand(102, 3000)))
     d.poll(0.0, {"a": mem(CRIT), "b": mem(HIGH)})
     d.poll(KILL_TIMEOUT, {"a": mem(CRIT), "b": mem(HIGH)})
     assert d.state.guard("a").stuck == {key(101)}
+    assert d.state.guard("b").stuck == frozenset()
     actions = d.poll(KILL_TIMEOUT + 0.1, {"a": mem(HIGH), "b": mem(CRIT)})
-    assert [(s.guard, s.target) for s in signals(actions)] == [("b", key(101))]
+    assert [(s.guard, s.target) for s in signals(actions)] == [("b", key(102))]
 
 
 # --- rate limit ----------------------------------------------------------------------------

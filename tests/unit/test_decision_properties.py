@@ -198,7 +198,7 @@ class Checker:
                         killed.add((action.guard, action.target))
                     elif action.signal == SIGTERM and not dry:
                         self.sigterms[action.target] += 1
-                        assert self.sigterms[action.target] == 1  # earlyoom#373
+                        assert self.sigterms[action.target] == 1  # earlyoom#373: never a second SIGTERM
                 case KillCgroup():
                     victim = self.chosen.get(action.guard)
                     assert victim is not None
