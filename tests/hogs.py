@@ -11,7 +11,7 @@ the hog was SIGKILLed:
     START <monotonic> <pid>      after oom_score_adj and the name are set, before allocating
     HOLD <monotonic> <mib>       the hog reached --max-mib and holds it (only with --hold)
     DONE <monotonic> <mib>       the hog reached --max-mib and exits 0 (without --hold)
-    SIGTERM <monotonic>          a signal arrived (also SIGINT, SIGHUP, SIGUSR1, SIGUSR2)
+    SIGTERM <monotonic> <mib>    a signal arrived, with the MiB held then (also SIGINT, SIGHUP, SIGUSR1, SIGUSR2)
 
 On SIGTERM the hog exits with status 0 after recording it, unless --ignore-term.
 """
@@ -79,8 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.name:
         set_name(args.name)
 
+    held_mib = [0]  # read by the signal handler: how far the hog got when it was signalled
+
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        record(args.record, f"{signal.Signals(signum).name} {time.monotonic():.6f}")
+        record(args.record, f"{signal.Signals(signum).name} {time.monotonic():.6f} {held_mib[0]}")
         if signum == signal.SIGTERM and not args.ignore_term:
             sys.exit(0)
 
@@ -102,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         touch(buf, page_size)
         held.append(buf)
         have_mib += step_mib
+        held_mib[0] = have_mib
         next_step += interval_s
         delay_s = next_step - time.monotonic()
         if delay_s > 0:

@@ -723,6 +723,8 @@ class Executor(Protocol):
     def execute(self, action: Action) -> ActionResult: ...
     def alive(self, key: ProcessKey) -> bool: ...
     def poll(self, now: float | None = None) -> tuple[ActionResult, ...]: ...
+    def victim_fds(self) -> tuple[int, ...]: ...
+    def hooks_running(self) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -917,6 +919,13 @@ class LiveExecutor:
     def tracked(self) -> frozenset[ProcessKey]:
         return frozenset(self._tracked)
 
+    def victim_fds(self) -> tuple[int, ...]:
+        """The pidfds of victims in flight: they poll readable when the victim exits, so the loop wakes at once."""
+        return tuple(pidfd.fd for pidfd in self._tracked.values())
+
+    def hooks_running(self) -> bool:
+        return self.hooks.next_deadline() is not None
+
     def poll(self, now: float | None = None) -> tuple[ActionResult, ...]:
         """Results of hooks that finished (or were killed) since the last poll."""
         return self.hooks.poll(time.monotonic() if now is None else now)
@@ -954,6 +963,12 @@ class RecordingExecutor:
 
     def poll(self, now: float | None = None) -> tuple[ActionResult, ...]:
         return ()
+
+    def victim_fds(self) -> tuple[int, ...]:
+        return ()
+
+    def hooks_running(self) -> bool:
+        return False
 
     def close(self) -> None:
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Mapping, MutableMapping
 from typing import Any, Protocol, TextIO
@@ -55,8 +56,9 @@ class Log(Protocol):
     def debug(self, event: str, **facts: Any) -> Any: ...
 
 
-def configure(fmt: LogFormat, stream: TextIO | None = None) -> Log:
-    """Set up the pipeline once; JSON lines unless ``auto`` finds a terminal."""
+def configure(fmt: LogFormat, stream: TextIO | None = None, *, debug: bool = False) -> Log:
+    """Set up the pipeline once; JSON lines unless ``auto`` finds a terminal. Debug events
+    (every ranking refresh) only with ``debug``."""
     stream = stream or sys.stderr
     use_console = fmt is LogFormat.CONSOLE or (fmt is LogFormat.AUTO and stream.isatty())
     renderer: Any = (
@@ -72,6 +74,7 @@ def configure(fmt: LogFormat, stream: TextIO | None = None) -> Log:
             renderer,
         ],
         logger_factory=structlog.PrintLoggerFactory(file=stream),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG if debug else logging.INFO),
         cache_logger_on_first_use=False,
     )
     log: Log = structlog.get_logger("uoomd")

@@ -17,7 +17,6 @@ would OOM the child instead.
 from __future__ import annotations
 
 import os
-import secrets
 import select
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from tests.cgroups import TestCgroup, test_cgroup_or_skip
+from tests.thrash import THRASH_PROGRAM, thrash_file
 from uoomd.sources.psi import (
     PressureFileGone,
     PressureReader,
@@ -41,17 +41,6 @@ pytestmark = pytest.mark.integration
 MIB = 1 << 20
 CAP_SYS_RESOURCE = 24  # include/uapi/linux/capability.h
 
-_THRASH = """
-import sys
-anon = bytearray(40 << 20)
-for i in range(0, len(anon), 4096):
-    anon[i] = 1
-while True:
-    with open(sys.argv[1], "rb", buffering=0) as f:
-        while f.read(1 << 20):
-            pass
-"""
-
 
 def _has_cap_sys_resource() -> bool:
     with open("/proc/self/status") as f:
@@ -61,41 +50,11 @@ def _has_cap_sys_resource() -> bool:
     return False
 
 
-def _fstype(path: str) -> str:
-    best, fstype = "", ""
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            fields = line.split()
-            point = fields[1]
-            if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
-                best, fstype = point, fields[2]
-    return fstype
-
-
 @pytest.fixture
 def disk_file(tmp_path: Path) -> Iterator[str]:
     """A 48 MiB file on a disk filesystem, not in the page cache."""
-    candidates = ["/var/tmp", str(tmp_path), "/work"]
-    directory = next((d for d in candidates if os.path.isdir(d) and _fstype(d) not in ("tmpfs", "ramfs", "")), None)
-    if directory is None:
-        pytest.skip("no disk-backed directory for the thrash file (all candidates are tmpfs)")
-    path = os.path.join(directory, f"uoomd-test-thrash-{secrets.token_hex(4)}.dat")
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            chunk = os.urandom(MIB)
-            for _ in range(48):
-                os.write(fd, chunk)
-            os.fsync(fd)
-            # Drop our own cached copy: it is charged to our cgroup, and the child must read
-            # (and be charged for) the pages itself.
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+    with thrash_file(tmp_path) as path:
         yield path
-    finally:
-        if os.path.exists(path):
-            os.unlink(path)
 
 
 def _stall_cgroup() -> TestCgroup:
@@ -201,7 +160,7 @@ def test_page_cache_thrash_in_a_small_cgroup_fires_kernel_and_polled_triggers(di
             assert kernel.mode is TriggerMode.KERNEL, kernel.reason
             poller = select.poll()
             poller.register(kernel.fileno(), select.POLLPRI)
-            child = cg.spawn([sys.executable, "-c", _THRASH, disk_file])
+            child = cg.spawn([sys.executable, "-c", THRASH_PROGRAM, disk_file])
             kernel_at: float | None = None
             polled_at: float | None = None
             deadline = start + 20.0
@@ -251,7 +210,7 @@ def test_history_leaking_into_an_unprivileged_triggers_first_window_is_not_repor
                 assert trigger.mode is TriggerMode.KERNEL
                 poller = select.poll()
                 poller.register(trigger.fileno(), select.POLLPRI)
-                child = cg.spawn([sys.executable, "-c", _THRASH, disk_file])
+                child = cg.spawn([sys.executable, "-c", THRASH_PROGRAM, disk_file])
                 raw_events = 0
                 reported = 0
                 while time.monotonic() < start + 3.5:  # within the two warm-up windows

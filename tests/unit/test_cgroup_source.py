@@ -275,3 +275,30 @@ def test_pressure_paths_per_scope(tmp_path: Path) -> None:
     assert pressure_path_for(Scope(kind=ScopeKind.CGROUP, cgroup_path=v2)) == os.path.join(v2, "memory.pressure")
     assert pressure_path_for(Scope(kind=ScopeKind.CGROUP, cgroup_path=v1)) is None
     assert pressure_path_for(Scope(kind=ScopeKind.SYSTEM), str(tmp_path / "noproc")) is None
+
+
+_HYBRID_MOUNTINFO = """\
+30 25 0:26 / /sys/fs/cgroup rw,relatime shared:9 - tmpfs tmpfs rw,mode=755
+34 30 0:30 / /sys/fs/cgroup/memory rw,relatime shared:13 - cgroup cgroup rw,memory
+35 30 0:31 / /sys/fs/cgroup/cpu rw,relatime shared:14 - cgroup cgroup rw,cpu
+40 30 0:36 / /sys/fs/cgroup/unified rw,relatime shared:19 - cgroup2 cgroup2 rw
+"""
+
+
+def test_hybrid_mounts_are_found_in_mountinfo() -> None:
+    from uoomd.sources.cgroup import parse_cgroup_mounts
+
+    assert parse_cgroup_mounts(_HYBRID_MOUNTINFO) == (["/sys/fs/cgroup/memory"], "/sys/fs/cgroup/unified")
+
+
+def test_v1_memory_cgroup_maps_to_its_v2_twin(tmp_path: Path) -> None:
+    from uoomd.sources.cgroup import v2_twin_of
+
+    v1 = tmp_path / "memory"
+    v2 = tmp_path / "unified"
+    (v1 / "app.slice").mkdir(parents=True)
+    (v2 / "app.slice").mkdir(parents=True)
+    mountinfo = f"34 30 0:30 / {v1} rw - cgroup cgroup rw,memory\n40 30 0:36 / {v2} rw - cgroup2 cgroup2 rw\n"
+    assert v2_twin_of(str(v1 / "app.slice"), mountinfo) == str(v2 / "app.slice")
+    assert v2_twin_of(str(v1 / "other"), mountinfo) is None  # no twin directory: no PSI
+    assert v2_twin_of("/elsewhere/app", mountinfo) is None  # not under a v1 memory mount

@@ -200,22 +200,70 @@ def read_oom_kill_count(path: str) -> int:
     return parse_oom_kill_count_v1(_read_text(os.path.join(path, "memory.oom_control")))
 
 
-def pressure_path_for(scope: Scope, proc_root: str = "/proc") -> str | None:
+def pressure_path_for(scope: Scope, proc_root: str = "/proc", mountinfo: str | None = None) -> str | None:
     """The PSI file that tells how much a scope stalls on memory, or None.
 
     system: /proc/pressure/memory. A v2 cgroup: its memory.pressure (present in every v2
-    cgroup when CONFIG_PSI is on, even without the memory controller). A v1 memory
-    cgroup has no pressure file: PSI follows a task's cgroup on the default (v2)
-    hierarchy (kernel/sched/psi.c task_psi_group() uses task_dfl_cgroup()), which is
-    unrelated to its v1 memory cgroup in general. So we answer None and the daemon
-    falls back to the system PSI file or to no PSI for that guard, and says so.
+    cgroup when CONFIG_PSI is on, even without the memory controller). A v1 memory cgroup
+    has no pressure file: PSI follows a task's cgroup on the default (v2) hierarchy
+    (kernel/sched/psi.c task_psi_group() uses task_dfl_cgroup()). On a hybrid machine
+    (systemd's "unified" mount beside the v1 controllers) the same path exists on both
+    hierarchies -- systemd creates every unit's cgroup on each -- so the v2 twin of a
+    v1 memory cgroup is where its tasks' stalls are counted. Without a twin: None, and
+    the daemon says that guard has no PSI.
     """
     if scope.kind is ScopeKind.SYSTEM:
         path = os.path.join(proc_root, "pressure", "memory")
         return path if os.path.exists(path) else None
     assert scope.cgroup_path is not None
     path = os.path.join(scope.cgroup_path, "memory.pressure")
+    if os.path.exists(path):
+        return path
+    twin = v2_twin_of(scope.cgroup_path, _read_mountinfo(proc_root) if mountinfo is None else mountinfo)
+    if twin is None:
+        return None
+    path = os.path.join(twin, "memory.pressure")
     return path if os.path.exists(path) else None
+
+
+def _read_mountinfo(proc_root: str) -> str:
+    try:
+        return _read_text(os.path.join(proc_root, "self", "mountinfo"))
+    except OSError:
+        return ""
+
+
+def parse_cgroup_mounts(mountinfo: str) -> tuple[list[str], str | None]:
+    """(v1 mount points carrying the memory controller, the cgroup2 mount point) from mountinfo text."""
+    v1_memory: list[str] = []
+    v2: str | None = None
+    for line in mountinfo.splitlines():
+        left, sep, right = line.partition(" - ")
+        if not sep:
+            continue
+        fields, tail = left.split(), right.split()
+        if len(fields) < 5 or len(tail) < 3:
+            continue
+        point, fstype, options = fields[4], tail[0], tail[2].split(",")
+        if fstype == "cgroup2" and v2 is None:
+            v2 = point
+        elif fstype == "cgroup" and "memory" in options:
+            v1_memory.append(point)
+    return v1_memory, v2
+
+
+def v2_twin_of(v1_path: str, mountinfo: str) -> str | None:
+    """The cgroup2 directory with the same path below its mount as ``v1_path`` below the v1 memory mount."""
+    v1_mounts, v2_mount = parse_cgroup_mounts(mountinfo)
+    if v2_mount is None:
+        return None
+    normal = os.path.normpath(v1_path)
+    for mount in v1_mounts:
+        if normal == mount or normal.startswith(mount.rstrip("/") + "/"):
+            relative = os.path.relpath(normal, mount)
+            twin = os.path.normpath(os.path.join(v2_mount, relative))
+            return twin if os.path.isdir(twin) else None
+    return None
 
 
 class CgroupMemoryReader:

@@ -1,0 +1,590 @@
+"""The daemon loop: wait, read, step, execute, log; a reload keeps the last good plan.
+
+One iteration (a *tick*): read each guard's memory (a pread of a kept file, ~17 µs),
+its PSI triggers, keep the candidate ranking warm while a guard nears its term level,
+re-check the chosen victim against /proc when a guard crosses, hand everything to the
+pure :func:`uoomd.decision.step`, execute the actions it returns and log every record.
+Then sleep in ``poll()`` on the PSI trigger fds, the in-flight victims' pidfds and the
+signal wake-up pipe, for as long as :mod:`uoomd.pacing` says is safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from uoomd import decision, pacing
+from uoomd.actions import ActionResult, Executor, LiveExecutor, Outcome
+from uoomd.decision import Phase, Record, SendSignal, State
+from uoomd.errors import ExitCode, PolicyError, SetupError
+from uoomd.logs import Log, configure
+from uoomd.plan import GuardPlan, Plan, PsiKind, ScopeKind
+from uoomd.readings import GuardReading, MemoryReading, Observation, Pid, PressureReading, ProcessKey, Snapshot
+from uoomd.scoring import Candidate, Ranking, rank, score_process, uoomd_pids
+from uoomd.service import Notifier, protect_self
+from uoomd.sources import cgroup as cgroup_source
+from uoomd.sources import procfs
+from uoomd.sources.meminfo import MeminfoError, MeminfoReader
+from uoomd.sources.psi import PressureFileGone, PressureReader, PsiKindName, PsiTrigger, TriggerMode
+from uoomd.status import StatusBoard
+
+# The warm ranking may cost at most this share of one core: a rescan that took
+# 50 ms is not repeated within 50 ms / SCAN_CPU_SHARE.
+SCAN_CPU_SHARE = 0.1
+WARM_REFRESH_MIN_S = 0.5
+# A victim re-check that finds the best candidate gone tries the next ones, up to this many,
+# before a full rescan: the crossing must cost a few /proc reads, not a scan.
+RECHECK_DEPTH = 8
+# A source that fails is retried; the failure is logged once per this many seconds.
+ERROR_LOG_INTERVAL_S = 30.0
+HOOK_POLL_S = 0.1
+
+
+class StopDaemon(Exception):
+    """Raised inside the loop to stop cleanly."""
+
+
+@dataclass(slots=True)
+class GuardWatch:
+    """The open sources of one guard, and what the loop remembers of its last reading."""
+
+    guard: GuardPlan
+    memory: MeminfoReader | cgroup_source.CgroupMemoryReader
+    pressure: PressureReader | None
+    triggers: tuple[PsiTrigger | None, ...]
+    previous: MemoryReading | None = None
+    previous_at: float = 0.0
+    last: MemoryReading | None = None
+    last_pressure: PressureReading | None = None
+    next_due: float = 0.0
+
+    def close(self) -> None:
+        self.memory.close()
+        if self.pressure is not None:
+            self.pressure.close()
+        for trigger in self.triggers:
+            if trigger is not None:
+                trigger.close()
+
+
+@dataclass(slots=True)
+class Warm:
+    """The ranking kept warm between ticks."""
+
+    rankings: dict[str, Ranking] = field(default_factory=dict)
+    snapshot: Snapshot | None = None
+    scanned_at: float = float("-inf")
+    scan_cost_s: float = 0.0
+
+
+def open_watch(guard: GuardPlan, *, proc_root: str, now: float, log: Log) -> GuardWatch:
+    """Open a guard's sources; a PSI trigger the kernel refuses falls back to polling, and says so."""
+    total_ram, total_swap = procfs.read_meminfo_totals(proc_root)
+    memory: MeminfoReader | cgroup_source.CgroupMemoryReader
+    if guard.scope.kind is ScopeKind.SYSTEM:
+        memory = MeminfoReader(proc_root)
+    else:
+        assert guard.scope.cgroup_path is not None
+        try:
+            memory = cgroup_source.CgroupMemoryReader(guard.scope.cgroup_path, total_ram, total_swap)
+        except (OSError, cgroup_source.CgroupError) as exc:
+            raise SetupError(
+                f"guard {guard.name!r}: cannot read cgroup {guard.scope.cgroup_path}: {exc}",
+                hint="the scope must be a memory cgroup directory that exists when uoomd starts",
+            ) from exc
+    pressure: PressureReader | None = None
+    triggers: list[PsiTrigger | None] = []
+    if guard.psi:
+        path = cgroup_source.pressure_path_for(guard.scope, proc_root)
+        if path is None:
+            log.warning("psi_unavailable", guard=guard.name, scope=guard.scope.describe(), triggers=len(guard.psi))
+            triggers = [None] * len(guard.psi)
+        else:
+            pressure = PressureReader(path)
+            initial = pressure.read()
+            for index, plan_trigger in enumerate(guard.psi):
+                kind: PsiKindName = "some" if plan_trigger.kind is PsiKind.SOME else "full"
+                trigger = PsiTrigger.arm(
+                    path, kind, plan_trigger.stall_us, plan_trigger.window_us, now=now, initial=initial
+                )
+                triggers.append(trigger)
+                log.info(
+                    "psi_trigger_armed",
+                    guard=guard.name,
+                    trigger=index,
+                    path=path,
+                    mode=str(trigger.mode),
+                    kind=trigger.kind,
+                    stall_us=trigger.stall_us,
+                    window_us=trigger.window_us,
+                    reason=trigger.reason,
+                )
+    return GuardWatch(guard=guard, memory=memory, pressure=pressure, triggers=tuple(triggers))
+
+
+def _system_totalpages(snapshot: Snapshot) -> int:
+    return (snapshot.total_ram_bytes + snapshot.total_swap_bytes) // snapshot.page_size
+
+
+def guard_totalpages(reading: MemoryReading, page_size: int) -> int:
+    """totalpages for oom_badness(): RAM + swap for the system, the cgroup's limit plus its
+    swap allowance for a cgroup (mm/memcontrol.c mem_cgroup_get_max(), Linux 6.18)."""
+    return max(1, (reading.total_bytes + reading.swap_total_bytes) // page_size)
+
+
+class Daemon:
+    """The loop's state: the plan, the open sources, the escalation state and the warm ranking."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        *,
+        executor: Executor,
+        log: Log,
+        notifier: Notifier | None = None,
+        proc_root: str = "/proc",
+        clock: Callable[[], float] = time.monotonic,
+        load_plan: Callable[[str], Plan] | None = None,
+        forced_dry_run: bool = False,
+    ) -> None:
+        self.plan = plan
+        self.executor = executor
+        self.log = log
+        self.notifier = notifier or Notifier()
+        self.proc_root = proc_root
+        self.clock = clock
+        self._load_plan = load_plan
+        self.forced_dry_run = forced_dry_run  # --dry-run survives a reload of a policy without it
+        self.state: State = decision.initial_state(plan)
+        self.watches: list[GuardWatch] = []
+        self.warm = Warm()
+        self.board = StatusBoard(plan.daemon.state_file, log)
+        self._pending: set[int] = set()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._error_logged_at: dict[str, float] = {}
+        self.page_size = procfs.read_page_size()
+        self.recent: deque[dict[str, Any]] = deque(maxlen=20)
+
+    # -- set-up and tear-down
+
+    def open(self) -> None:
+        now = self.clock()
+        self.watches = [open_watch(g, proc_root=self.proc_root, now=now, log=self.log) for g in self.plan.guards]
+        for watch in self.watches:
+            self._read_guard(watch, now)
+
+    def close(self) -> None:
+        for watch in self.watches:
+            watch.close()
+        self.watches = []
+        self.executor.close()
+        with contextlib.suppress(OSError):
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def install_signal_handlers(self) -> None:
+        """SIGHUP reloads, SIGTERM/SIGINT stop; handlers only note the signal and wake poll()."""
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._note_signal)
+
+    def _note_signal(self, signum: int, _frame: object) -> None:
+        self._pending.add(signum)
+
+    # -- the loop
+
+    def run(self) -> int:
+        self.open()
+        self.log.info(
+            "started",
+            policy=self.plan.source,
+            dry_run=self.plan.daemon.dry_run,
+            guards=[w.guard.name for w in self.watches],
+            pid=os.getpid(),
+        )
+        self.notifier.ready(self.status_line())
+        try:
+            while True:
+                timeout_s = self.tick(self.clock())
+                self.wait(timeout_s)
+                self._handle_signals()
+        except StopDaemon:
+            in_flight = [gs.guard for gs in self.state.guards if gs.phase is not Phase.IDLE]
+            self.notifier.stopping()
+            self.log.info("stopping", in_flight=in_flight)
+            return ExitCode.OK
+        finally:
+            self.close()
+
+    def _handle_signals(self) -> None:
+        pending, self._pending = self._pending, set()
+        if signal.SIGTERM in pending or signal.SIGINT in pending:
+            raise StopDaemon
+        if signal.SIGHUP in pending:
+            self.reload()
+
+    def wait(self, timeout_s: float) -> None:
+        """Sleep until the timeout, a PSI event, a victim's exit or a signal."""
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        owners: dict[int, PsiTrigger] = {}
+        for watch in self.watches:
+            for trigger in watch.triggers:
+                if trigger is not None and trigger.pollable:
+                    owners[trigger.fileno()] = trigger
+                    poller.register(trigger.fileno(), select.POLLPRI)
+        for fd in self._victim_fds():
+            poller.register(fd, select.POLLIN)
+        try:
+            events = poller.poll(max(0, int(timeout_s * 1000)))
+        except InterruptedError:
+            events = []
+        for fd, revents in events:
+            if fd == self._wake_r:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 512)
+            elif fd in owners:
+                try:
+                    owners[fd].note_revents(revents)
+                except PressureFileGone as exc:
+                    self._log_error("psi_trigger_gone", error=str(exc))
+
+    def _victim_fds(self) -> tuple[int, ...]:
+        return self.executor.victim_fds()
+
+    def tick(self, now: float) -> float:
+        """One pass; returns how long to sleep."""
+        readings = [r for r in (self._read_guard(w, now) for w in self.watches) if r is not None]
+        rankings = self._rankings_for(readings, now)
+        alive = frozenset(k for k in self.state.in_flight() if self.executor.alive(k))
+        obs = Observation(now=now, guards=tuple(readings), alive=alive)
+        self.state, actions = decision.step(self.state, obs, self.plan, rankings)
+        for action in actions:
+            self._execute(action)
+        for result in self.executor.poll(now):
+            self._log_result(result)
+        self.notifier.watchdog(now)
+        self.board.maybe_write(now, self._status(now))
+        return self._next_timeout(now)
+
+    # -- readings
+
+    def _read_guard(self, watch: GuardWatch, now: float) -> GuardReading | None:
+        name = watch.guard.name
+        try:
+            memory = watch.memory.read()
+        except (OSError, MeminfoError, cgroup_source.CgroupError) as exc:
+            self._log_error(f"memory:{name}", event="reading_failed", guard=name, source="memory", error=str(exc))
+            return None
+        fired: list[int] = []
+        pressure: PressureReading | None = None
+        needs_reading = any(t is not None and t.mode is TriggerMode.POLLED for t in watch.triggers)
+        try:
+            if watch.pressure is not None and needs_reading:
+                pressure = watch.pressure.read()
+            for index, trigger in enumerate(watch.triggers):
+                if trigger is not None and trigger.fired(now, pressure):
+                    fired.append(index)
+        except (OSError, PressureFileGone, ValueError) as exc:
+            self._log_error(f"psi:{name}", event="reading_failed", guard=name, source="psi", error=str(exc))
+        for index in fired:
+            plan_trigger = watch.guard.psi[index]
+            self.log.info(
+                "trigger_fired",
+                guard=name,
+                trigger=decision.describe_psi(index, plan_trigger),
+                available_bytes=memory.available_bytes,
+            )
+        if watch.last is not None:
+            watch.previous, watch.previous_at = watch.last, watch.next_due
+        watch.last = memory
+        watch.last_pressure = pressure or watch.last_pressure
+        return GuardReading(guard=name, memory=memory, pressure=pressure, psi_fired=tuple(fired))
+
+    def _log_error(self, key: str, event: str = "source_error", **facts: Any) -> None:
+        now = self.clock()
+        last = self._error_logged_at.get(key)
+        if last is None or now - last >= ERROR_LOG_INTERVAL_S:
+            self._error_logged_at[key] = now
+            self.log.warning(event, **facts)
+
+    # -- the warm ranking
+
+    def _rankings_for(self, readings: list[GuardReading], now: float) -> dict[str, Ranking]:
+        """Rankings for the guards that may act: warm ones refreshed at a bounded rate,
+        a synchronous scan only when a guard crosses with nothing warm."""
+        urgent: list[GuardReading] = []
+        warm_wanted = False
+        for reading in readings:
+            guard = self.plan.guard(reading.guard)
+            gs = self.state.guard(guard.name)
+            lv = decision.levels(reading.memory, guard)
+            psi_live = bool(reading.psi_fired) or any(t.active_since is not None for t in gs.psi)
+            if lv.term_crossed or lv.kill_crossed or (psi_live and reading.memory.available_bytes < lv.gate_bytes):
+                urgent.append(reading)
+            elif gs.phase is not Phase.IDLE or pacing.warm_ranking_needed(reading.memory, guard):
+                warm_wanted = True
+        if not urgent and not warm_wanted:
+            self.warm = Warm()  # far from trouble: drop it, a stale ranking must never be acted on
+            return {}
+        age = now - self.warm.scanned_at
+        refresh_after = max(WARM_REFRESH_MIN_S, self.warm.scan_cost_s / SCAN_CPU_SHARE)
+        if not self.warm.rankings or age >= refresh_after:
+            self._rescan(readings, now)
+        rankings = dict(self.warm.rankings)
+        for reading in urgent:
+            if reading.guard in rankings and self.state.guard(reading.guard).phase is Phase.IDLE:
+                rankings[reading.guard] = self._recheck(rankings[reading.guard], reading)
+        return rankings
+
+    def _members(self, guard: GuardPlan) -> frozenset[Pid] | None:
+        if guard.scope.kind is ScopeKind.SYSTEM:
+            return None
+        assert guard.scope.cgroup_path is not None
+        try:
+            return frozenset(Pid(p) for p in cgroup_source.read_members(guard.scope.cgroup_path))
+        except OSError as exc:
+            self._log_error(f"members:{guard.name}", event="reading_failed", guard=guard.name, error=str(exc))
+            return frozenset()
+
+    def _rescan(self, readings: list[GuardReading], now: float) -> None:
+        started = time.perf_counter()
+        members = {r.guard: self._members(self.plan.guard(r.guard)) for r in readings}
+        pids: set[int] | None = set()
+        for found in members.values():
+            if found is None:
+                pids = None
+                break
+            assert pids is not None
+            pids |= found
+        # uoomd itself and its parent are read too, so scoring can spare them by name.
+        if pids is not None:
+            pids |= {os.getpid(), os.getppid()}
+        snapshot = procfs.read_snapshot(self.proc_root, details=self.plan.needed_details(), pids=pids)
+        rankings: dict[str, Ranking] = {}
+        for reading in readings:
+            guard = self.plan.guard(reading.guard)
+            totalpages = guard_totalpages(reading.memory, snapshot.page_size)
+            rankings[guard.name] = rank(snapshot, self.plan, guard, totalpages=totalpages, members=members[guard.name])
+        cost = time.perf_counter() - started
+        self.warm = Warm(rankings=rankings, snapshot=snapshot, scanned_at=now, scan_cost_s=cost)
+        self.log.debug("ranking_refreshed", processes=len(snapshot.processes), scan_ms=round(cost * 1000, 2))
+
+    def _recheck(self, ranking: Ranking, reading: GuardReading) -> Ranking:
+        """Re-read the first candidates from /proc, so the victim is judged on what it is now:
+        a process that exited, exec'd into a protected program or left the scope drops out."""
+        snapshot = self.warm.snapshot
+        if snapshot is None:
+            return ranking
+        guard = self.plan.guard(reading.guard)
+        totalpages = guard_totalpages(reading.memory, snapshot.page_size)
+        members = self._members(guard)
+        spared = uoomd_pids(snapshot)
+        fresh: list[Candidate] = []
+        dropped: set[ProcessKey] = set()
+        for candidate in ranking.candidates[:RECHECK_DEPTH]:
+            now_info = procfs.read_process(self.proc_root, candidate.process.pid, self.plan.needed_details())
+            if now_info is None or now_info.starttime_ticks != candidate.process.starttime_ticks:
+                dropped.add(candidate.key)
+                continue
+            result = score_process(
+                now_info,
+                self.plan,
+                guard,
+                totalpages,
+                page_size=snapshot.page_size,
+                system_totalpages=_system_totalpages(snapshot),
+                spared=spared,
+                members=members,
+            )
+            if isinstance(result, Candidate):
+                fresh.append(result)
+                break
+            dropped.add(candidate.key)
+        if not fresh and len(dropped) >= min(RECHECK_DEPTH, len(ranking.candidates)) and ranking.candidates:
+            self._rescan([reading], self.clock())
+            return self.warm.rankings.get(guard.name, ranking)
+        rest = [c for c in ranking.candidates if c.key not in dropped and (not fresh or c.key != fresh[0].key)]
+        return replace(ranking, candidates=tuple(fresh + rest))
+
+    # -- acting and logging
+
+    def _execute(self, action: decision.Action) -> None:
+        if isinstance(action, Record):
+            self._log_record(action)
+            return
+        result = self.executor.execute(action)
+        self._log_result(result)
+        if isinstance(action, SendSignal) and result.outcome in (Outcome.GONE, Outcome.RECYCLED):
+            # The victim is not there to signal: drop it from the warm ranking so the next
+            # step does not choose it again.
+            self.warm.rankings = {name: r.without(frozenset({action.target})) for name, r in self.warm.rankings.items()}
+
+    def _log_record(self, record: Record) -> None:
+        facts = record.as_dict()
+        level = "warning" if record.event in {"term", "kill", "victim_stuck", "rate_limited"} else "info"
+        getattr(self.log, level)(record.event, **facts)
+        self.recent.append({"event": record.event, "at": time.time(), **_jsonable(facts)})
+
+    def _log_result(self, result: ActionResult) -> None:
+        facts = result.fields()
+        failed = result.outcome in (Outcome.FAILED, Outcome.REFUSED, Outcome.TIMED_OUT)
+        (self.log.warning if failed else self.log.info)("action_result", **facts)
+        if result.outcome in (Outcome.SENT, Outcome.RELEASED, Outcome.FAILED, Outcome.REFUSED):
+            self.recent.append({"event": "action_result", "at": time.time(), **_jsonable(facts)})
+
+    # -- pacing
+
+    def _next_timeout(self, now: float) -> float:
+        timeouts: list[float] = [self.plan.daemon.poll_max_s]
+        for watch in self.watches:
+            if watch.last is None:
+                timeouts.append(self.plan.daemon.poll_min_s)
+                continue
+            dt = now - watch.previous_at if watch.previous is not None else 0.0
+            sleep_s = pacing.next_poll_s(watch.last, watch.previous, dt, watch.guard, self.plan.daemon)
+            if self.state.guard(watch.guard.name).phase is not Phase.IDLE:
+                sleep_s = self.plan.daemon.poll_min_s
+            watch.next_due = now
+            timeouts.append(sleep_s)
+        if self.executor.hooks_running():
+            timeouts.append(HOOK_POLL_S)
+        return min(timeouts)
+
+    # -- reload
+
+    def reload(self) -> None:
+        """Validate the new policy first; a bad one is logged and the old one keeps running."""
+        self.notifier.reloading()
+        loader = self._load_plan
+        if loader is None:
+            from uoomd.policy.load import load_plan  # noqa: PLC0415
+
+            loader = load_plan
+        try:
+            new_plan = loader(self.plan.source)
+        except PolicyError as exc:
+            self.log.error("policy_reload_failed", policy=self.plan.source, error=exc.render(), kept="previous policy")
+            self.notifier.ready(self.status_line())
+            return
+        if self.forced_dry_run and not new_plan.daemon.dry_run:
+            new_plan = replace(new_plan, daemon=replace(new_plan.daemon, dry_run=True))
+        try:
+            now = self.clock()
+            watches = [open_watch(g, proc_root=self.proc_root, now=now, log=self.log) for g in new_plan.guards]
+        except (SetupError, OSError) as exc:
+            self.log.error("policy_reload_failed", policy=self.plan.source, error=str(exc), kept="previous policy")
+            self.notifier.ready(self.status_line())
+            return
+        for watch in self.watches:
+            watch.close()
+        self.watches = watches
+        self.state = _carry_state(self.state, new_plan)
+        self.plan = new_plan
+        self.warm = Warm()
+        self.board = StatusBoard(new_plan.daemon.state_file, self.log)
+        self.log.info("policy_reloaded", policy=new_plan.source, guards=[g.name for g in new_plan.guards])
+        self.notifier.ready(self.status_line())
+
+    # -- status
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS=: what the daemon sees now."""
+        parts: list[str] = []
+        for watch in self.watches:
+            m = watch.last
+            if m is None:
+                continue
+            part = f"{watch.guard.name}: mem {m.available_fraction * 100:.0f}% avail"
+            if m.swap_total_bytes:
+                part += f", swap {m.swap_free_fraction * 100:.0f}% free"
+            if watch.last_pressure is not None:
+                part += f", psi full {watch.last_pressure.full_avg10:.1f}"
+            parts.append(part)
+        kills = [r for r in self.recent if r.get("event") in {"term", "kill"}]
+        last = (
+            f"last kill: {kills[-1].get('victim_name', '?')} ({kills[-1].get('victim_pid', '?')})"
+            if kills
+            else ("last kill: none")
+        )
+        return "; ".join([*parts, last])
+
+    def _status(self, now: float) -> dict[str, Any]:
+        guards: list[dict[str, Any]] = []
+        for watch in self.watches:
+            gs = self.state.guard(watch.guard.name)
+            m = watch.last
+            guards.append(
+                {
+                    "name": watch.guard.name,
+                    "scope": watch.guard.scope.describe(),
+                    "phase": str(gs.phase),
+                    "victim": None
+                    if gs.victim is None
+                    else {"pid": gs.victim.process.pid, "name": gs.victim.process.name},
+                    "memory": None
+                    if m is None
+                    else {
+                        "total_bytes": m.total_bytes,
+                        "available_bytes": m.available_bytes,
+                        "swap_total_bytes": m.swap_total_bytes,
+                        "swap_free_bytes": m.swap_free_bytes,
+                    },
+                    "psi": [
+                        None if t is None else {"mode": str(t.mode), "describe": t.describe()} for t in watch.triggers
+                    ],
+                }
+            )
+        return {
+            "pid": os.getpid(),
+            "policy": self.plan.source,
+            "dry_run": self.plan.daemon.dry_run,
+            "updated_at": time.time(),
+            "status": self.status_line(),
+            "guards": guards,
+            "recent": list(self.recent),
+        }
+
+
+def _jsonable(facts: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in facts.items():
+        out[key] = value if isinstance(value, str | int | float | bool | type(None)) else str(value)
+    return out
+
+
+def _carry_state(state: State, plan: Plan) -> State:
+    """Keep the escalation of guards that survive a reload; new guards start idle."""
+    fresh = decision.initial_state(plan)
+    kept = {gs.guard: gs for gs in state.guards}
+    guards = tuple(kept.get(gs.guard, gs) for gs in fresh.guards)
+    return replace(fresh, guards=guards, kill_times=state.kill_times)
+
+
+def run_daemon(*, policy_path: str, dry_run: bool) -> int:
+    """``uoomd run``: load, protect ourselves, loop until SIGTERM."""
+    from uoomd.policy.load import load_plan  # noqa: PLC0415
+
+    plan = load_plan(policy_path)
+    if dry_run:
+        plan = replace(plan, daemon=replace(plan.daemon, dry_run=True))
+    log = configure(plan.daemon.log_format, debug=bool(os.environ.get("UOOMD_DEBUG")))
+    protection = protect_self()
+    log.info(
+        "self_protected",
+        oom_score_adj=protection.oom_score_adj,
+        mlocked=protection.mlocked,
+        mlock_error=protection.mlock_error,
+        nice=protection.nice,
+    )
+    executor = LiveExecutor(hook_timeout_s=plan.hooks.timeout_s)
+    daemon = Daemon(plan, executor=executor, log=log, forced_dry_run=dry_run)
+    daemon.install_signal_handlers()
+    return daemon.run()
