@@ -13,9 +13,21 @@ PACKAGE = Path(__file__).resolve().parents[1] / "uoomd"
 
 # module -> what it must not import (prefixes)
 THIRD_PARTY = ("pydantic", "psutil", "structlog", "sdnotify")
-IO_MODULES = ("os", "subprocess", "socket", "select", "signal", "io", "pathlib", "shutil", "ctypes", "threading", "time")
+IO_MODULES = (
+    "os",
+    "subprocess",
+    "socket",
+    "select",
+    "signal",
+    "io",
+    "pathlib",
+    "shutil",
+    "ctypes",
+    "threading",
+    "time",
+)
 PURE = ("kernel", "scoring", "decision", "pacing", "plan", "readings", "units", "errors")
-RULES: dict[str, tuple[str, ...]] = {name: THIRD_PARTY + IO_MODULES for name in PURE}
+RULES: dict[str, tuple[str, ...]] = dict.fromkeys(PURE, THIRD_PARTY + IO_MODULES)
 # decision.py names signals by their constants (signal.SIGTERM); it never calls into the module.
 RULES["decision"] = THIRD_PARTY + tuple(m for m in IO_MODULES if m != "signal")
 

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
+from tests.check_layers import violations
+
 pytestmark = pytest.mark.unit
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from check_layers import violations  # noqa: E402
 
 
 def test_import_layers_hold() -> None:
