@@ -212,10 +212,11 @@ class Checker:
                     assert not dry
                 case Record():
                     pass
-        # Rate limit: never more than max_kills_per_minute victims in any window of 60 s.
+        # Rate limit: never more than max_kills_per_minute victims in any window of 60 s (counted
+        # as decision.py does, t - u < window: the same float arithmetic, no edge disagreement).
         limit = self.plan.escalation.max_kills_per_minute
         for t in self.chosen_at:
-            assert sum(1 for u in self.chosen_at if t - RATE_WINDOW_S < u <= t) <= limit
+            assert sum(1 for u in self.chosen_at if 0 <= t - u < RATE_WINDOW_S) <= limit
         if dry:
             assert all(not gs.stuck for gs in after.guards)
 
@@ -264,4 +265,4 @@ def test_a_run_that_always_kills_stays_under_the_rate_limit(data: st.DataObject,
         chosen += [now for a in actions if isinstance(a, Record) and a.event == "victim_chosen"]
     assert chosen  # the run did act
     for t in chosen:
-        assert sum(1 for u in chosen if t - RATE_WINDOW_S < u <= t) <= max_kills
+        assert sum(1 for u in chosen if 0 <= t - u < RATE_WINDOW_S) <= max_kills
