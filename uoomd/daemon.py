@@ -45,6 +45,8 @@ RECHECK_DEPTH = 8
 # A source that fails is retried; the failure is logged once per this many seconds.
 ERROR_LOG_INTERVAL_S = 30.0
 HOOK_POLL_S = 0.1
+# A guard that crossed with an empty warm ranking rescans at most this often.
+EMPTY_RESCAN_S = 0.1
 
 
 class StopDaemon(Exception):
@@ -338,11 +340,21 @@ class Daemon:
         refresh_after = max(WARM_REFRESH_MIN_S, self.warm.scan_cost_s / SCAN_CPU_SHARE)
         if not self.warm.rankings or age >= refresh_after:
             self._rescan(readings, now)
+        idle_urgent = [r for r in urgent if self.state.guard(r.guard).phase is Phase.IDLE]
+        if any(not self._has_candidates(r.guard) for r in idle_urgent) and age >= EMPTY_RESCAN_S:
+            # Crossed with no candidate warm (the hog may have started since the last scan):
+            # only a scan can find it. Bounded so a scope with truly nothing to kill is not
+            # rescanned at every poll.
+            self._rescan(readings, now)
         rankings = dict(self.warm.rankings)
-        for reading in urgent:
-            if reading.guard in rankings and self.state.guard(reading.guard).phase is Phase.IDLE:
+        for reading in idle_urgent:
+            if reading.guard in rankings:
                 rankings[reading.guard] = self._recheck(rankings[reading.guard], reading)
         return rankings
+
+    def _has_candidates(self, guard_name: str) -> bool:
+        ranking = self.warm.rankings.get(guard_name)
+        return ranking is not None and bool(ranking.candidates)
 
     def _members(self, guard: GuardPlan) -> frozenset[Pid] | None:
         if guard.scope.kind is ScopeKind.SYSTEM:

@@ -1,0 +1,214 @@
+"""``uoomd run`` end to end: the installed command against real hogs in a real memory cgroup.
+
+Every daemon here guards only a cgroup the test created, so it can only ever signal the
+test's own hogs; the hogs run at oom_score_adj 1000. Each test asserts the kernel's own
+memcg OOM killer never had to act (oom_kill stays 0).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cgroups import TestCgroup, test_cgroup_or_skip
+from tests.e2e.daemon_runner import RunningDaemon, daemon_fixture, hog_argv, read_record, wait_until
+from tests.thrash import THRASH_PROGRAM, thrash_file
+
+pytestmark = pytest.mark.e2e
+
+MIB = 1 << 20
+LIMIT = 512 * MIB
+
+
+@pytest.fixture
+def cgroup() -> Iterator[TestCgroup]:
+    with test_cgroup_or_skip(limit_bytes=LIMIT) as cg:
+        yield cg
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path) -> Iterator[Callable[..., RunningDaemon]]:
+    yield from daemon_fixture(tmp_path)
+
+
+def policy(
+    cg: TestCgroup,
+    tmp_path: Path,
+    *,
+    term: str = "30%",
+    kill: str = "10%",
+    term_timeout: str = "2s",
+    kill_timeout: str = "3s",
+    extra: str = "",
+    guard_extra: str = "",
+    dry_run: bool = False,
+) -> str:
+    return f"""
+[daemon]
+dry_run = {str(dry_run).lower()}
+poll_min = "10ms"
+poll_max = "200ms"
+log_format = "json"
+state_file = "{tmp_path}/state.json"
+
+[escalation]
+term_timeout = "{term_timeout}"
+kill_timeout = "{kill_timeout}"
+max_kills_per_minute = 20
+
+[[guard]]
+name = "test"
+scope = "cgroup:{cg.memory_path}"
+mem_available_term = "{term}"
+mem_available_kill = "{kill}"
+{guard_extra}
+{extra}
+"""
+
+
+def hog_events(path: Path, kind: str) -> list[list[str]]:
+    return [line for line in read_record(path) if line[0] == kind]
+
+
+def test_hog_gets_sigterm_before_the_kernel_oom_killer_acts(
+    cgroup: TestCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
+) -> None:
+    daemon = start_daemon(policy(cgroup, tmp_path))
+    daemon.wait_for("started")
+    record = tmp_path / "hog.rec"
+    hog = cgroup.spawn(hog_argv(record, "--mib-per-step", "32", "--interval-ms", "5", "--max-mib", "900", "--hold"))
+    assert wait_until(lambda: hog_events(record, "SIGTERM"), 20), daemon.log_path.read_text()[-3000:]
+    hog.wait(10)
+    term_mib = int(hog_events(record, "SIGTERM")[0][2])
+    assert term_mib * MIB < LIMIT, "the hog got past the cgroup's limit before SIGTERM"
+    assert not hog_events(record, "HOLD"), "the hog reached its target: nothing stopped it"
+    chosen = daemon.wait_for("victim_chosen", action="term")
+    assert chosen["pid"] == hog.pid
+    assert chosen["guard"] == "test"
+    assert daemon.find("action_result", action="signal", outcome="sent", pid=hog.pid)
+    assert cgroup.oom_kill_count() == 0
+
+
+def test_hog_that_ignores_sigterm_gets_sigkill_after_term_timeout(
+    cgroup: TestCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
+) -> None:
+    # Holds at 400 MiB: below the term level (30% of 512 MiB available), above the kill level.
+    daemon = start_daemon(policy(cgroup, tmp_path, term_timeout="1s"))
+    daemon.wait_for("started")
+    record = tmp_path / "stubborn.rec"
+    hog = cgroup.spawn(hog_argv(record, "--mib-per-step", "32", "--max-mib", "400", "--hold", "--ignore-term"))
+    hog.wait(20)
+    assert hog.returncode == -signal.SIGKILL
+    terms = hog_events(record, "SIGTERM")
+    assert len(terms) == 1, "a victim that ignores SIGTERM must never get a second one (earlyoom#373)"
+    term_at = daemon.wait_for("victim_chosen", action="term")
+    kill_at = daemon.wait_for("victim_escalated", pid=hog.pid, action="kill", trigger="term_timeout")
+    assert kill_at["timestamp"] > term_at["timestamp"]
+    assert cgroup.oom_kill_count() == 0
+
+
+def test_protected_hog_is_spared_and_the_other_one_is_chosen(
+    cgroup: TestCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
+) -> None:
+    rules = """
+[[rule]]
+name = "keep-it"
+match = { name = "^keephog$" }
+protect = true
+
+[[rule]]
+name = "prefer-it"
+match = { name = "^spillhog$" }
+adjust = 500
+"""
+    daemon = start_daemon(policy(cgroup, tmp_path, extra=rules))
+    daemon.wait_for("started")
+    keep_rec, spill_rec = tmp_path / "keep.rec", tmp_path / "spill.rec"
+    # The protected hog is the bigger one: the kernel alone would pick it.
+    keep = cgroup.spawn(hog_argv(keep_rec, "--name", "keephog", "--max-mib", "250", "--hold"))
+    assert wait_until(lambda: hog_events(keep_rec, "HOLD"), 20)
+    spill = cgroup.spawn(
+        hog_argv(spill_rec, "--name", "spillhog", "--mib-per-step", "16", "--interval-ms", "5", "--max-mib", "400")
+    )
+    spill.wait(20)
+    assert hog_events(spill_rec, "SIGTERM")
+    assert not hog_events(keep_rec, "SIGTERM")
+    assert keep.poll() is None
+    chosen = daemon.wait_for("victim_chosen", action="term")
+    assert chosen["pid"] == spill.pid
+    assert "prefer-it" in chosen["rules"]
+    assert cgroup.oom_kill_count() == 0
+
+
+def test_dry_run_sends_nothing_and_logs_would_term(
+    cgroup: TestCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
+) -> None:
+    daemon = start_daemon(policy(cgroup, tmp_path), "--dry-run")
+    daemon.wait_for("started", dry_run=True)
+    record = tmp_path / "hog.rec"
+    hog = cgroup.spawn(hog_argv(record, "--max-mib", "400", "--hold"))
+    chosen = daemon.wait_for("victim_chosen", action="would_term")
+    assert chosen["pid"] == hog.pid
+    time.sleep(1.0)
+    assert hog.poll() is None
+    assert not hog_events(record, "SIGTERM")
+    assert daemon.find("action_result", outcome="dry_run", pid=hog.pid)
+    assert not daemon.find("action_result", outcome="sent")
+    assert cgroup.oom_kill_count() == 0
+
+
+def test_two_hogs_in_a_row_are_handled_one_after_the_other(
+    cgroup: TestCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
+) -> None:
+    daemon = start_daemon(policy(cgroup, tmp_path, kill_timeout="2s"))
+    daemon.wait_for("started")
+    pids = []
+    for n in range(2):
+        record = tmp_path / f"hog{n}.rec"
+        hog = cgroup.spawn(hog_argv(record, "--mib-per-step", "32", "--interval-ms", "5", "--max-mib", "900", "--hold"))
+        pids.append(hog.pid)
+        hog.wait(20)
+        assert hog_events(record, "SIGTERM"), f"hog {n} was not stopped"
+        assert not hog_events(record, "HOLD")
+    chosen = [e["pid"] for e in daemon.find("victim_chosen", action="term")]
+    assert chosen == pids
+    assert cgroup.oom_kill_count() == 0
+
+
+def test_psi_trigger_on_page_cache_thrash_fires_and_the_guard_acts(
+    start_daemon: Callable[..., RunningDaemon], tmp_path: Path
+) -> None:
+    # A 64 MiB cgroup whose member re-reads a 48 MiB file beside 40 MiB of its own memory:
+    # the cache is reclaimed and re-read all the time, a real memory stall, never an OOM.
+    with test_cgroup_or_skip(limit_bytes=64 * MIB, prefer="v1") as cg:
+        if cg.pressure_path is None:
+            pytest.skip("no cgroup2 memory.pressure for the test cgroup: PSI cannot be observed here")
+        psi = """
+psi_mem_gate = "100%"
+  [[guard.psi]]
+  kind = "some"
+  stall = "50ms"
+  window = "2s"
+  sustain = "0s"
+  action = "term"
+"""
+        text = policy(cg, tmp_path, term="1%", kill="0.5%", guard_extra=psi)
+        with thrash_file(tmp_path) as data:
+            daemon = start_daemon(text)
+            daemon.wait_for("started")
+            armed = daemon.wait_for("psi_trigger_armed")
+            assert armed["mode"] in {"kernel", "kernel-rounded", "polled"}
+            thrasher = cg.spawn([sys.executable, "-c", THRASH_PROGRAM, data])
+            thrasher.wait(30)
+            assert thrasher.returncode == -signal.SIGTERM
+            fired = daemon.wait_for("trigger_fired")
+            assert fired["trigger"].startswith("psi[0] some")
+            chosen = daemon.wait_for("victim_chosen", action="term")
+            assert chosen["pid"] == thrasher.pid
+            assert chosen["trigger"].startswith("psi[0]")
+        assert cg.oom_kill_count() == 0
