@@ -65,7 +65,7 @@ class RunningDaemon:
         return [e for e in self.events() if e.get("event") == event and all(e.get(k) == v for k, v in facts.items())]
 
     def wait_for(self, event: str, timeout_s: float = 15.0, **facts: Any) -> dict[str, Any]:
-        found = wait_until(lambda: self.find(event, **facts), timeout_s)
+        found: list[dict[str, Any]] = wait_until(lambda: self.find(event, **facts), timeout_s)
         if not found:
             raise AssertionError(f"no {event} {facts} within {timeout_s}s; log:\n{self.log_path.read_text()[-4000:]}")
         return found[0]
