@@ -264,9 +264,12 @@ class Daemon:
     def tick(self, now: float) -> float:
         """One pass; returns how long to sleep."""
         readings = [r for r in (self._read_guard(w, now) for w in self.watches) if r is not None]
+        scanned_before = self.warm.scanned_at
         rankings = self._rankings_for(readings, now)
         alive = frozenset(k for k in self.state.in_flight() if self.executor.alive(k))
-        obs = Observation(now=now, guards=tuple(readings), alive=alive)
+        # A fresh snapshot lets the core forget stuck victims that have since gone.
+        fresh = self.warm.snapshot if self.warm.scanned_at != scanned_before else None
+        obs = Observation(now=now, guards=tuple(readings), alive=alive, snapshot=fresh)
         self.state, actions = decision.step(self.state, obs, self.plan, rankings)
         for action in actions:
             self._execute(action)
