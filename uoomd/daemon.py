@@ -26,6 +26,7 @@ from uoomd.decision import Phase, Record, SendSignal, State
 from uoomd.errors import ExitCode, PolicyError, SetupError
 from uoomd.logs import Log, configure
 from uoomd.plan import GuardPlan, Plan, PsiKind, ScopeKind
+from uoomd.policy.isolated import load_plan_isolated
 from uoomd.readings import GuardReading, MemoryReading, Observation, Pid, PressureReading, ProcessKey, Snapshot
 from uoomd.scoring import Candidate, Ranking, rank, score_process, uoomd_pids
 from uoomd.service import Notifier, protect_self
@@ -478,13 +479,13 @@ class Daemon:
     def reload(self) -> None:
         """Validate the new policy first; a bad one is logged and the old one keeps running."""
         self.notifier.reloading()
-        loader = self._load_plan
-        if loader is None:
-            from uoomd.policy.load import load_plan  # noqa: PLC0415
-
-            loader = load_plan
+        loader = self._load_plan or load_plan_isolated
         try:
             new_plan = loader(self.plan.source)
+        except SetupError as exc:
+            self.log.error("policy_reload_failed", policy=self.plan.source, error=str(exc), kept="previous policy")
+            self.notifier.ready(self.status_line())
+            return
         except PolicyError as exc:
             self.log.error("policy_reload_failed", policy=self.plan.source, error=exc.render(), kept="previous policy")
             self.notifier.ready(self.status_line())
@@ -585,9 +586,7 @@ def _carry_state(state: State, plan: Plan) -> State:
 
 def run_daemon(*, policy_path: str, dry_run: bool) -> int:
     """``uoomd run``: load, protect ourselves, loop until SIGTERM."""
-    from uoomd.policy.load import load_plan  # noqa: PLC0415
-
-    plan = load_plan(policy_path)
+    plan = load_plan_isolated(policy_path)
     if dry_run:
         plan = replace(plan, daemon=replace(plan.daemon, dry_run=True))
     log = configure(plan.daemon.log_format, debug=bool(os.environ.get("UOOMD_DEBUG")))
