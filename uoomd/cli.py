@@ -70,13 +70,20 @@ def _build_parser() -> argparse.ArgumentParser:
 def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
     from uoomd.policy.load import load_plan  # noqa: PLC0415
     from uoomd.policy.render import render_plan  # noqa: PLC0415
+    from uoomd.sources.scope import read_scope_memory  # noqa: PLC0415
 
     path = args.file or default_policy_path()
     plan = load_plan(path)
+    # Sizes resolved against this machine (or the cgroup's limit) as it is now.
+    totals = {}
+    for guard in plan.guards:
+        reading = read_scope_memory(guard.scope)
+        if reading is not None:
+            totals[guard.name] = (reading.total_bytes, reading.swap_total_bytes)
     if args.json:
-        out.write(json.dumps(render_plan(plan, as_json=True), indent=2) + "\n")
+        out.write(json.dumps(render_plan(plan, as_json=True, totals=totals), indent=2) + "\n")
     else:
-        out.write(str(render_plan(plan, as_json=False)))
+        out.write(str(render_plan(plan, as_json=False, totals=totals)))
         out.write(f"# {path}: ok\n")
     return ExitCode.OK
 

@@ -32,8 +32,9 @@ from uoomd.scoring import Candidate, Ranking, rank, score_process, uoomd_pids
 from uoomd.service import Notifier, protect_self
 from uoomd.sources import cgroup as cgroup_source
 from uoomd.sources import procfs
-from uoomd.sources.meminfo import MeminfoError, MeminfoReader
+from uoomd.sources.meminfo import MeminfoError
 from uoomd.sources.psi import PressureFileGone, PressureReader, PsiKindName, PsiTrigger, TriggerMode
+from uoomd.sources.scope import MemoryReader, open_memory_reader
 from uoomd.status import StatusBoard
 
 # The warm ranking may cost at most this share of one core: a rescan that took
@@ -59,7 +60,7 @@ class GuardWatch:
     """The open sources of one guard, and what the loop remembers of its last reading."""
 
     guard: GuardPlan
-    memory: MeminfoReader | cgroup_source.CgroupMemoryReader
+    memory: MemoryReader
     pressure: PressureReader | None
     triggers: tuple[PsiTrigger | None, ...]
     previous: MemoryReading | None = None
@@ -89,19 +90,7 @@ class Warm:
 
 def open_watch(guard: GuardPlan, *, proc_root: str, now: float, log: Log) -> GuardWatch:
     """Open a guard's sources; a PSI trigger the kernel refuses falls back to polling, and says so."""
-    total_ram, total_swap = procfs.read_meminfo_totals(proc_root)
-    memory: MeminfoReader | cgroup_source.CgroupMemoryReader
-    if guard.scope.kind is ScopeKind.SYSTEM:
-        memory = MeminfoReader(proc_root)
-    else:
-        assert guard.scope.cgroup_path is not None
-        try:
-            memory = cgroup_source.CgroupMemoryReader(guard.scope.cgroup_path, total_ram, total_swap)
-        except (OSError, cgroup_source.CgroupError) as exc:
-            raise SetupError(
-                f"guard {guard.name!r}: cannot read cgroup {guard.scope.cgroup_path}: {exc}",
-                hint="the scope must be a memory cgroup directory that exists when uoomd starts",
-            ) from exc
+    memory = open_memory_reader(guard.scope, proc_root)
     pressure: PressureReader | None = None
     triggers: list[PsiTrigger | None] = []
     if guard.psi:
