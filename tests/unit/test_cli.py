@@ -88,3 +88,23 @@ def test_schema_is_json_schema_with_every_table() -> None:
     assert set(schema["properties"]) == {"daemon", "escalation", "guard", "rule", "hooks"}
     assert schema["additionalProperties"] is False
     assert "guard" in schema["required"]
+
+
+def test_check_resolves_sizes_against_this_machine() -> None:
+    code, out, _ = run("check", str(ROOT / "policies" / "desktop.toml"))
+    assert code == ExitCode.OK
+    with open("/proc/meminfo") as f:
+        total_kib = int(next(line for line in f if line.startswith("MemTotal:")).split()[1])
+    line = next(x for x in out.splitlines() if x.startswith("mem_available_term"))
+    # "6%" of MemTotal, shown next to the total it was resolved against.
+    assert line.startswith('mem_available_term = "6%"  # = ')
+    assert f"of {total_kib * 1024 / 1024**3:.1f}GiB" in line
+
+
+def test_check_json_resolves_bytes() -> None:
+    code, out, _ = run("check", "--json", str(ROOT / "etc" / "uoomd.toml"))
+    assert code == ExitCode.OK
+    guard = json.loads(out)["guard"][0]
+    total = guard["memory_total_bytes"]
+    assert total > 0
+    assert guard["mem_available_term"]["bytes"] == int(total * 0.05)
