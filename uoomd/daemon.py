@@ -66,8 +66,9 @@ class GuardWatch:
     previous: MemoryReading | None = None
     previous_at: float = 0.0
     last: MemoryReading | None = None
+    last_at: float = 0.0
     last_pressure: PressureReading | None = None
-    next_due: float = 0.0
+    psi_event_seen: bool = False  # a kernel trigger's fd signalled since the last reading
 
     def close(self) -> None:
         self.memory.close()
@@ -226,11 +227,11 @@ class Daemon:
         """Sleep until the timeout, a PSI event, a victim's exit or a signal."""
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
-        owners: dict[int, PsiTrigger] = {}
+        owners: dict[int, tuple[GuardWatch, PsiTrigger]] = {}
         for watch in self.watches:
             for trigger in watch.triggers:
                 if trigger is not None and trigger.pollable:
-                    owners[trigger.fileno()] = trigger
+                    owners[trigger.fileno()] = (watch, trigger)
                     poller.register(trigger.fileno(), select.POLLPRI)
         for fd in self._victim_fds():
             poller.register(fd, select.POLLIN)
@@ -243,8 +244,10 @@ class Daemon:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 512)
             elif fd in owners:
+                watch, trigger = owners[fd]
+                watch.psi_event_seen = True
                 try:
-                    owners[fd].note_revents(revents)
+                    trigger.note_revents(revents)
                 except PressureFileGone as exc:
                     self._log_error("psi_trigger_gone", error=str(exc))
 
@@ -280,7 +283,13 @@ class Daemon:
             return None
         fired: list[int] = []
         pressure: PressureReading | None = None
-        needs_reading = any(t is not None and t.mode is TriggerMode.POLLED for t in watch.triggers)
+        # The pressure file is read only when a trigger needs it: a polled trigger computes its
+        # window from it, and a kernel event is confirmed against it. Reading it at every poll
+        # would delay the kernel's own unprivileged triggers (see uoomd/sources/psi.py).
+        needs_reading = watch.psi_event_seen or any(
+            t is not None and t.mode is TriggerMode.POLLED for t in watch.triggers
+        )
+        watch.psi_event_seen = False
         try:
             if watch.pressure is not None and needs_reading:
                 pressure = watch.pressure.read()
@@ -298,8 +307,8 @@ class Daemon:
                 available_bytes=memory.available_bytes,
             )
         if watch.last is not None:
-            watch.previous, watch.previous_at = watch.last, watch.next_due
-        watch.last = memory
+            watch.previous, watch.previous_at = watch.last, watch.last_at
+        watch.last, watch.last_at = memory, now
         watch.last_pressure = pressure or watch.last_pressure
         return GuardReading(guard=name, memory=memory, pressure=pressure, psi_fired=tuple(fired))
 
@@ -453,11 +462,10 @@ class Daemon:
             if watch.last is None:
                 timeouts.append(self.plan.daemon.poll_min_s)
                 continue
-            dt = now - watch.previous_at if watch.previous is not None else 0.0
+            dt = watch.last_at - watch.previous_at if watch.previous is not None else 0.0
             sleep_s = pacing.next_poll_s(watch.last, watch.previous, dt, watch.guard, self.plan.daemon)
             if self.state.guard(watch.guard.name).phase is not Phase.IDLE:
                 sleep_s = self.plan.daemon.poll_min_s
-            watch.next_due = now
             timeouts.append(sleep_s)
         if self.executor.hooks_running():
             timeouts.append(HOOK_POLL_S)
