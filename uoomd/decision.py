@@ -20,7 +20,7 @@ from enum import StrEnum
 from typing import assert_never
 
 from uoomd.plan import GuardPlan, Plan, PsiAction, PsiTriggerPlan, VictimKind
-from uoomd.readings import GuardReading, MemoryReading, Observation, ProcessKey, Snapshot
+from uoomd.readings import GuardReading, MemoryReading, Observation, ProcessInfo, ProcessKey, Snapshot
 from uoomd.scoring import Candidate, Ranking
 
 RATE_WINDOW_S = 60.0  # max_kills_per_minute counts victims chosen in this sliding window
@@ -675,6 +675,21 @@ def _guard_victim_fields(ctx: _Ctx, victim: Candidate) -> tuple[tuple[str, objec
     )
 
 
+def _kernel_kill_fields(proc: ProcessInfo) -> tuple[tuple[str, object], ...]:
+    """The facts the kernel prints for its own kills, in bytes where it prints kB:
+    mm/oom_kill.c __oom_kill_process() "Killed process %d (%s) total-vm:%lukB, anon-rss:%lukB,
+    file-rss:%lukB, shmem-rss:%lukB, UID:%u pgtables:%lukB oom_score_adj:%hd" (Linux 6.18)."""
+    return (
+        ("total_vm_bytes", proc.vm_size_bytes),
+        ("anon_rss_bytes", proc.rss_anon_bytes),
+        ("file_rss_bytes", proc.rss_file_bytes),
+        ("shmem_rss_bytes", proc.rss_shmem_bytes),
+        ("uid", int(proc.uid)),
+        ("pgtables_bytes", proc.pgtables_bytes),
+        ("oom_score_adj", proc.oom_score_adj),
+    )
+
+
 def _decision_fields(
     ctx: _Ctx, trigger: str, victim: Candidate | None, outcome: Outcome, runner_up: Candidate | None = None
 ) -> tuple[tuple[str, object], ...]:
@@ -696,6 +711,7 @@ def _decision_fields(
             ("rules", victim.rules),
             ("rss_bytes", proc.rss_bytes),
             ("victim_kind", str(ctx.guard.victim)),
+            *_kernel_kill_fields(proc),
         ]
         fields += [
             ("runner_up_pid", int(runner_up.process.pid) if runner_up else None),
