@@ -381,7 +381,15 @@ class Daemon:
         # uoomd itself and its parent are read too, so scoring can spare them by name.
         if pids is not None:
             pids |= {os.getpid(), os.getppid()}
-        snapshot = procfs.read_snapshot(self.proc_root, details=self.plan.needed_details(), pids=pids)
+        try:
+            snapshot = procfs.read_snapshot(self.proc_root, details=self.plan.needed_details(), pids=pids)
+        except (OSError, ValueError) as exc:
+            # A scan that fails (meminfo unreadable, EMFILE, ENOMEM) is a fault of this poll, not
+            # the end of the daemon: log it, keep no ranking (a stale one is never acted on) and
+            # scan again at the next poll that needs it.
+            self._log_error("scan", event="reading_failed", source="processes", error=str(exc))
+            self.warm = Warm(scanned_at=now, scan_cost_s=self.warm.scan_cost_s)
+            return
         rankings: dict[str, Ranking] = {}
         for reading in readings:
             guard = self.plan.guard(reading.guard)
