@@ -33,7 +33,7 @@ from uoomd.service import Notifier, protect_self
 from uoomd.sources import cgroup as cgroup_source
 from uoomd.sources import procfs
 from uoomd.sources.meminfo import MeminfoError
-from uoomd.sources.psi import PressureFileGone, PressureReader, PsiKindName, PsiTrigger, TriggerMode
+from uoomd.sources.psi import PressureFileGone, PressureReader, PsiKindName, PsiTrigger, PsiTriggerGone, TriggerMode
 from uoomd.sources.scope import MemoryReader, open_memory_reader
 from uoomd.status import StatusBoard
 
@@ -249,7 +249,15 @@ class Daemon:
                 try:
                     trigger.note_revents(revents)
                 except PressureFileGone as exc:
-                    self._log_error("psi_trigger_gone", error=str(exc))
+                    self._drop_trigger(watch, trigger, exc)
+
+    def _drop_trigger(self, watch: GuardWatch, trigger: PsiTrigger, exc: Exception) -> None:
+        """Close a trigger whose pressure file went away (its cgroup was removed). Such a file
+        polls POLLERR for ever (kernfs_fop_poll() on a removed node, Linux 6.18): kept in the
+        poll set it wakes the loop at once, every time, and the daemon spins at 100 % CPU."""
+        watch.triggers = tuple(None if t is trigger else t for t in watch.triggers)
+        trigger.close()
+        self.log.warning("psi_trigger_gone", guard=watch.guard.name, path=trigger.path, error=str(exc))
 
     def _victim_fds(self) -> tuple[int, ...]:
         return self.executor.victim_fds()
@@ -294,8 +302,13 @@ class Daemon:
             if watch.pressure is not None and needs_reading:
                 pressure = watch.pressure.read()
             for index, trigger in enumerate(watch.triggers):
-                if trigger is not None and trigger.fired(now, pressure):
-                    fired.append(index)
+                if trigger is None:
+                    continue
+                try:
+                    if trigger.fired(now, pressure):
+                        fired.append(index)
+                except PsiTriggerGone as exc:
+                    self._drop_trigger(watch, trigger, exc)
         except (OSError, PressureFileGone, ValueError) as exc:
             self._log_error(f"psi:{name}", event="reading_failed", guard=name, source="psi", error=str(exc))
         for index in fired:
