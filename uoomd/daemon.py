@@ -22,9 +22,10 @@ from typing import Any
 
 from uoomd import decision, pacing
 from uoomd.actions import ActionResult, Executor, LiveExecutor, Outcome
-from uoomd.decision import Phase, Record, SendSignal, State
+from uoomd.decision import KillCgroup, Phase, Record, SendSignal, State
+from uoomd.desktop import DesktopNotices, kill_notice
 from uoomd.errors import ExitCode, PolicyError, SetupError
-from uoomd.logs import Log, configure
+from uoomd.logs import Log, configure, escape
 from uoomd.plan import GuardPlan, Plan, PsiKind, ScopeKind
 from uoomd.policy.isolated import load_plan_isolated
 from uoomd.readings import GuardReading, MemoryReading, Observation, Pid, PressureReading, ProcessKey, Snapshot
@@ -164,6 +165,8 @@ class Daemon:
         self._error_logged_at: dict[str, float] = {}
         self.page_size = procfs.read_page_size()
         self.recent: deque[dict[str, Any]] = deque(maxlen=20)
+        self.desktop: DesktopNotices | None = None  # created at the first notice (daemon.notify_desktop)
+        self._chosen: Record | None = None  # the victim_chosen record whose signal comes next
 
     # -- set-up and tear-down
 
@@ -178,6 +181,8 @@ class Daemon:
             watch.close()
         self.watches = []
         self.executor.close()
+        if self.desktop is not None:
+            self.desktop.close()
         with contextlib.suppress(OSError):
             os.close(self._wake_r)
             os.close(self._wake_w)
@@ -276,7 +281,10 @@ class Daemon:
             self._execute(action)
         for result in self.executor.poll(now):
             self._log_result(result)
+        if self.desktop is not None:
+            self.desktop.poll(now)
         self.notifier.watchdog(now)
+        self.notifier.update_status(now, self.status_line)
         self.board.maybe_write(now, self._status(now))
         return self._next_timeout(now)
 
@@ -454,13 +462,26 @@ class Daemon:
     def _execute(self, action: decision.Action) -> None:
         if isinstance(action, Record):
             self._log_record(action)
+            if action.event == "victim_chosen":
+                self._chosen = action
             return
         result = self.executor.execute(action)
         self._log_result(result)
+        if isinstance(action, SendSignal | KillCgroup) and self._chosen is not None:
+            chosen, self._chosen = self._chosen, None
+            if result.outcome is Outcome.SENT and self.plan.daemon.notify_desktop:
+                self._notice_desktop(chosen)
         if isinstance(action, SendSignal) and result.outcome in (Outcome.GONE, Outcome.RECYCLED):
             # The victim is not there to signal: drop it from the warm ranking so the next
             # step does not choose it again.
             self.warm.rankings = {name: r.without(frozenset({action.target})) for name, r in self.warm.rankings.items()}
+
+    def _notice_desktop(self, chosen: Record) -> None:
+        """One desktop notice per victim, at its first signal; children, never a blocking call."""
+        if self.desktop is None:
+            self.desktop = DesktopNotices(self.log)
+        summary, body = kill_notice(chosen.as_dict())
+        self.desktop.notify(summary, body, now=self.clock())
 
     def _log_record(self, record: Record) -> None:
         facts = record.as_dict()
@@ -488,8 +509,11 @@ class Daemon:
             if self.state.guard(watch.guard.name).phase is not Phase.IDLE:
                 sleep_s = self.plan.daemon.poll_min_s
             timeouts.append(sleep_s)
-        if self.executor.hooks_running():
+        if self.executor.hooks_running() or (self.desktop is not None and self.desktop.running):
             timeouts.append(HOOK_POLL_S)
+        ping_in = self.notifier.watchdog_due_in(now)
+        if ping_in is not None:
+            timeouts.append(ping_in)  # never sleep past a watchdog ping
         return min(timeouts)
 
     # -- reload
@@ -530,25 +554,26 @@ class Daemon:
     # -- status
 
     def status_line(self) -> str:
-        """One line for systemd's STATUS=: what the daemon sees now."""
+        """One line for systemd's STATUS=: what the daemon sees now, e.g.
+        "mem 41% avail, swap 90% free, psi full 0.0, last kill: none" (guards named when several)."""
         parts: list[str] = []
         for watch in self.watches:
             m = watch.last
             if m is None:
                 continue
-            part = f"{watch.guard.name}: mem {m.available_fraction * 100:.0f}% avail"
-            if m.swap_total_bytes:
-                part += f", swap {m.swap_free_fraction * 100:.0f}% free"
+            part = f"mem {m.available_fraction * 100:.0f}% avail"
+            part += f", swap {m.swap_free_fraction * 100:.0f}% free" if m.swap_total_bytes else ", no swap"
             if watch.last_pressure is not None:
                 part += f", psi full {watch.last_pressure.full_avg10:.1f}"
-            parts.append(part)
-        kills = [r for r in self.recent if r.get("event") in {"term", "kill"}]
-        last = (
-            f"last kill: {kills[-1].get('victim_name', '?')} ({kills[-1].get('victim_pid', '?')})"
-            if kills
-            else ("last kill: none")
-        )
-        return "; ".join([*parts, last])
+            parts.append(f"{watch.guard.name}: {part}" if len(self.watches) > 1 else part)
+        kills = [r for r in self.recent if r.get("event") in {"victim_chosen", "victim_escalated"}]
+        last = "last kill: none"
+        if kills:
+            # escape(): a name is attacker-controlled, and a newline in it would start a new
+            # sd_notify assignment (a process named "x\nREADY=1" must not speak for us).
+            dry = " (dry-run)" if str(kills[-1].get("action", "")).startswith("would") else ""
+            last = f"last kill{dry}: {escape(str(kills[-1].get('name', '?')))} ({kills[-1].get('pid', '?')})"
+        return "; ".join([*parts, last]) if len(self.watches) > 1 else ", ".join([*parts, last])
 
     def _status(self, now: float) -> dict[str, Any]:
         guards: list[dict[str, Any]] = []

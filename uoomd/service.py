@@ -7,6 +7,7 @@ import ctypes.util
 import os
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import sdnotify
@@ -15,6 +16,8 @@ import sdnotify
 MCL_CURRENT = 1
 MCL_FUTURE = 2
 MCL_ONFAULT = 4  # Linux 4.4+: lock pages as they are touched, not the whole reserved address space
+
+STATUS_INTERVAL_S = 1.0  # STATUS= is for people reading `systemctl status`: once a second is plenty
 
 
 class Notifier:
@@ -28,7 +31,9 @@ class Notifier:
         wanted = usec.isdigit() and (not pid or pid == str(os.getpid()))
         # Ping at half the interval, as sd_watchdog_enabled(3) recommends.
         self.watchdog_interval_s: float | None = int(usec) / 2e6 if wanted else None
-        self._last_ping = 0.0
+        self._last_ping = float("-inf")
+        self._status_sent = ""
+        self._status_at = float("-inf")
 
     @property
     def enabled(self) -> bool:
@@ -39,10 +44,22 @@ class Notifier:
             self._notifier.notify(message)
 
     def ready(self, status: str) -> None:
+        self._status_sent = status
         self._send(f"READY=1\nSTATUS={status}")
 
     def status(self, status: str) -> None:
         self._send(f"STATUS={status}")
+
+    def update_status(self, now: float, line: Callable[[], str]) -> None:
+        """STATUS= when the line changed, at most once per STATUS_INTERVAL_S: `systemctl status`
+        stays current and a tick at poll_min costs no datagram (nor the line's formatting)."""
+        if self._notifier is None or now - self._status_at < STATUS_INTERVAL_S:
+            return
+        text = line()
+        if text != self._status_sent:
+            self._status_sent = text
+            self._status_at = now
+            self.status(text)
 
     def reloading(self) -> None:
         monotonic_us = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
@@ -57,6 +74,12 @@ class Notifier:
             return
         self._last_ping = now
         self._send("WATCHDOG=1")
+
+    def watchdog_due_in(self, now: float) -> float | None:
+        """Seconds until the next ping is due (None: no watchdog), so the loop never sleeps past it."""
+        if self.watchdog_interval_s is None:
+            return None
+        return max(0.0, self._last_ping + self.watchdog_interval_s - now)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
