@@ -26,8 +26,8 @@ import contextlib
 
 from uoomd import kernel
 from uoomd.plan import Amount, DaemonPlan, EscalationPlan, GuardPlan, Plan, Scope, ScopeKind
-from uoomd.scoring import rank
-from uoomd.sources.procfs import read_snapshot
+from uoomd.scoring import Ranking, rank
+from uoomd.sources.procfs import ProcScanner, read_snapshot
 
 
 def start_sleepers(n: int) -> list[int]:
@@ -75,6 +75,28 @@ def uoomd_scan() -> int:
     return len(ranking.candidates) + len(ranking.excluded)
 
 
+class Incremental:
+    """The daemon's warm path: one ProcScanner and the previous ranking kept between scans."""
+
+    def __init__(self, *, reuse_ranking: bool) -> None:
+        self.scanner = ProcScanner()
+        self.plan, self.guard = _plan()
+        self.reuse_ranking = reuse_ranking
+        self.previous: Ranking | None = None
+        self.exact = 0
+
+    def __call__(self) -> int:
+        snap = self.scanner.scan()
+        totalpages = kernel.system_totalpages(
+            total_ram_bytes=snap.total_ram_bytes, total_swap_bytes=snap.total_swap_bytes, page_size=snap.page_size
+        )
+        previous = self.previous if self.reuse_ranking else None
+        ranking = rank(snap, self.plan, self.guard, totalpages=totalpages, previous=previous)
+        self.previous = ranking
+        self.exact = ranking.exact_count
+        return len(ranking.candidates) + len(ranking.excluded)
+
+
 def psutil_scan() -> int:
     rows = []
     for p in psutil.process_iter():
@@ -109,6 +131,8 @@ def main() -> int:
         time.sleep(0.5)
         results = {
             "uoomd read_snapshot+rank": timeit(uoomd_scan, args.runs),
+            "uoomd ProcScanner.scan+rank": timeit(Incremental(reuse_ranking=False), args.runs),
+            "uoomd ProcScanner.scan+rank(previous=)": timeit(Incremental(reuse_ranking=True), args.runs),
             "psutil process_iter (same reads, no rank)": timeit(psutil_scan, args.runs),
         }
     finally:

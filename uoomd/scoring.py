@@ -52,15 +52,58 @@ class Exclusion:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RankInputs:
+    """Everything besides the process itself that score_process() depends on: two rankings
+    with equal inputs give the same verdict for the same ProcessInfo object."""
+
+    plan: Plan
+    guard: GuardPlan
+    totalpages: int
+    system_totalpages: int
+    page_size: int
+    spared: tuple[tuple[Pid, str], ...]
+    members: frozenset[Pid] | None
+
+    def same_as(self, other: RankInputs) -> bool:
+        # The plan and guard by identity: a reload builds new ones, and a deep comparison
+        # of compiled rules would cost more than it saves.
+        return (
+            self.plan is other.plan
+            and self.guard is other.guard
+            and self.totalpages == other.totalpages
+            and self.system_totalpages == other.system_totalpages
+            and self.page_size == other.page_size
+            and self.spared == other.spared
+            and self.members == other.members
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Ranking:
     guard: str
     candidates: tuple[Candidate, ...]  # eligible, best victim first
     excluded: tuple[Exclusion, ...]
     taken_at: float  # the snapshot's monotonic time
+    inputs: RankInputs | None = None  # what rank() scored with; lets the next rank() reuse verdicts
 
     @property
     def best(self) -> Candidate | None:
         return self.candidates[0] if self.candidates else None
+
+    def is_exact(self, candidate: Candidate) -> bool:
+        """Whether every term of the candidate's badness was read in this ranking's scan.
+
+        rss and oom_score_adj always are; swap and page tables come from /proc/PID/status,
+        which an incremental scan (ProcScanner) carries over for a process whose stat line
+        did not change. Such a candidate is approximate: its swap and pgtables terms are
+        from an earlier scan of the same process (ProcessInfo.status_read_at).
+        """
+        read_at = candidate.process.status_read_at
+        return read_at is None or read_at >= self.taken_at
+
+    @property
+    def exact_count(self) -> int:
+        return sum(1 for c in self.candidates if self.is_exact(c))
 
     def without(self, keys: frozenset[ProcessKey]) -> Ranking:
         """The same ranking minus some processes (gone, stuck, already signalled)."""
@@ -69,6 +112,7 @@ class Ranking:
             candidates=tuple(c for c in self.candidates if c.key not in keys),
             excluded=self.excluded,
             taken_at=self.taken_at,
+            inputs=self.inputs,
         )
 
 
@@ -248,8 +292,14 @@ def score_process(
 def _best_first(candidate: Candidate) -> tuple[int, int, int]:
     # Highest points first; among equals the kernel keeps the LAST in fork order
     # (oom_evaluate_task() replaces on equal points), so later-forked first.
-    order = fork_order(candidate.process)
-    return (-candidate.badness.points, -order[0], -order[1])
+    # Badness.points and fork_order() spelled out: this runs for every candidate of every scan.
+    b = candidate.badness
+    process = candidate.process
+    return (
+        -(b.rss_pages + b.swap_pages + b.pgtables_pages + b.adj_points),
+        -process.starttime_ticks,
+        -process.pid,
+    )
 
 
 def rank(
@@ -259,11 +309,17 @@ def rank(
     *,
     totalpages: int,
     members: frozenset[Pid] | None = None,
+    previous: Ranking | None = None,
 ) -> Ranking:
     """Rank every process of a snapshot for one guard, best victim first (pure).
 
     With no rules and no min_badness, ``best`` is the kernel's own choice
     (select_bad_process()) for the same totalpages.
+
+    ``previous``: an earlier ranking for the same guard. Where it was made with the same
+    inputs, the verdict of every ProcessInfo object it holds is reused (an incremental
+    scan hands back the very same object for a process that did not change); the result
+    equals ``rank()`` without ``previous``.
     """
     check_details(snapshot.details, plan)
     spared = uoomd_pids(snapshot)
@@ -272,27 +328,49 @@ def rank(
         total_swap_bytes=snapshot.total_swap_bytes,
         page_size=snapshot.page_size,
     )
+    inputs = RankInputs(
+        plan=plan,
+        guard=guard,
+        totalpages=totalpages,
+        system_totalpages=system_totalpages,
+        page_size=snapshot.page_size,
+        spared=tuple(sorted(spared.items())),
+        members=members,
+    )
+    known: dict[int, Candidate | Exclusion] = {}
+    if previous is not None and previous.inputs is not None and previous.inputs.same_as(inputs):
+        # Keyed by id(): the previous ranking keeps those objects alive, and `is` confirms.
+        known = {id(r.process): r for r in previous.candidates}
+        known.update((id(r.process), r) for r in previous.excluded)
     guard_rules = plan.rules_for(guard.name)
     candidates: list[Candidate] = []
     excluded: list[Exclusion] = []
     for process in snapshot.processes:
-        result = score_process(
-            process,
-            plan,
-            guard,
-            totalpages,
-            page_size=snapshot.page_size,
-            system_totalpages=system_totalpages,
-            spared=spared,
-            members=members,
-            guard_rules=guard_rules,
-        )
+        result = known.get(id(process))
+        if result is None or result.process is not process:
+            result = score_process(
+                process,
+                plan,
+                guard,
+                totalpages,
+                page_size=snapshot.page_size,
+                system_totalpages=system_totalpages,
+                spared=spared,
+                members=members,
+                guard_rules=guard_rules,
+            )
         if isinstance(result, Candidate):
             candidates.append(result)
         else:
             excluded.append(result)
     candidates.sort(key=_best_first)
-    return Ranking(guard=guard.name, candidates=tuple(candidates), excluded=tuple(excluded), taken_at=snapshot.taken_at)
+    return Ranking(
+        guard=guard.name,
+        candidates=tuple(candidates),
+        excluded=tuple(excluded),
+        taken_at=snapshot.taken_at,
+        inputs=inputs,
+    )
 
 
 def kernel_choice(snapshot: Snapshot, *, totalpages: int, members: frozenset[Pid] | None = None) -> ProcessInfo | None:
