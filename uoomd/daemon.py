@@ -165,6 +165,7 @@ class Daemon:
         self._error_logged_at: dict[str, float] = {}
         self.page_size = procfs.read_page_size()
         self.recent: deque[dict[str, Any]] = deque(maxlen=20)
+        self._tick_at = 0.0  # clock() before this tick's readings: a signal logs the time since
         self.desktop: DesktopNotices | None = None  # created at the first notice (daemon.notify_desktop)
         self._chosen: Record | None = None  # the victim_chosen record whose signal comes next
 
@@ -269,6 +270,7 @@ class Daemon:
 
     def tick(self, now: float) -> float:
         """One pass; returns how long to sleep."""
+        self._tick_at = now
         readings = [r for r in (self._read_guard(w, now) for w in self.watches) if r is not None]
         scanned_before = self.warm.scanned_at
         rankings = self._rankings_for(readings, now)
@@ -466,6 +468,10 @@ class Daemon:
                 self._chosen = action
             return
         result = self.executor.execute(action)
+        if isinstance(action, SendSignal):
+            # Detect -> signal: from the reading that crossed (this tick's) to the signal sent.
+            since_ms = round((self.clock() - self._tick_at) * 1000, 3)
+            result = replace(result, details=(*result.details, ("since_reading_ms", since_ms)))
         self._log_result(result)
         if isinstance(action, SendSignal | KillCgroup) and self._chosen is not None:
             chosen, self._chosen = self._chosen, None
