@@ -1,0 +1,118 @@
+"""Soak: `uoomd run` against hog after hog in a memory cgroup; no OOM kill, flat RSS, no fd leak.
+
+The short form (``UOOMD_SOAK_S``, default 60 s) runs in the normal suite; the long form is
+the same test with a longer duration, e.g. ``UOOMD_SOAK_S=600 python3 -m pytest -m soak``.
+Every hog is a child of this test in a ``uoomd-test-*`` cgroup at oom_score_adj 1000; the
+daemon guards only that cgroup.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.cgroups import TestCgroup, test_cgroup_or_skip
+from tests.e2e.daemon_runner import RunningDaemon, daemon_fixture, hog_argv, read_record
+
+pytestmark = [pytest.mark.e2e, pytest.mark.soak]
+
+MIB = 1 << 20
+LIMIT = 512 * MIB
+SOAK_S = float(os.environ.get("UOOMD_SOAK_S", "60"))
+RSS_GROWTH_MAX_KIB = 1024  # between the first and the last third, after warm-up
+
+
+@pytest.fixture
+def cgroup() -> Iterator[TestCgroup]:
+    with test_cgroup_or_skip(limit_bytes=LIMIT) as cg:
+        yield cg
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path) -> Iterator[Callable[..., RunningDaemon]]:
+    yield from daemon_fixture(tmp_path)
+
+
+@dataclass(frozen=True)
+class Sample:
+    at_s: float
+    rss_kib: int
+    fds: int
+
+
+def sample(pid: int, at_s: float) -> Sample:
+    with open(f"/proc/{pid}/status") as f:
+        rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return Sample(at_s=at_s, rss_kib=rss, fds=len(os.listdir(f"/proc/{pid}/fd")))
+
+
+def policy(cg: TestCgroup, tmp_path: Path) -> str:
+    return f"""
+[daemon]
+poll_min = "10ms"
+poll_max = "200ms"
+log_format = "json"
+state_file = "{tmp_path}/state.json"
+
+[escalation]
+term_timeout = "500ms"
+kill_timeout = "2s"
+max_kills_per_minute = 1000
+
+[[guard]]
+name = "soak"
+scope = "cgroup:{cg.memory_path}"
+mem_available_term = "30%"
+mem_available_kill = "10%"
+"""
+
+
+def test_soak_hogs_again_and_again_no_oom_kill_flat_rss_no_fd_leak(
+    cgroup: TestCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
+) -> None:
+    daemon = start_daemon(policy(cgroup, tmp_path))
+    daemon.wait_for("started")
+    pid = daemon.process.pid
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        assert b"uoomd" in f.read(), "sampling the daemon itself, not a wrapper"
+    start = time.monotonic()
+    samples: list[Sample] = []
+    hogs = stubborn = 0
+    while time.monotonic() - start < SOAK_S:
+        record = tmp_path / f"hog{hogs}.rec"
+        # Every fourth hog ignores SIGTERM: the escalation path soaks too.
+        extra = ("--ignore-term",) if hogs % 4 == 3 else ()
+        hog = cgroup.spawn(
+            hog_argv(record, "--mib-per-step", "32", "--interval-ms", "5", "--max-mib", "900", "--hold", *extra)
+        )
+        hog.wait(30)  # stopped by uoomd, or this raises TimeoutExpired
+        events = [line[0] for line in read_record(record)]
+        assert "HOLD" not in events, f"hog {hogs} reached its target: nothing stopped it"
+        assert "SIGTERM" in events, f"hog {hogs} was never sent SIGTERM"
+        stubborn += bool(extra)
+        hogs += 1
+        assert cgroup.oom_kill_count() == 0, f"the kernel's OOM killer acted at hog {hogs}"
+        samples.append(sample(pid, time.monotonic() - start))
+    assert daemon.process.poll() is None, "the daemon died"
+    assert hogs >= 10, f"only {hogs} hogs in {SOAK_S:.0f} s"
+    chosen = daemon.find("victim_chosen", action="term")
+    assert len(chosen) == hogs
+    assert len(daemon.find("victim_escalated", action="kill")) >= stubborn
+    # Warm-up: the first hogs load code paths and fill caches; compare the thirds after it.
+    steady = samples[len(samples) // 10 :]
+    third = max(1, len(steady) // 3)
+    first, last = steady[:third], steady[-third:]
+    growth_kib = statistics.median(s.rss_kib for s in last) - statistics.median(s.rss_kib for s in first)
+    report = (
+        f"{hogs} hogs in {SOAK_S:.0f} s; RSS {first[0].rss_kib} -> {last[-1].rss_kib} KiB "
+        f"(median growth {growth_kib:+.0f} KiB); fds {first[0].fds} -> {last[-1].fds}"
+    )
+    print(report)
+    assert growth_kib < RSS_GROWTH_MAX_KIB, report
+    assert max(s.fds for s in last) <= max(s.fds for s in first), report
