@@ -159,6 +159,8 @@ class Daemon:
         self.state: State = decision.initial_state(plan)
         self.watches: list[GuardWatch] = []
         self.warm = Warm()
+        # Holds /proc fds of every process while the ranking is kept warm (closed when dropped).
+        self.scanner = procfs.ProcScanner(proc_root)
         self.board = StatusBoard(plan.daemon.state_file, log)
         self._pending: set[int] = set()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -181,6 +183,7 @@ class Daemon:
         for watch in self.watches:
             watch.close()
         self.watches = []
+        self.scanner.close()
         self.executor.close()
         if self.desktop is not None:
             self.desktop.close()
@@ -360,6 +363,7 @@ class Daemon:
                 warm_wanted = True
         if not urgent and not warm_wanted:
             self.warm = Warm()  # far from trouble: drop it, a stale ranking must never be acted on
+            self.scanner.close()  # and the scanner's held /proc fds: an idle daemon holds none
             return {}
         age = now - self.warm.scanned_at
         refresh_after = max(WARM_REFRESH_MIN_S, self.warm.scan_cost_s / SCAN_CPU_SHARE)
@@ -405,7 +409,9 @@ class Daemon:
         if pids is not None:
             pids |= {os.getpid(), os.getppid()}
         try:
-            snapshot = procfs.read_snapshot(self.proc_root, details=self.plan.needed_details(), pids=pids)
+            # The warm top is re-read in full (status too); the rest re-reads only what changed.
+            finalists = {c.process.pid for r in self.warm.rankings.values() for c in r.candidates[:RECHECK_DEPTH]}
+            snapshot = self.scanner.scan(details=self.plan.needed_details(), pids=pids, refresh=finalists)
         except (OSError, ValueError) as exc:
             # A scan that fails (meminfo unreadable, EMFILE, ENOMEM) is a fault of this poll, not
             # the end of the daemon: log it, keep no ranking (a stale one is never acted on) and
@@ -417,7 +423,14 @@ class Daemon:
         for reading in readings:
             guard = self.plan.guard(reading.guard)
             totalpages = guard_totalpages(reading.memory, snapshot.page_size)
-            rankings[guard.name] = rank(snapshot, self.plan, guard, totalpages=totalpages, members=members[guard.name])
+            rankings[guard.name] = rank(
+                snapshot,
+                self.plan,
+                guard,
+                totalpages=totalpages,
+                members=members[guard.name],
+                previous=self.warm.rankings.get(guard.name),
+            )
         cost = time.perf_counter() - started
         self.warm = Warm(rankings=rankings, snapshot=snapshot, scanned_at=now, scan_cost_s=cost)
         self.log.debug("ranking_refreshed", processes=len(snapshot.processes), scan_ms=round(cost * 1000, 2))

@@ -407,10 +407,12 @@ def _pread(fd: int) -> bytes | None:
 
 
 def _open_held(path: bytes) -> int | None:
+    """An fd to keep, or None: the process is gone, or no fd is left to keep (EMFILE,
+    ENFILE), in which case the file is read by path, as read_snapshot() does."""
     try:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
-        if exc.errno in _GONE_ERRNOS:
+        if exc.errno in _GONE_ERRNOS or exc.errno in (errno.EMFILE, errno.ENFILE):
             return None
         raise
 
