@@ -220,7 +220,8 @@ class Reader:
                 entries: dict[str, Value] = {}
                 while self.pos < end:
                     self.align(8)
-                    entries[str(self._read_one(key_sig))] = self._read_one(value_sig)
+                    key = str(self._read_one(key_sig))  # before the value: an assignment evaluates its right side first
+                    entries[key] = self._read_one(value_sig)
                 return entries
             items: list[Value] = []
             while self.pos < end:
