@@ -5,11 +5,13 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from tests.helpers_proc import CHILDREN, IDLE, recorded_children
+from uoomd.readings import ProcessInfo
 from uoomd.sources import procfs
 
 pytestmark = pytest.mark.unit
@@ -190,3 +192,209 @@ def test_read_oom_score_of_a_missing_pid_is_none() -> None:
 def test_unknown_detail_is_a_programming_error() -> None:
     with pytest.raises(ValueError, match="unknown process details"):
         procfs.read_snapshot(IDLE, details=frozenset({"environ"}))
+
+
+# --- ProcScanner: the incremental scan --------------------------------------------------
+
+
+def _user_pid(root: Path) -> int:
+    """A user process of the recorded tree (not init, not a kernel thread)."""
+    snap = procfs.read_snapshot(str(root))
+    return next(p.pid for p in snap.processes if not p.kthread and p.has_mm and p.pid != 1)
+
+
+def _set_stat_field(root: Path, pid: int, index: int, value: int) -> None:
+    """Rewrite one field (0-based after the comm) of a recorded stat line in place, so a
+    held fd on the file sees it, as it sees a live process's new line."""
+    path = root / str(pid) / "stat"
+    data = path.read_bytes()
+    close_at = data.rfind(b")")
+    rest = data[close_at + 2 :].split(b" ")
+    rest[index] = b"%d" % value
+    path.write_bytes(data[: close_at + 2] + b" ".join(rest))
+
+
+def _set_status_kib(root: Path, pid: int, key: str, kib: int) -> None:
+    path = root / str(pid) / "status"
+    lines = [
+        f"{key}:\t{kib:8d} kB" if line.startswith(f"{key}:") else line
+        for line in path.read_text(errors="surrogateescape").split("\n")
+    ]
+    path.write_text("\n".join(lines), errors="surrogateescape")
+
+
+def _without_status_time(p: ProcessInfo) -> ProcessInfo:
+    return replace(p, status_read_at=None)
+
+
+def test_scanner_first_scan_equals_read_snapshot(tmp_path: Path) -> None:
+    root = _copy_tree(tmp_path)
+    details = frozenset({"cmdline", "exe", "cgroup", "user"})
+    with procfs.ProcScanner(str(root)) as scanner:
+        snap = scanner.scan(details)
+    fresh = procfs.read_snapshot(str(root), details=details)
+    assert tuple(_without_status_time(p) for p in snap.processes) == fresh.processes
+    assert all(p.status_read_at == snap.taken_at for p in snap.processes if not p.kthread)
+
+
+def test_scanner_hands_back_the_same_object_for_an_unchanged_process(tmp_path: Path) -> None:
+    root = _copy_tree(tmp_path)
+    pid = _user_pid(root)
+    with procfs.ProcScanner(str(root)) as scanner:
+        first = {int(p.pid): p for p in scanner.scan().processes}
+        second = scanner.scan()
+    again = {int(p.pid): p for p in second.processes}
+    assert again[pid] is first[pid]
+    read_at = again[pid].status_read_at
+    assert read_at is not None
+    assert read_at < second.taken_at  # carried over: not this scan's
+
+
+def test_scanner_rereads_status_when_the_stat_line_changes(tmp_path: Path) -> None:
+    root = _copy_tree(tmp_path)
+    pid = _user_pid(root)
+    with procfs.ProcScanner(str(root)) as scanner:
+        scanner.scan()
+        _set_stat_field(root, pid, 21, 777_777)  # rss: the process faulted
+        _set_status_kib(root, pid, "VmPTE", 4444)
+        snap = scanner.scan()
+    info = next(p for p in snap.processes if p.pid == pid)
+    assert info.mm_rss_pages == 777_777
+    assert info.pgtables_bytes == 4444 << 10
+    assert info.status_read_at == snap.taken_at
+
+
+def test_scanner_carries_status_of_an_unchanged_stat_until_the_rotation(tmp_path: Path) -> None:
+    # The documented approximation: status alone changing (a THP collapse freeing a page
+    # table, say) is seen at the latest STATUS_EVERY_SCANS scans later.
+    root = _copy_tree(tmp_path)
+    every = 4
+    snap = procfs.read_snapshot(str(root))
+    # Re-reads are spread over the rotation by PID: take one not due at the very next scan.
+    pid = next(p.pid for p in snap.processes if not p.kthread and p.has_mm and p.pid != 1 and p.pid % every)
+    with procfs.ProcScanner(str(root), status_every_scans=every) as scanner:
+        old = next(p for p in scanner.scan().processes if p.pid == pid).pgtables_bytes
+        _set_status_kib(root, pid, "VmPTE", 4444)
+        assert old != 4444 << 10
+        seen = [next(p for p in scanner.scan().processes if p.pid == pid).pgtables_bytes for _ in range(every)]
+    assert seen[0] == old
+    assert seen[-1] == 4444 << 10
+
+
+def test_scanner_reads_oom_score_adj_at_every_scan(tmp_path: Path) -> None:
+    root = _copy_tree(tmp_path)
+    pid = _user_pid(root)
+    with procfs.ProcScanner(str(root)) as scanner:
+        scanner.scan()
+        (root / str(pid) / "oom_score_adj").write_bytes(b"913\n")
+        info = next(p for p in scanner.scan().processes if p.pid == pid)
+    assert info.oom_score_adj == 913
+
+
+def test_scanner_refresh_rereads_the_named_processes(tmp_path: Path) -> None:
+    root = _copy_tree(tmp_path)
+    pid = _user_pid(root)
+    with procfs.ProcScanner(str(root), status_every_scans=1000) as scanner:
+        scanner.scan()
+        _set_status_kib(root, pid, "VmPTE", 4444)
+        snap = scanner.scan(refresh=[pid])
+        assert 1 <= scanner.status_reads <= 2  # this one, and one other if the rotation is due
+    info = next(p for p in snap.processes if p.pid == pid)
+    assert info.pgtables_bytes == 4444 << 10
+    assert info.status_read_at == snap.taken_at
+
+
+def test_scanner_reads_details_asked_for_later(tmp_path: Path) -> None:
+    root = _copy_tree(tmp_path)
+    with procfs.ProcScanner(str(root)) as scanner:
+        scanner.scan()
+        snap = scanner.scan(frozenset({"cmdline"}))
+    assert all(p.cmdline is not None for p in snap.processes if not p.kthread)
+
+
+def test_scanner_follows_a_recycled_pid_as_a_new_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A held fd pins the struct pid it was opened for: once that process is gone, pread
+    # answers ESRCH (tests/integration checks the real kernel does), and the PID's files
+    # now show the new process.
+    root = _copy_tree(tmp_path)
+    pid = _user_pid(root)
+    real_pread, real_close = os.pread, os.close
+    dead: set[int] = set()
+
+    def fake_pread(fd: int, size: int, offset: int) -> bytes:
+        if fd in dead:
+            raise ProcessLookupError(errno.ESRCH, "No such process")
+        return real_pread(fd, size, offset)
+
+    def fake_close(fd: int) -> None:
+        dead.discard(fd)  # the number may be reused by a new open: that one is alive
+        real_close(fd)
+
+    monkeypatch.setattr(os, "pread", fake_pread)
+    monkeypatch.setattr(os, "close", fake_close)
+    with procfs.ProcScanner(str(root)) as scanner:
+        old = next(p for p in scanner.scan().processes if p.pid == pid)
+        dead.update(int(fd) for fd in os.listdir("/proc/self/fd"))  # every fd open now: old incarnations
+        _set_stat_field(root, pid, 19, old.starttime_ticks + 5000)
+        held = scanner.held_fds
+        new = next(p for p in scanner.scan().processes if p.pid == pid)
+        assert scanner.held_fds == held
+    assert new.starttime_ticks == old.starttime_ticks + 5000
+    assert new.key != old.key
+
+
+def test_scanner_forgets_vanished_processes_and_closes_their_fds(tmp_path: Path) -> None:
+    root = _copy_tree(tmp_path)
+    pid = _user_pid(root)
+    with procfs.ProcScanner(str(root)) as scanner:
+        scanner.scan()
+        held = scanner.held_fds
+        shutil.rmtree(root / str(pid))
+        snap = scanner.scan()
+        assert scanner.held_fds == held - 2  # stat and oom_score_adj
+    assert pid not in {p.pid for p in snap.processes}
+
+
+def test_scanner_close_releases_every_fd(tmp_path: Path) -> None:
+    root = _copy_tree(tmp_path)
+    before = len(os.listdir("/proc/self/fd"))
+    scanner = procfs.ProcScanner(str(root))
+    scanner.scan()
+    assert len(os.listdir("/proc/self/fd")) == before + scanner.held_fds > before
+    scanner.close()
+    assert scanner.held_fds == 0
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert scanner.scan().processes  # usable again after close()
+    scanner.close()
+
+
+def test_scanner_without_an_fd_budget_reads_by_path(tmp_path: Path) -> None:
+    root = _copy_tree(tmp_path)
+    pid = _user_pid(root)
+    with procfs.ProcScanner(str(root), max_held_fds=0) as scanner:
+        first = scanner.scan()
+        _set_stat_field(root, pid, 21, 777_777)
+        second = scanner.scan()
+        assert scanner.held_fds == 0
+    assert len(first.processes) == len(second.processes)
+    assert next(p for p in second.processes if p.pid == pid).mm_rss_pages == 777_777
+
+
+def test_scanner_out_of_fds_falls_back_to_reads_by_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = _copy_tree(tmp_path)
+    real_open = os.open
+    opened = 0
+
+    def fake_open(path: bytes, flags: int, *args: int) -> int:
+        nonlocal opened
+        opened += 1
+        if opened > 5:  # the held fds after the fifth hit RLIMIT_NOFILE
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(path, flags, *args)
+
+    with procfs.ProcScanner(str(root)) as scanner:
+        monkeypatch.setattr(os, "open", fake_open)
+        with pytest.raises(OSError, match="Too many open files"):
+            scanner.scan()  # the reads by path need an fd too: the scan fails, loudly
+        monkeypatch.setattr(os, "open", real_open)
+        assert len(scanner.scan().processes) == len(procfs.read_snapshot(str(root)).processes)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.helpers_proc import (
     CHILDREN,
@@ -188,3 +192,85 @@ def test_recorded_adj_1000_hog_is_the_victim() -> None:
     assert ranking.best is not None
     assert ranking.best.process.name == "hog-adj-max"
     assert ranking.candidates[1].process.name == "hog-adj-pos"
+
+
+# --- rank(previous=): verdicts of unchanged processes are reused, results are identical ---
+
+
+def _mixed_snapshot() -> tuple[ProcessInfo, ...]:
+    return (
+        make_process(2, kthread=True, has_mm=False),
+        make_process(10, mm_rss_pages=100),
+        make_process(11, mm_rss_pages=300, oom_score_adj=200),
+        make_process(12, name="db", mm_rss_pages=900),
+        make_process(13, state="Z", has_mm=False),
+    )
+
+
+def test_rank_with_previous_reuses_verdicts_of_the_same_objects() -> None:
+    plan = make_plan(make_rule(0, protect=True, name="^db$"))
+    guard = plan.guards[0]
+    processes = _mixed_snapshot()
+    first = rank(make_snapshot(*processes), plan, guard, totalpages=TOTAL)
+    grown = make_process(10, mm_rss_pages=500_000)
+    again = make_snapshot(grown, *processes[2:])
+    second = rank(again, plan, guard, totalpages=TOTAL, previous=first)
+    assert second == rank(again, plan, guard, totalpages=TOTAL)
+    assert second.best is not None
+    assert second.best.process is grown  # rescored, now first
+    reused = {id(r) for r in (*first.candidates, *first.excluded)}
+    verdicts: list[Candidate | Exclusion] = [*second.candidates, *second.excluded]
+    by_pid = {r.process.pid: r for r in verdicts}
+    assert id(by_pid[Pid(11)]) in reused
+    assert id(by_pid[Pid(12)]) in reused
+    assert id(by_pid[Pid(10)]) not in reused
+
+
+def test_rank_with_previous_of_other_inputs_rescores_everything() -> None:
+    plan = make_plan()
+    guard = plan.guards[0]
+    snap = make_snapshot(*_mixed_snapshot())
+    first = rank(snap, plan, guard, totalpages=TOTAL)
+    second = rank(snap, plan, guard, totalpages=TOTAL // 2, previous=first)
+    assert second == rank(snap, plan, guard, totalpages=TOTAL // 2)
+    assert not {id(c) for c in second.candidates} & {id(c) for c in first.candidates}
+    other_plan = make_plan(make_rule(0, adjust=500, name="proc10"))
+    third = rank(snap, other_plan, other_plan.guards[0], totalpages=TOTAL, previous=first)
+    assert third == rank(snap, other_plan, other_plan.guards[0], totalpages=TOTAL)
+    assert third.best is not None
+    assert third.best.process.pid == 10
+
+
+@given(
+    sizes=st.lists(st.integers(min_value=0, max_value=10_000), min_size=1, max_size=12),
+    adjs=st.lists(st.integers(min_value=-1000, max_value=1000), min_size=12, max_size=12),
+    changed=st.sets(st.integers(min_value=0, max_value=11)),
+    adjust=st.integers(min_value=-1000, max_value=1000),
+)
+def test_rank_with_previous_equals_rank_without(
+    sizes: list[int], adjs: list[int], changed: set[int], adjust: int
+) -> None:
+    plan = make_plan(make_rule(0, adjust=adjust, name="^proc1"))
+    guard = plan.guards[0]
+    before = [make_process(10 + i, mm_rss_pages=n, oom_score_adj=adjs[i]) for i, n in enumerate(sizes)]
+    after = [
+        make_process(p.pid, mm_rss_pages=sizes[-1 - i], oom_score_adj=adjs[-1 - i]) if i in changed else p
+        for i, p in enumerate(before)
+    ]
+    first = rank(make_snapshot(*before), plan, guard, totalpages=TOTAL)
+    snap = make_snapshot(*after)
+    assert rank(snap, plan, guard, totalpages=TOTAL, previous=first) == rank(snap, plan, guard, totalpages=TOTAL)
+
+
+def test_is_exact_tells_carried_status_from_this_scans() -> None:
+    snap = replace(
+        make_snapshot(
+            make_process(10, mm_rss_pages=100),  # status read with stat (read_snapshot)
+            make_process(11, mm_rss_pages=200, status_read_at=10.0),  # read in this scan
+            make_process(12, mm_rss_pages=300, status_read_at=4.0),  # carried from an earlier scan
+        ),
+        taken_at=10.0,
+    )
+    ranking = rank(snap, make_plan(), make_guard(), totalpages=TOTAL)
+    assert {c.process.pid: ranking.is_exact(c) for c in ranking.candidates} == {10: True, 11: True, 12: False}
+    assert ranking.exact_count == 2
