@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers_proc import start_children, stop_children
+from tests.helpers_proc import make_plan, start_children, stop_children
 from uoomd import kernel
 from uoomd.readings import ProcessInfo, Snapshot
-from uoomd.scoring import kernel_badness, kernel_choice
-from uoomd.sources.procfs import read_oom_score, read_process, read_snapshot
+from uoomd.scoring import kernel_badness, kernel_choice, rank
+from uoomd.sources.procfs import ProcScanner, read_oom_score, read_process, read_snapshot
 
 pytestmark = pytest.mark.integration
 
@@ -117,3 +118,101 @@ def test_a_hog_at_adj_minus_1000_scores_zero_when_allowed(children: list[subproc
     if lowest.oom_score_adj != -1000:
         pytest.skip(f"no CAP_SYS_RESOURCE (uid {os.getuid()}): cannot set oom_score_adj -1000 (child {child.pid})")
     assert read_oom_score("/proc", lowest.pid) == 0
+
+
+# --- the incremental scanner on the real /proc ------------------------------------------
+
+GROWER_SCRIPT = """
+import mmap, sys
+bufs = []
+for line in sys.stdin:
+    cmd, arg = line.split()
+    if cmd == "grow":
+        buf = mmap.mmap(-1, int(arg) << 20)
+        for i in range(0, len(buf), 4096):
+            buf[i] = 1
+        bufs.append(buf)
+    elif cmd == "adj":
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(arg)
+    sys.stdout.write("done\\n"); sys.stdout.flush()
+"""
+
+
+def _tell(child: subprocess.Popen[bytes], command: str) -> None:
+    assert child.stdin is not None
+    assert child.stdout is not None
+    child.stdin.write(command.encode() + b"\n")
+    child.stdin.flush()
+    assert child.stdout.readline() == b"done\n"
+
+
+def test_a_held_proc_fd_answers_esrch_once_its_process_is_reaped() -> None:
+    # What ProcScanner's identity rests on: the fd pins the struct pid it was opened for,
+    # so a recycled PID can never answer through it (fs/proc/base.c get_proc_task()).
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    fd = os.open(f"/proc/{child.pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        assert os.pread(fd, 2048, 0).startswith(b"%d (" % child.pid)
+        child.kill()
+        child.wait()
+        with pytest.raises(ProcessLookupError):
+            os.pread(fd, 2048, 0)
+    finally:
+        os.close(fd)
+        stop_children([child])
+
+
+def test_scanner_oom_scores_equal_the_kernels_for_every_live_process(children: list[subprocess.Popen[bytes]]) -> None:
+    with ProcScanner() as scanner:
+        scanner.scan()
+        snap = scanner.scan()  # incremental: most status lines carried from the first scan
+        totalpages = _totalpages(snap)
+        carried = sum(1 for p in snap.processes if p.status_read_at is not None and p.status_read_at < snap.taken_at)
+        agree = stable = 0
+        for p in snap.processes:
+            theirs = read_oom_score("/proc", p.pid)
+            if theirs is None or not _same_memory(p, read_process("/proc", p.pid)):
+                continue
+            stable += 1
+            agree += _ours(p, totalpages, snap.page_size) == theirs
+    print(f"scanner oom_score agree {agree}/{stable}, {carried} with carried status ({len(snap.processes)} processes)")
+    assert carried > 0  # the incremental path was exercised
+    assert stable >= 0.9 * len(snap.processes)
+    assert agree >= 0.99 * stable
+
+
+def test_scanner_sees_a_live_child_grow_and_change_its_adj() -> None:
+    child = subprocess.Popen([sys.executable, "-c", GROWER_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        with ProcScanner() as scanner:
+            before = next(p for p in scanner.scan(pids=[child.pid]).processes)
+            _tell(child, "grow 64")
+            snap = scanner.scan(pids=[child.pid])
+            grown = snap.processes[0]
+            assert grown.mm_rss_pages is not None
+            assert before.mm_rss_pages is not None
+            assert grown.mm_rss_pages - before.mm_rss_pages >= (60 << 20) // snap.page_size
+            assert grown.status_read_at == snap.taken_at  # its stat changed: status re-read
+            assert grown.pgtables_bytes > before.pgtables_bytes  # 64 MiB touched needs 32 more PTE pages
+            _tell(child, "adj 700")
+            snap = scanner.scan(pids=[child.pid])
+            assert snap.processes[0].oom_score_adj == 700
+            totalpages = _totalpages(snap)
+            assert _ours(snap.processes[0], totalpages, snap.page_size) == read_oom_score("/proc", child.pid)
+    finally:
+        stop_children([child])
+
+
+def test_scanner_ranking_picks_the_kernels_top(children: list[subprocess.Popen[bytes]]) -> None:
+    plan = make_plan()
+    guard = plan.guards[0]
+    with ProcScanner() as scanner:
+        first = scanner.scan()
+        previous = rank(first, plan, guard, totalpages=_totalpages(first))
+        snap = scanner.scan()
+        ranking = rank(snap, plan, guard, totalpages=_totalpages(snap), previous=previous)
+    scores = {p.pid: read_oom_score("/proc", p.pid) or 0 for p in snap.processes}
+    top_score = max(scores.values())
+    assert ranking.best is not None
+    assert scores[ranking.best.process.pid] == top_score
