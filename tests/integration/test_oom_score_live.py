@@ -108,7 +108,10 @@ def test_kernels_top_pick_is_ours(children: list[subprocess.Popen[bytes]]) -> No
     ours = kernel_choice(snap, totalpages=totalpages)
     assert ours is not None
     assert ours.pid in kernel_tops
-    assert ours.name == "uoomd-t-max"  # adj 1000 beats 300 MiB at adj 0
+    if kernel_tops & {c.pid for c in children}:
+        # On a shared machine another session's adj-1000 hog (bench/) may outrank ours:
+        # faithfulness is the line above; among our children, adj 1000 beats 300 MiB at adj 0.
+        assert ours.name == "uoomd-t-max"
 
 
 def test_a_hog_at_adj_minus_1000_scores_zero_when_allowed(children: list[subprocess.Popen[bytes]]) -> None:
