@@ -11,6 +11,7 @@ min and max per run and the cost per process. The children are stopped by PID at
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
 import signal
 import statistics
@@ -30,12 +31,20 @@ from uoomd.scoring import Ranking, rank
 from uoomd.sources.procfs import ProcScanner, read_snapshot
 
 
-def start_sleepers(n: int) -> list[int]:
+def start_sleepers(n: int, busy: int = 0) -> list[int]:
+    """n children; the first ``busy`` of them wake every 100 ms and fault a page, so their
+    stat line changes between scans (the rest never run: the incremental scan's best case)."""
     pids = []
-    for _ in range(n):
+    for i in range(n):
         pid = os.fork()
         if pid == 0:  # child: sleep until killed, never return into the benchmark
             try:
+                if i < busy:
+                    while True:
+                        time.sleep(0.1)
+                        page = mmap.mmap(-1, 4096)
+                        page[0] = 1
+                        page.close()
                 while True:
                     signal.pause()
             finally:
@@ -125,16 +134,22 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--procs", type=int, default=2000)
     parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--busy", type=int, default=0, help="children that fault a page every 100 ms")
     args = parser.parse_args()
-    pids = start_sleepers(args.procs)
+    pids = start_sleepers(args.procs, args.busy)
+    incremental = Incremental(reuse_ranking=True)
     try:
         time.sleep(0.5)
+        slab_before = _slab_kib()
         results = {
             "uoomd read_snapshot+rank": timeit(uoomd_scan, args.runs),
             "uoomd ProcScanner.scan+rank": timeit(Incremental(reuse_ranking=False), args.runs),
-            "uoomd ProcScanner.scan+rank(previous=)": timeit(Incremental(reuse_ranking=True), args.runs),
+            "uoomd ProcScanner.scan+rank(previous=)": timeit(incremental, args.runs),
             "psutil process_iter (same reads, no rank)": timeit(psutil_scan, args.runs),
         }
+        held_slab_kib = _slab_kib() - slab_before
+        held_fds = incremental.scanner.held_fds
+        incremental.scanner.close()
     finally:
         stop_sleepers(pids)
     print(f"{'scanner':<44} {'procs':>6} {'median ms':>10} {'min ms':>8} {'max ms':>8} {'us/proc':>8}")
@@ -144,6 +159,21 @@ def main() -> int:
             f"{name:<44} {n:>6} {med * 1e3:>10.1f} {min(times) * 1e3:>8.1f} {max(times) * 1e3:>8.1f}"
             f" {med / n * 1e6:>8.1f}"
         )
+    scanner = incremental.scanner
+    assert incremental.previous is not None
+    print(
+        f"incremental, last scan: {incremental.exact}/{len(incremental.previous.candidates)} candidates exact, "
+        f"{scanner.status_reads} status reads, {held_fds} fds held; "
+        f"kernel Slab +{held_slab_kib} KiB while held (machine-wide, noisy)"
+    )
+    return 0
+
+
+def _slab_kib() -> int:
+    with open("/proc/meminfo", "rb") as f:
+        for line in f:
+            if line.startswith(b"Slab:"):
+                return int(line.split()[1])
     return 0
 
 
