@@ -514,8 +514,31 @@ class ProcScanner:
         forced = frozenset(refresh)
         root = self._root
         processes = []
+        tracked_get = self._tracked.get
+        scans = self._scans
+        pread = os.pread
         for pid in wanted:
-            info = self._scan_one(pid, b"%s/%d/" % (root, pid), details, pid in forced, taken_at)
+            tracked = tracked_get(pid)
+            stat_raw: bytes | None = None
+            if (
+                tracked is not None
+                and tracked.adj_fd >= 0
+                and scans < tracked.status_due
+                and pid not in forced
+                and (tracked.details is details or details <= tracked.details)
+            ):
+                # The common case spelled out (it runs for nearly every process of every
+                # scan): both held files read the same as last time, the process is as it was.
+                try:
+                    stat_raw = pread(tracked.stat_fd, _STAT_READ_SIZE, 0)
+                    if stat_raw == tracked.stat_raw and pread(tracked.adj_fd, _STAT_READ_SIZE, 0) == tracked.adj_raw:
+                        processes.append(tracked.info)
+                        continue
+                except OSError as exc:
+                    if exc.errno not in _GONE_ERRNOS:
+                        raise
+                    stat_raw = None
+            info = self._scan_one(pid, b"%s/%d/" % (root, pid), details, pid in forced, taken_at, stat_raw)
             if info is not None:
                 processes.append(info)
         if len(self._tracked) > len(wanted):
@@ -541,23 +564,21 @@ class ProcScanner:
                 os.close(fd)
                 self._held -= 1
 
-    def _scan_one(
-        self, pid: int, base: bytes, details: frozenset[str], forced: bool, taken_at: float
+    def _scan_one(  # noqa: PLR0917  (private, one call site)
+        self,
+        pid: int,
+        base: bytes,
+        details: frozenset[str],
+        forced: bool,
+        taken_at: float,
+        stat_raw: bytes | None,
     ) -> ProcessInfo | None:
+        """``stat_raw``: the stat line scan() already read through the held fd, if it did."""
         tracked = self._tracked.get(pid)
         if tracked is None:
             return self._discover(pid, base, details, taken_at)
-        try:
-            # _pread() inlined: this line runs for every process of every scan.
-            stat_raw: bytes | None = (
-                os.pread(tracked.stat_fd, _STAT_READ_SIZE, 0)
-                if tracked.stat_fd >= 0
-                else _read(base + b"stat", _STAT_READ_SIZE)
-            )
-        except OSError as exc:
-            if exc.errno not in _GONE_ERRNOS:
-                raise
-            stat_raw = None
+        if stat_raw is None:
+            stat_raw = _pread(tracked.stat_fd) if tracked.stat_fd >= 0 else _read(base + b"stat", _STAT_READ_SIZE)
         if stat_raw is None:
             # Gone; the PID may already belong to a new process: follow that one afresh.
             self._forget(pid)
