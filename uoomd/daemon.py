@@ -289,7 +289,7 @@ class Daemon:
         if self.desktop is not None:
             self.desktop.poll(now)
         self.notifier.watchdog(now)
-        self.notifier.update_status(now, self.status_line)
+        self.notifier.update_status(self.status_line)
         self.board.maybe_write(now, self._status(now))
         return self._next_timeout(now)
 

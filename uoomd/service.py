@@ -50,9 +50,12 @@ class Notifier:
     def status(self, status: str) -> None:
         self._send(f"STATUS={status}")
 
-    def update_status(self, now: float, line: Callable[[], str]) -> None:
+    def update_status(self, line: Callable[[], str]) -> None:
         """STATUS= when the line changed, at most once per STATUS_INTERVAL_S: `systemctl status`
-        stays current and a tick at poll_min costs no datagram (nor the line's formatting)."""
+        stays current and a tick at poll_min costs no datagram (nor the line's formatting).
+        Spaced by the clock at the send, not the tick's start, so one long tick cannot
+        bring two lines closer together."""
+        now = time.monotonic()
         if self._notifier is None or now - self._status_at < STATUS_INTERVAL_S:
             return
         text = line()

@@ -158,7 +158,7 @@ def test_status_follows_what_the_daemon_sees_at_most_once_a_second(
     notify.drain(2.0)
     stamps = [t for t, m in notify.messages if "STATUS" in m and "READY" not in m]
     gaps = [b - a for a, b in itertools.pairwise(stamps)]
-    # The daemon spaces them by its tick clock; a tick's own work shifts the send by up to ~0.1 s.
+    # The daemon spaces them >= 1 s at the send; our receive stamps can lag a busy machine a little.
     assert all(gap >= 0.8 for gap in gaps), f"STATUS more often than once a second: {gaps}"
     assert notify.messages[-1][1].get("STATUS", notify.messages[changed][1]["STATUS"]).startswith("mem ")
 
