@@ -271,3 +271,29 @@ def test_the_kill_line_carries_the_facts_the_kernel_prints_for_a_real_hog(
     assert line["trigger"] == "mem_available_term"
     assert line["rules"] == []
     assert line["badness"] > 0
+
+
+def test_a_kill_with_notify_desktop_sends_one_notice_and_a_missing_bus_is_a_log_line(
+    cgroup: TestCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
+) -> None:
+    def with_notices(term: str) -> str:
+        return policy(cgroup, tmp_path, term=term).replace(
+            'log_format = "json"', 'log_format = "json"\nnotify_desktop = true'
+        )
+
+    daemon = start_daemon(with_notices("1%"))
+    daemon.wait_for("started")
+    hog, _record = start_holding_hog(cgroup, tmp_path, 300)
+    daemon.policy_path.write_text(with_notices("60%"))
+    daemon.process.send_signal(signal.SIGHUP)
+    daemon.wait_for("victim_chosen", action="term")
+    assert hog.wait(10) == 0  # the hog exits on SIGTERM
+    kinds = ("desktop_notice_sent", "desktop_notice_failed", "desktop_notice_skipped")
+    assert wait_until(lambda: [e for e in daemon.events() if e.get("event") in kinds], 10), "no notice after a kill"
+    if not os.path.isdir("/run/user"):
+        skipped = daemon.wait_for("desktop_notice_skipped")
+        assert skipped["reason"] == "no session bus"
+    time.sleep(0.5)
+    assert daemon.process.poll() is None, "a notice must never stop the daemon"
+    notices = [e for e in daemon.events() if e.get("event") in kinds]
+    assert len({e.get("uid", -1) for e in notices}) == len(notices), "one notice per bus per victim"
