@@ -119,15 +119,21 @@ def psutil_scan() -> int:
     return len(rows)
 
 
-def timeit(fn: Callable[[], int], runs: int) -> tuple[list[float], int]:
-    fn()  # warm up caches (pwd, imports, dentries)
-    times = []
-    n = 0
+def timeit(scanners: dict[str, Callable[[], int]], runs: int) -> dict[str, tuple[list[float], int]]:
+    """Round-robin (A B C A B C ...), so a neighbour's load on this shared machine falls on
+    every scanner alike; one warm-up call each (pwd, imports, dentries, the held fds)."""
+    for fn in scanners.values():
+        fn()
+    results: dict[str, tuple[list[float], int]] = {name: ([], 0) for name in scanners}
     for _ in range(runs):
-        t0 = time.perf_counter()
-        n = fn()
-        times.append(time.perf_counter() - t0)
-    return times, n
+        for name, fn in scanners.items():
+            t0 = time.perf_counter()
+            n = fn()
+            elapsed = time.perf_counter() - t0
+            times, _n = results[name]
+            times.append(elapsed)
+            results[name] = (times, n)
+    return results
 
 
 def main() -> int:
@@ -138,15 +144,18 @@ def main() -> int:
     args = parser.parse_args()
     pids = start_sleepers(args.procs, args.busy)
     incremental = Incremental(reuse_ranking=True)
+    plain = Incremental(reuse_ranking=False)
     try:
         time.sleep(0.5)
         slab_before = _slab_kib()
-        results = {
-            "uoomd read_snapshot+rank": timeit(uoomd_scan, args.runs),
-            "uoomd ProcScanner.scan+rank": timeit(Incremental(reuse_ranking=False), args.runs),
-            "uoomd ProcScanner.scan+rank(previous=)": timeit(incremental, args.runs),
-            "psutil process_iter (same reads, no rank)": timeit(psutil_scan, args.runs),
+        scanners: dict[str, Callable[[], int]] = {
+            "uoomd read_snapshot+rank": uoomd_scan,
+            "uoomd ProcScanner.scan+rank": plain,
+            "uoomd ProcScanner.scan+rank(previous=)": incremental,
+            "psutil process_iter (same reads, no rank)": psutil_scan,
         }
+        results = timeit(scanners, args.runs)
+        plain.scanner.close()
         held_slab_kib = _slab_kib() - slab_before
         held_fds = incremental.scanner.held_fds
         incremental.scanner.close()
