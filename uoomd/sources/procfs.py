@@ -522,7 +522,8 @@ class ProcScanner:
             stat_raw: bytes | None = None
             if (
                 tracked is not None
-                and tracked.adj_fd >= 0
+                and tracked.adj_fd >= 0  # a user process (kernel threads hold no adj fd) ...
+                and tracked.stat_fd >= 0  # ... with both files held
                 and scans < tracked.status_due
                 and pid not in forced
                 and (tracked.details is details or details <= tracked.details)
