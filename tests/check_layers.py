@@ -55,7 +55,7 @@ def violations() -> list[str]:
             if top == "pydantic" and not module.startswith("policy."):
                 problems.append(f"uoomd/{rel}.py:{lineno}: pydantic is allowed only under uoomd/policy/")
             if top == "structlog":
-                problems.append(f"uoomd/{rel}.py:{lineno}: structlog costs the daemon 10 MiB of RSS (see uoomd/logs.py)")
+                problems.append(f"uoomd/{rel}.py:{lineno}: structlog costs the daemon 10 MiB RSS (uoomd/logs.py)")
     return problems
 
 
