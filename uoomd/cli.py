@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import TextIO
 
@@ -153,3 +154,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
         return ExitCode.OK
     except KeyboardInterrupt:
         return 130
+    except Exception:  # a bug: say so loudly, with its own exit code (not 1, which means "bad policy")
+        err.write("uoomd: internal error (a bug; please report it with this trace):\n")
+        err.write(traceback.format_exc())
+        return ExitCode.INTERNAL

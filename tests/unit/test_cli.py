@@ -108,3 +108,27 @@ def test_check_json_resolves_bytes() -> None:
     total = guard["memory_total_bytes"]
     assert total > 0
     assert guard["mem_available_term"]["bytes"] == int(total * 0.05)
+
+
+def test_a_bug_exits_70_with_a_trace_not_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    import uoomd.policy.load
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(uoomd.policy.load, "load_plan", broken)
+    code, _, err = run("check", str(ROOT / "etc" / "uoomd.toml"))
+    assert code == ExitCode.INTERNAL
+    assert "internal error" in err
+    assert "RuntimeError: boom" in err
+
+
+def test_explain_of_a_missing_pid_exits_4() -> None:
+    code, _, _ = run("explain", "999999999", "--policy", str(ROOT / "etc" / "uoomd.toml"))
+    assert code == ExitCode.NOT_FOUND
+
+
+def test_status_without_a_daemon_is_a_setup_error(tmp_path: Path) -> None:
+    code, _, err = run("status", "--state-file", str(tmp_path / "none.json"))
+    assert code == ExitCode.SETUP
+    assert "no state file" in err
