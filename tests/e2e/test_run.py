@@ -212,3 +212,30 @@ psi_mem_gate = "100%"
             assert chosen["pid"] == thrasher.pid
             assert chosen["trigger"].startswith("psi[0]")
         assert cg.oom_kill_count() == 0
+
+
+def test_after_kill_hook_runs_with_the_victims_facts(
+    cgroup: TestCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
+) -> None:
+    out = tmp_path / "hook.env"
+    # The hook program is the admin's choice (here a shell); uoomd itself never uses one.
+    hooks = f"""
+[hooks]
+after_kill = ["/bin/sh", "-c", "env | grep ^UOOMD_ | sort > \\"$0\\"", "{out}"]
+timeout = "5s"
+"""
+    daemon = start_daemon(policy(cgroup, tmp_path, extra=hooks))
+    daemon.wait_for("started")
+    record = tmp_path / "hog.rec"
+    hog = cgroup.spawn(
+        hog_argv(record, "--name", "hookhog", "--mib-per-step", "32", "--interval-ms", "5", "--max-mib", "900")
+    )
+    hog.wait(20)
+    assert wait_until(lambda: out.exists() and out.read_text(), 10)
+    env = dict(line.split("=", 1) for line in out.read_text().splitlines())
+    assert env["UOOMD_PID"] == str(hog.pid)
+    assert env["UOOMD_NAME"] == "hookhog"
+    assert env["UOOMD_SIGNAL"] == "SIGTERM"
+    assert env["UOOMD_GUARD"] == "test"
+    assert daemon.wait_for("action_result", action="hook", outcome="completed")
+    assert cgroup.oom_kill_count() == 0
