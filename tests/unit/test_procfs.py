@@ -398,3 +398,20 @@ def test_scanner_out_of_fds_falls_back_to_reads_by_path(tmp_path: Path, monkeypa
             scanner.scan()  # the reads by path need an fd too: the scan fails, loudly
         monkeypatch.setattr(os, "open", real_open)
         assert len(scanner.scan().processes) == len(procfs.read_snapshot(str(root)).processes)
+
+
+def test_scanner_keeps_the_status_of_a_process_that_ran_without_memory_change(tmp_path: Path) -> None:
+    root = _copy_tree(tmp_path)
+    pid = _user_pid(root)
+    with procfs.ProcScanner(str(root), status_every_scans=1000) as scanner:
+        before = next(p for p in scanner.scan().processes if p.pid == pid)
+        _set_stat_field(root, pid, 11, 99_999)  # utime: it ran
+        _set_stat_field(root, pid, 2, 4321)  # pgid: it called setpgid()
+        _set_status_kib(root, pid, "VmPTE", 4444)
+        ran = next(p for p in scanner.scan().processes if p.pid == pid)
+        assert ran.pgid == 4321  # stat's own fields are this scan's
+        assert ran.pgtables_bytes == before.pgtables_bytes  # status carried: same name, vsize, rss
+        assert ran.status_read_at == before.status_read_at
+        _set_stat_field(root, pid, 20, before.vm_size_bytes + (1 << 20))  # mmap(): vsize moved
+        moved = next(p for p in scanner.scan().processes if p.pid == pid)
+    assert moved.pgtables_bytes == 4444 << 10

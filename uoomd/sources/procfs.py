@@ -3,7 +3,9 @@
 This is the hot path of the daemon: every poll that needs a victim scans every PID.
 Files are read with ``os.open``/``os.read`` on prebuilt byte paths (bench/scan.py
 measures this against psutil), kernel threads cost one read, and the expensive
-details (cmdline, exe, cgroup, user) are read only when asked for.
+details (cmdline, exe, cgroup, user) are read only when asked for. read_snapshot()
+reads everything afresh; ProcScanner (the daemon's warm ranking) keeps fds and parsed
+values between scans and re-reads only what can have changed.
 
 A process may vanish or deny access between any two reads: it is skipped, never an error.
 """
@@ -428,6 +430,7 @@ class _Tracked:
     info: ProcessInfo
     details: frozenset[str]
     status_due: int  # the scan number by which status is re-read even if stat did not change
+    stat_rss_pages: int = 0  # stat's rss counter when status was last read
 
 
 def default_held_fd_budget() -> int:
@@ -451,10 +454,12 @@ class ProcScanner:
     of every process are always this scan's.
 
     /proc/PID/status (uid, RssAnon/File/Shmem, VmSwap, VmPTE; 13.6 us, the dearest read)
-    and the details are re-read only when the stat line changed since the last scan (the
-    process ran, faulted, exec'd or its rss moved), when the caller names the PID in
-    ``refresh``, and for every process at least every STATUS_EVERY_SCANS scans. Otherwise
-    they are carried over from the earlier scan, and ProcessInfo.status_read_at says so.
+    and the details are re-read only when the process's memory or name changed since
+    (stat's rss counter, vsize or comm), when the caller names the PID in ``refresh``, and
+    for every process at least every STATUS_EVERY_SCANS scans. Otherwise they are carried
+    over from the earlier scan, and ProcessInfo.status_read_at says so. An unchanged stat
+    line and oom_score_adj hand back the very same ProcessInfo object, which lets
+    scoring.rank(previous=) reuse its verdict.
 
     Costs: one held fd per kernel thread, two per user process (at most ``max_held_fds``;
     beyond that, processes are read by path each scan), and kernel memory charged to
@@ -625,6 +630,26 @@ class ProcScanner:
         if stat.starttime_ticks != info.starttime_ticks:
             self._forget(pid)  # a recycled PID read by path
             return self._discover(pid, base, details, taken_at)
+        if (
+            not forced
+            and self._scans < tracked.status_due
+            and details <= tracked.details
+            and stat.name == info.name
+            and stat.vsize_bytes == info.vm_size_bytes
+            and stat.rss_pages == tracked.stat_rss_pages
+        ):
+            # It ran (CPU times, fault counts moved) but its memory did not: same name (no
+            # exec), same mapped size, same rss counter. Page tables and swap move with those
+            # (a fault that needs a page table or brings a page back from swap raises rss;
+            # munmap shrinks vsize; reclaim to swap lowers rss), so the status read stands.
+            # What slips through (a khugepaged collapse freeing a page table) is caught by
+            # the rotation.
+            tracked.stat_raw = stat_raw
+            if (stat.state, stat.ppid, stat.pgid, adj) != (info.state, info.ppid, info.pgid, info.oom_score_adj):
+                info = replace(info, state=stat.state, ppid=Pid(stat.ppid), pgid=stat.pgid, oom_score_adj=adj)
+                tracked.adj_raw = adj_raw
+                tracked.info = info
+            return info
         status = self._read_status(base)
         if status is None:
             self._forget(pid)
@@ -635,6 +660,7 @@ class ProcScanner:
         tracked.info = info
         tracked.details = details
         tracked.status_due = self._scans + self._status_every
+        tracked.stat_rss_pages = stat.rss_pages
         return info
 
     def _read_status(self, base: bytes) -> StatusFields | None:
@@ -687,7 +713,7 @@ class ProcScanner:
             info = _user_info(base, pid, stat=stat, status=status, adj=adj, details=details, status_read_at=taken_at)
             # Spread the periodic status re-reads of processes found together over the rotation.
             due = self._scans + 1 + pid % self._status_every
-            tracked = _Tracked(stat_fd, adj_fd, stat_raw, adj_raw, info, details, due)
+            tracked = _Tracked(stat_fd, adj_fd, stat_raw, adj_raw, info, details, due, stat.rss_pages)
             return info
         finally:
             if tracked is not None:
