@@ -93,6 +93,7 @@ class Protection:
     mlocked: bool
     mlock_error: str | None
     nice: int | None
+    nofile: int | None = None  # the soft open-file limit after raising it
 
 
 def protect_self() -> Protection:
@@ -116,7 +117,19 @@ def protect_self() -> Protection:
         nice = os.getpriority(os.PRIO_PROCESS, 0)
     except OSError:
         nice = None
-    return Protection(oom_score_adj=adj, mlocked=mlocked, mlock_error=mlock_error, nice=nice)
+    return Protection(oom_score_adj=adj, mlocked=mlocked, mlock_error=mlock_error, nice=nice, nofile=_raise_nofile())
+
+
+def _raise_nofile() -> int | None:
+    # The warm scanner keeps two fds per process (procfs.ProcScanner, half the soft limit):
+    # systemd's default soft limit of 1024 would cover ~256 processes. The hard limit is ours to take.
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (OSError, ValueError):
+        return None
 
 
 def _mlockall() -> tuple[bool, str | None]:
