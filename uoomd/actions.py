@@ -11,91 +11,22 @@ Protocols below, so it depends on their shape, not on their module.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import os
 import platform
 import select
 import signal
-import subprocess
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
+from uoomd.hooks import HookRunner
 from uoomd.plan import VictimKind
 from uoomd.readings import Pid, ProcessKey
-
-# --------------------------------------------------------------------------------------------
-# Results
-
-
-class Outcome(StrEnum):
-    """What happened to one action; a closed set the daemon and tests match on."""
-
-    SENT = "sent"  # the signal was delivered (or cgroup.kill written)
-    GONE = "gone"  # the process exited before we acted: good, nothing to do
-    RECYCLED = "recycled"  # the PID now belongs to another process: nothing was sent
-    REFUSED = "refused"  # a safety check (or the kernel, for process_mrelease) said no
-    DRY_RUN = "dry_run"  # would have acted; sent nothing
-    RELEASED = "released"  # process_mrelease() reaped the victim's memory
-    NOT_SUPPORTED = "not_supported"  # the kernel or architecture lacks the call
-    FAILED = "failed"  # an unexpected errno, a hook that exited non-zero or could not start
-    STARTED = "started"  # a hook was started; its result comes from Executor.poll()
-    COMPLETED = "completed"  # a hook exited 0
-    TIMED_OUT = "timed_out"  # a hook outlived its timeout; its process group was killed
-    RECORDED = "recorded"  # a Record action: nothing to execute, the daemon logs it
-
-
-class ActionKind(StrEnum):
-    SIGNAL = "signal"
-    RELEASE = "release"
-    CGROUP_KILL = "cgroup_kill"
-    HOOK = "hook"
-    RECORD = "record"
-
-
-Scalar = str | int | float | bool | None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ActionResult:
-    """The outcome of one action, with its facts as key/values (never formatted into a message)."""
-
-    kind: ActionKind
-    outcome: Outcome
-    guard: str | None = None
-    pid: int | None = None
-    details: tuple[tuple[str, Scalar], ...] = ()
-
-    def fields(self) -> dict[str, Scalar]:
-        """Everything as one flat mapping, ready for ``log.info("action_executed", **fields)``."""
-        out: dict[str, Scalar] = {"action": self.kind.value, "outcome": self.outcome.value}
-        if self.guard is not None:
-            out["guard"] = self.guard
-        if self.pid is not None:
-            out["pid"] = self.pid
-        out.update(self.details)
-        return out
-
-    def detail(self, key: str) -> Scalar:
-        return dict(self.details).get(key)
-
-
-def _result(
-    kind: ActionKind, outcome: Outcome, *, pid: int | None = None, guard: str | None = None, **details: Scalar
-) -> ActionResult:
-    return ActionResult(kind=kind, outcome=outcome, pid=pid, guard=guard, details=tuple(details.items()))
-
-
-def _errno_result(kind: ActionKind, exc: OSError, *, pid: int | None = None, **details: Scalar) -> ActionResult:
-    code = exc.errno or 0
-    outcome = Outcome.GONE if code == errno.ESRCH else Outcome.FAILED
-    details["errno"] = errno.errorcode.get(code, str(code))
-    return ActionResult(kind=kind, outcome=outcome, pid=pid, details=tuple(details.items()))
-
+from uoomd.results import ActionKind, ActionResult, Outcome, Scalar, errno_result, make_result
 
 # --------------------------------------------------------------------------------------------
 # The shapes of the decision core's actions (uoomd/decision.py), read by attribute.
@@ -307,12 +238,12 @@ def send_signal(pidfd: PidFd, sig: int) -> ActionResult:
     if reason is None and pidfd.kthread:
         reason = "kernel thread"
     if reason is not None:
-        return _result(ActionKind.SIGNAL, Outcome.REFUSED, pid=pid, signal=_signame(sig), reason=reason)
+        return make_result(ActionKind.SIGNAL, Outcome.REFUSED, pid=pid, signal=_signame(sig), reason=reason)
     try:
         signal.pidfd_send_signal(pidfd.fd, sig)
     except OSError as exc:
-        return _errno_result(ActionKind.SIGNAL, exc, pid=pid, signal=_signame(sig))
-    return _result(ActionKind.SIGNAL, Outcome.SENT, pid=pid, signal=_signame(sig))
+        return errno_result(ActionKind.SIGNAL, exc, pid=pid, signal=_signame(sig))
+    return make_result(ActionKind.SIGNAL, Outcome.SENT, pid=pid, signal=_signame(sig))
 
 
 def _signame(sig: int) -> str:
@@ -357,21 +288,23 @@ def release_memory(pidfd: PidFd) -> ActionResult:
     pid = pidfd.key.pid
     nr = process_mrelease_nr()
     if nr is None:
-        return _result(ActionKind.RELEASE, Outcome.NOT_SUPPORTED, pid=pid, errno="ENOSYS", machine=platform.machine())
+        return make_result(
+            ActionKind.RELEASE, Outcome.NOT_SUPPORTED, pid=pid, errno="ENOSYS", machine=platform.machine()
+        )
     if pidfd.fd < 0:
-        return _result(ActionKind.RELEASE, Outcome.GONE, pid=pid)
+        return make_result(ActionKind.RELEASE, Outcome.GONE, pid=pid)
     code = _mrelease(nr, pidfd.fd)
     if code == 0:
-        return _result(ActionKind.RELEASE, Outcome.RELEASED, pid=pid)
+        return make_result(ActionKind.RELEASE, Outcome.RELEASED, pid=pid)
     name = errno.errorcode.get(code, str(code))
     if code == errno.ESRCH:
-        return _result(ActionKind.RELEASE, Outcome.GONE, pid=pid, errno=name)
+        return make_result(ActionKind.RELEASE, Outcome.GONE, pid=pid, errno=name)
     if code == errno.EINVAL:
-        return _result(ActionKind.RELEASE, Outcome.REFUSED, pid=pid, errno=name, reason="process is not dying")
+        return make_result(ActionKind.RELEASE, Outcome.REFUSED, pid=pid, errno=name, reason="process is not dying")
     if code in (errno.ENOSYS, errno.EPERM):
         # EPERM: a seccomp filter without the call (earlyoom#315 had SIGSYS for the same reason).
-        return _result(ActionKind.RELEASE, Outcome.NOT_SUPPORTED, pid=pid, errno=name)
-    return _result(ActionKind.RELEASE, Outcome.FAILED, pid=pid, errno=name)
+        return make_result(ActionKind.RELEASE, Outcome.NOT_SUPPORTED, pid=pid, errno=name)
+    return make_result(ActionKind.RELEASE, Outcome.FAILED, pid=pid, errno=name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,20 +325,22 @@ def signal_process_group(proc_root: str, key: ProcessKey, pgid: int, sig: int) -
     """killpg(pgid), but only after the pidfd of ``key`` verified that the victim is alive and in ``pgid``."""
     reason = refusal_reason(key.pid) or pgid_refusal_reason(pgid)
     if reason is not None:
-        return _result(ActionKind.SIGNAL, Outcome.REFUSED, pid=key.pid, pgid=pgid, signal=_signame(sig), reason=reason)
+        return make_result(
+            ActionKind.SIGNAL, Outcome.REFUSED, pid=key.pid, pgid=pgid, signal=_signame(sig), reason=reason
+        )
     opened = open_victim_checked(proc_root, key)
     if not isinstance(opened, PidFd):
-        return _result(ActionKind.SIGNAL, Outcome(opened.value), pid=key.pid, pgid=pgid, signal=_signame(sig))
+        return make_result(ActionKind.SIGNAL, Outcome(opened.value), pid=key.pid, pgid=pgid, signal=_signame(sig))
     with opened:
         if opened.kthread:
-            return _result(
+            return make_result(
                 ActionKind.SIGNAL, Outcome.REFUSED, pid=key.pid, pgid=pgid, signal=_signame(sig), reason="kernel thread"
             )
         # The pgid was re-read from stat after the pidfd was opened: the verified victim is a member
         # now. A group cannot be re-numbered while it has a member (kernel/pid.c free_pid() waits
         # for every PIDTYPE_PGID user), so the number still names the victim's group at killpg().
         if opened.pgid != pgid:
-            return _result(
+            return make_result(
                 ActionKind.SIGNAL,
                 Outcome.REFUSED,
                 pid=key.pid,
@@ -417,8 +352,8 @@ def signal_process_group(proc_root: str, key: ProcessKey, pgid: int, sig: int) -
         try:
             os.killpg(pgid, sig)
         except OSError as exc:
-            return _errno_result(ActionKind.SIGNAL, exc, pid=key.pid, pgid=pgid, signal=_signame(sig))
-        return _result(ActionKind.SIGNAL, Outcome.SENT, pid=key.pid, pgid=pgid, signal=_signame(sig))
+            return errno_result(ActionKind.SIGNAL, exc, pid=key.pid, pgid=pgid, signal=_signame(sig))
+        return make_result(ActionKind.SIGNAL, Outcome.SENT, pid=key.pid, pgid=pgid, signal=_signame(sig))
 
 
 # --------------------------------------------------------------------------------------------
@@ -478,7 +413,7 @@ def signal_cgroup(proc_root: str, cgroup_dir: str, sig: int, cgroup_roots: Itera
     pids = read_cgroup_pids(real)
     reason = cgroup_refusal_reason(real, roots, pids)
     if reason is not None:
-        return _result(ActionKind.CGROUP_KILL, Outcome.REFUSED, cgroup=real, signal=_signame(sig), reason=reason)
+        return make_result(ActionKind.CGROUP_KILL, Outcome.REFUSED, cgroup=real, signal=_signame(sig), reason=reason)
     kill_file = os.path.join(real, "cgroup.kill")
     if sig == signal.SIGKILL and os.path.isfile(kill_file):
         try:
@@ -486,9 +421,9 @@ def signal_cgroup(proc_root: str, cgroup_dir: str, sig: int, cgroup_roots: Itera
                 f.write("1")
         except OSError as exc:
             if exc.errno == errno.ENOENT:
-                return _result(ActionKind.CGROUP_KILL, Outcome.GONE, cgroup=real, signal=_signame(sig))
-            return _errno_result(ActionKind.CGROUP_KILL, exc, cgroup=real, signal=_signame(sig))
-        return _result(
+                return make_result(ActionKind.CGROUP_KILL, Outcome.GONE, cgroup=real, signal=_signame(sig))
+            return errno_result(ActionKind.CGROUP_KILL, exc, cgroup=real, signal=_signame(sig))
+        return make_result(
             ActionKind.CGROUP_KILL,
             Outcome.SENT,
             cgroup=real,
@@ -531,7 +466,7 @@ def _signal_members(proc_root: str, cgroup_dir: str, pids: list[int], sig: int) 
         for fd in fds.values():
             os.close(fd)
     outcome = Outcome.SENT if sent else Outcome.GONE
-    return _result(
+    return make_result(
         ActionKind.CGROUP_KILL,
         outcome,
         cgroup=cgroup_dir,
@@ -542,177 +477,6 @@ def _signal_members(proc_root: str, cgroup_dir: str, pids: list[int], sig: int) 
         gone=gone,
         refused=refused,
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Hooks
-
-HOOK_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
-HOOK_OUTPUT_LIMIT_BYTES = 4096
-
-
-def hook_environment(env: Iterable[tuple[str, str]]) -> dict[str, str]:
-    """A clean environment: a fixed PATH plus the UOOMD_* variables, nothing inherited.
-
-    Values (process names, cmdlines) are attacker-controlled; they travel as data, and a value
-    the kernel cannot carry (a NUL byte) is dropped rather than failing the hook."""
-    out = {"PATH": HOOK_PATH}
-    for key, value in env:
-        if key.startswith("UOOMD_") and key.replace("_", "").isalnum() and key.isascii() and "\0" not in value:
-            out[key] = value
-    return out
-
-
-class HookHandle:
-    """One running hook: started without a shell in its own session, polled, never waited on."""
-
-    def __init__(self, argv: tuple[str, ...], env: dict[str, str], timeout_s: float, now: float) -> None:
-        self.argv = argv
-        self.deadline = now + timeout_s
-        self.timeout_s = timeout_s
-        self.started_at = now
-        self.result: ActionResult | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._output = bytearray()
-        self._output_total_bytes = 0
-        self._killed = False
-        if not argv:
-            self.result = _result(ActionKind.HOOK, Outcome.FAILED, argv0="", error="empty argv")
-            return
-        try:
-            self._proc = subprocess.Popen(
-                argv,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                cwd="/",
-                close_fds=True,
-                # Its own session and process group (pgid == its pid), so a timeout can kill
-                # everything it forked, and a terminal's SIGINT for uoomd does not reach it.
-                start_new_session=True,
-            )
-        except (OSError, ValueError) as exc:
-            code = getattr(exc, "errno", None)
-            self.result = _result(
-                ActionKind.HOOK,
-                Outcome.FAILED,
-                argv0=argv[0] if argv else "",
-                errno=errno.errorcode.get(code, str(code)) if code else None,
-                error=type(exc).__name__,
-            )
-            return
-        assert self._proc.stdout is not None
-        # Drained without blocking at each poll; a hook that writes faster than we drain just
-        # blocks on its full pipe, which its timeout bounds.
-        os.set_blocking(self._proc.stdout.fileno(), False)
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    def _drain(self) -> None:
-        assert self._proc is not None
-        assert self._proc.stdout is not None
-        fd = self._proc.stdout.fileno()
-        while True:
-            try:
-                chunk = os.read(fd, 65536)
-            except BlockingIOError:
-                return
-            if not chunk:
-                return
-            self._output_total_bytes += len(chunk)
-            room = HOOK_OUTPUT_LIMIT_BYTES - len(self._output)
-            if room > 0:
-                self._output += chunk[:room]
-
-    def poll(self, now: float) -> ActionResult | None:
-        """The final result once the hook is reaped; None while it runs. Kills it past its deadline."""
-        if self.result is not None or self._proc is None:
-            return self.result
-        self._drain()
-        code = self._proc.poll()
-        if code is None:
-            if now >= self.deadline and not self._killed:
-                # Our own child, not yet reaped: its PID (== its pgid) cannot have been recycled.
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self._proc.pid, signal.SIGKILL)
-                self._killed = True
-            return None
-        if self._killed:
-            # The leader is reaped; also kill any member of its group that outlived it.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self._proc.pid, signal.SIGKILL)
-        self._drain()
-        assert self._proc.stdout is not None
-        self._proc.stdout.close()
-        outcome = Outcome.COMPLETED if code == 0 else Outcome.FAILED
-        if self._killed:
-            outcome = Outcome.TIMED_OUT
-        self.result = _result(
-            ActionKind.HOOK,
-            outcome,
-            pid=self._proc.pid,
-            argv0=self.argv[0],
-            exit_code=code,
-            duration_s=round(now - self.started_at, 3),
-            timeout_s=self.timeout_s,
-            output=self._output.decode("utf-8", errors="replace"),
-            output_bytes=self._output_total_bytes,
-        )
-        return self.result
-
-    def wait(self, timeout_s: float, interval_s: float = 0.01) -> ActionResult | None:
-        """Poll until finished or ``timeout_s`` passed (tests and shutdown; the loop uses poll())."""
-        end = time.monotonic() + timeout_s
-        while True:
-            now = time.monotonic()
-            result = self.poll(now)
-            if result is not None or now >= end:
-                return result
-            time.sleep(interval_s)
-
-
-def run_hook(
-    argv: tuple[str, ...], env: Iterable[tuple[str, str]], timeout_s: float, now: float | None = None
-) -> HookHandle:
-    """Start a hook and return at once; its result comes from ``handle.poll(now)``. Never raises.
-
-    Design: a polled handle, not a thread. The daemon loop already wakes every poll interval, the
-    result then lands in the loop's own log stream in order, timeouts need no lock, and the daemon
-    keeps a single thread (no thread stacks, nothing to join at shutdown)."""
-    return HookHandle(tuple(argv), hook_environment(env), timeout_s, time.monotonic() if now is None else now)
-
-
-class HookRunner:
-    """The running hooks of an executor: started by execute(), reaped by poll()."""
-
-    def __init__(self, timeout_s: float) -> None:
-        self.timeout_s = timeout_s
-        self.running: list[HookHandle] = []
-
-    def start(self, argv: tuple[str, ...], env: Iterable[tuple[str, str]], now: float) -> HookHandle:
-        handle = run_hook(argv, env, self.timeout_s, now)
-        if handle.result is None:
-            self.running.append(handle)
-        return handle
-
-    def poll(self, now: float) -> tuple[ActionResult, ...]:
-        done: list[ActionResult] = []
-        still: list[HookHandle] = []
-        for handle in self.running:
-            result = handle.poll(now)
-            if result is None:
-                still.append(handle)
-            else:
-                done.append(result)
-        self.running = still
-        return tuple(done)
-
-    def next_deadline(self) -> float | None:
-        """When the loop must wake to enforce a timeout (None: no hook running)."""
-        return min((h.deadline for h in self.running), default=None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -779,7 +543,7 @@ class LiveExecutor:
         try:
             result = self._dispatch(action)
         except OSError as exc:
-            result = _errno_result(kind, exc)  # ESRCH anywhere still reads as "gone"
+            result = errno_result(kind, exc)  # ESRCH anywhere still reads as "gone"
         guard = getattr(action, "guard", None)
         if guard is not None and result.guard is None:
             result = ActionResult(
@@ -796,7 +560,7 @@ class LiveExecutor:
             handle = self.hooks.start(action.argv, action.env, time.monotonic())
             if handle.result is not None:
                 return handle.result
-            return _result(ActionKind.HOOK, Outcome.STARTED, pid=handle.pid, argv0=action.argv[0])
+            return make_result(ActionKind.HOOK, Outcome.STARTED, pid=handle.pid, argv0=action.argv[0])
         if isinstance(action, ReleaseAction):
             return self._release(action.target)
         return _record_result(action)
@@ -805,19 +569,19 @@ class LiveExecutor:
         key, sig = action.target, action.signal
         reason = refusal_reason(key.pid)
         if reason is not None:
-            return _result(ActionKind.SIGNAL, Outcome.REFUSED, pid=key.pid, signal=_signame(sig), reason=reason)
+            return make_result(ActionKind.SIGNAL, Outcome.REFUSED, pid=key.pid, signal=_signame(sig), reason=reason)
         if action.dry_run:
             opened = open_victim_checked(self.proc_root, key)
             if isinstance(opened, PidFd):
                 opened.close()
-                return _result(
+                return make_result(
                     ActionKind.SIGNAL,
                     Outcome.DRY_RUN,
                     pid=key.pid,
                     signal=_signame(sig),
                     victim=action.victim_kind.value,
                 )
-            return _result(ActionKind.SIGNAL, Outcome(opened.value), pid=key.pid, signal=_signame(sig))
+            return make_result(ActionKind.SIGNAL, Outcome(opened.value), pid=key.pid, signal=_signame(sig))
         match action.victim_kind:
             case VictimKind.PROCESS:
                 pass
@@ -832,7 +596,7 @@ class LiveExecutor:
         if pidfd is None or pidfd.fd < 0:
             opened = open_victim_checked(self.proc_root, key)
             if not isinstance(opened, PidFd):
-                return _result(ActionKind.SIGNAL, Outcome(opened.value), pid=key.pid, signal=_signame(sig))
+                return make_result(ActionKind.SIGNAL, Outcome(opened.value), pid=key.pid, signal=_signame(sig))
             pidfd = opened
         result = send_signal(pidfd, sig)
         if result.outcome is Outcome.SENT:
@@ -847,14 +611,16 @@ class LiveExecutor:
         key = action.target
         opened = open_victim_checked(self.proc_root, key)
         if not isinstance(opened, PidFd):
-            return _result(ActionKind.CGROUP_KILL, Outcome(opened.value), pid=key.pid, signal=_signame(action.signal))
+            return make_result(
+                ActionKind.CGROUP_KILL, Outcome(opened.value), pid=key.pid, signal=_signame(action.signal)
+            )
         if action.cgroup is None:
             opened.close()
-            return _result(ActionKind.CGROUP_KILL, Outcome.REFUSED, pid=key.pid, reason="no cgroup given")
+            return make_result(ActionKind.CGROUP_KILL, Outcome.REFUSED, pid=key.pid, reason="no cgroup given")
         cgroup_dir = resolve_cgroup_dir(action.cgroup, self.cgroup_roots)
         if cgroup_dir is None:
             opened.close()
-            return _result(
+            return make_result(
                 ActionKind.CGROUP_KILL, Outcome.REFUSED, pid=key.pid, cgroup=action.cgroup, reason="not a cgroup"
             )
         result = signal_cgroup(self.proc_root, cgroup_dir, action.signal, self.cgroup_roots)
@@ -867,13 +633,13 @@ class LiveExecutor:
     def _kill_cgroup(self, action: CgroupKillAction) -> ActionResult:
         cgroup_dir = resolve_cgroup_dir(action.path, self.cgroup_roots)
         if cgroup_dir is None:
-            return _result(ActionKind.CGROUP_KILL, Outcome.REFUSED, cgroup=action.path, reason="not a cgroup")
+            return make_result(ActionKind.CGROUP_KILL, Outcome.REFUSED, cgroup=action.path, reason="not a cgroup")
         if action.dry_run:
             pids = read_cgroup_pids(cgroup_dir)
             reason = cgroup_refusal_reason(cgroup_dir, self.cgroup_roots, pids)
             if reason is not None:
-                return _result(ActionKind.CGROUP_KILL, Outcome.REFUSED, cgroup=cgroup_dir, reason=reason)
-            return _result(ActionKind.CGROUP_KILL, Outcome.DRY_RUN, cgroup=cgroup_dir, members=len(pids))
+                return make_result(ActionKind.CGROUP_KILL, Outcome.REFUSED, cgroup=cgroup_dir, reason=reason)
+            return make_result(ActionKind.CGROUP_KILL, Outcome.DRY_RUN, cgroup=cgroup_dir, members=len(pids))
         return signal_cgroup(self.proc_root, cgroup_dir, signal.SIGKILL, self.cgroup_roots)
 
     def _release(self, key: ProcessKey) -> ActionResult:
@@ -882,7 +648,7 @@ class LiveExecutor:
             return release_memory(pidfd)
         opened = open_victim_checked(self.proc_root, key)
         if not isinstance(opened, PidFd):
-            return _result(ActionKind.RELEASE, Outcome(opened.value), pid=key.pid)
+            return make_result(ActionKind.RELEASE, Outcome(opened.value), pid=key.pid)
         with opened:
             return release_memory(opened)
 
@@ -953,7 +719,7 @@ class RecordingExecutor:
         pid: int | None = None
         if isinstance(action, SignalAction | ReleaseAction):
             pid = action.target.pid
-        return _result(kind, Outcome.DRY_RUN, pid=pid, guard=getattr(action, "guard", None))
+        return make_result(kind, Outcome.DRY_RUN, pid=pid, guard=getattr(action, "guard", None))
 
     def mark_exited(self, key: ProcessKey) -> None:
         self.exited.add(key)

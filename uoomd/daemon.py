@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from uoomd import decision, pacing
-from uoomd.actions import ActionResult, Executor, LiveExecutor, Outcome
+from uoomd.actions import Executor, LiveExecutor
 from uoomd.decision import KillCgroup, Phase, Record, SendSignal, State
 from uoomd.desktop import DesktopNotices, kill_notice
 from uoomd.errors import ExitCode, PolicyError, SetupError
@@ -29,6 +29,7 @@ from uoomd.logs import Log, configure, escape
 from uoomd.plan import GuardPlan, Plan, PsiKind, ScopeKind
 from uoomd.policy.isolated import load_plan_isolated
 from uoomd.readings import GuardReading, MemoryReading, Observation, Pid, PressureReading, ProcessKey, Snapshot
+from uoomd.results import ActionResult, Outcome
 from uoomd.scoring import Candidate, Ranking, rank, score_process, uoomd_pids
 from uoomd.service import Notifier, protect_self
 from uoomd.sources import cgroup as cgroup_source

@@ -20,16 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from uoomd.actions import (
-    LiveExecutor,
-    Outcome,
-    open_victim,
-    read_stat_identity,
-    run_hook,
-)
+from uoomd.actions import LiveExecutor, open_victim, read_stat_identity
 from uoomd.decision import KillCgroup, ReleaseMemory, RunHook, SendSignal
+from uoomd.hooks import run_hook
 from uoomd.plan import VictimKind
 from uoomd.readings import Pid, ProcessKey
+from uoomd.results import Outcome
 
 pytestmark = pytest.mark.integration
 

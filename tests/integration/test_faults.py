@@ -27,12 +27,14 @@ import pytest
 from tests.cgroups import test_cgroup_or_skip
 from tests.e2e.daemon_runner import hog_argv, read_record, uoomd_command, wait_until
 from tests.helpers_proc import CHILDREN, make_guard, make_plan
-from uoomd.actions import Action, ActionKind, ActionResult, HookRunner, Outcome, RecordingExecutor
+from uoomd.actions import Action, RecordingExecutor
 from uoomd.daemon import Daemon
 from uoomd.decision import RunHook, SendSignal
+from uoomd.hooks import HookRunner
 from uoomd.logs import PipelineLogger, configure
 from uoomd.plan import Amount, HooksPlan, LogFormat, Plan, PsiAction, PsiKind, PsiTriggerPlan, Scope, ScopeKind
 from uoomd.readings import ProcessKey
+from uoomd.results import ActionKind, ActionResult, Outcome
 from uoomd.sources import psi as psi_source
 
 pytestmark = pytest.mark.integration

@@ -28,9 +28,10 @@ from tests.e2e.daemon_runner import RunningDaemon, daemon_fixture, hog_argv, rea
 from tests.helpers_proc import make_guard, make_plan, make_rule
 from tests.integration.test_actions import frozen
 from uoomd import logs
-from uoomd.actions import RecordingExecutor, run_hook
+from uoomd.actions import RecordingExecutor
 from uoomd.daemon import Daemon
 from uoomd.decision import RunHook
+from uoomd.hooks import run_hook
 from uoomd.plan import Amount, HooksPlan, LogFormat, Scope, ScopeKind
 from uoomd.readings import Pid
 from uoomd.scoring import rank

@@ -9,17 +9,12 @@ from pathlib import Path
 import pytest
 
 from uoomd.actions import (
-    HOOK_PATH,
     Action,
-    ActionKind,
-    ActionResult,
     LiveExecutor,
-    Outcome,
     PidFd,
     RecordingExecutor,
     action_kind,
     cgroup_refusal_reason,
-    hook_environment,
     parse_stat_identity,
     pgid_refusal_reason,
     process_mrelease_nr,
@@ -31,8 +26,10 @@ from uoomd.actions import (
     signal_cgroup,
 )
 from uoomd.decision import KillCgroup, Record, ReleaseMemory, RunHook, SendSignal
+from uoomd.hooks import HOOK_PATH, hook_environment
 from uoomd.plan import VictimKind
 from uoomd.readings import Pid, ProcessKey
+from uoomd.results import ActionKind, ActionResult, Outcome
 
 pytestmark = pytest.mark.unit
 

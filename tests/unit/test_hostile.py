@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 
 from tests.helpers_proc import make_guard, make_plan, make_process, make_rule, make_snapshot
 from uoomd import logs
-from uoomd.actions import hook_environment, parse_stat_identity
+from uoomd.actions import parse_stat_identity
 from uoomd.decision import Record, RunHook, initial_state, step
+from uoomd.hooks import hook_environment
 from uoomd.plan import HooksPlan, LogFormat
 from uoomd.readings import GuardReading, MemoryReading, Observation, Uid
 from uoomd.scoring import Candidate, Exclusion, rank, score_process
