@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import platform
 import select
 import signal
 import time
@@ -263,7 +262,7 @@ _LIBC = ctypes.CDLL(None, use_errno=True)  # loaded at import: not while memory 
 
 
 def process_mrelease_nr(machine: str | None = None) -> int | None:
-    return _MRELEASE_NR.get(machine if machine is not None else platform.machine())
+    return _MRELEASE_NR.get(machine if machine is not None else os.uname().machine)
 
 
 def _mrelease(nr: int, fd: int) -> int:
@@ -289,7 +288,7 @@ def release_memory(pidfd: PidFd) -> ActionResult:
     nr = process_mrelease_nr()
     if nr is None:
         return make_result(
-            ActionKind.RELEASE, Outcome.NOT_SUPPORTED, pid=pid, errno="ENOSYS", machine=platform.machine()
+            ActionKind.RELEASE, Outcome.NOT_SUPPORTED, pid=pid, errno="ENOSYS", machine=os.uname().machine
         )
     if pidfd.fd < 0:
         return make_result(ActionKind.RELEASE, Outcome.GONE, pid=pid)

@@ -18,12 +18,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from uoomd import decision, pacing
+
+if TYPE_CHECKING:
+    from uoomd.desktop import DesktopNotices
 from uoomd.actions import Executor, LiveExecutor
 from uoomd.decision import KillCgroup, Phase, Record, SendSignal, State
-from uoomd.desktop import DesktopNotices, kill_notice
 from uoomd.errors import ExitCode, PolicyError, SetupError
 from uoomd.logs import Log, configure, escape
 from uoomd.plan import GuardPlan, Plan, PsiKind, ScopeKind
@@ -528,6 +530,9 @@ class Daemon:
 
     def _notice_desktop(self, chosen: Record) -> None:
         """One desktop notice per victim, at its first signal; children, never a blocking call."""
+        # Imported here: only desktop policies pay its memory (0.6 MiB RSS measured).
+        from uoomd.desktop import DesktopNotices, kill_notice  # noqa: PLC0415
+
         if self.desktop is None:
             self.desktop = DesktopNotices(self.log)
         summary, body = kill_notice(chosen.as_dict())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import resource
 import time
@@ -135,10 +134,7 @@ def _raise_nofile() -> int | None:
 def _mlockall() -> tuple[bool, str | None]:
     # A daemon whose pages are swapped or evicted stalls exactly when memory is short.
     soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return False, "libc not found"
-    libc = ctypes.CDLL(libc_name, use_errno=True)
+    libc = ctypes.CDLL(None, use_errno=True)  # the libc already mapped: ctypes.util would cost ~1 MiB RSS
     if libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) == 0:
         return True, None
     err = ctypes.get_errno()
