@@ -21,9 +21,6 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from uoomd import decision, pacing
-
-if TYPE_CHECKING:
-    from uoomd.desktop import DesktopNotices
 from uoomd.actions import Executor, LiveExecutor
 from uoomd.decision import KillCgroup, Phase, Record, SendSignal, State
 from uoomd.errors import ExitCode, PolicyError, SetupError
@@ -40,6 +37,9 @@ from uoomd.sources.meminfo import MeminfoError
 from uoomd.sources.psi import PressureFileGone, PressureReader, PsiKindName, PsiTrigger, PsiTriggerGone, TriggerMode
 from uoomd.sources.scope import MemoryReader, open_memory_reader
 from uoomd.status import StatusBoard
+
+if TYPE_CHECKING:
+    from uoomd.desktop import DesktopNotices
 
 # The warm ranking may cost at most this share of one core: a rescan that took
 # 50 ms is not repeated within 50 ms / SCAN_CPU_SHARE.
