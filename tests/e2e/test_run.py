@@ -7,6 +7,7 @@ memcg OOM killer never had to act (oom_kill stays 0).
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -239,3 +240,23 @@ timeout = "5s"
     assert env["UOOMD_GUARD"] == "test"
     assert daemon.wait_for("action_result", action="hook", outcome="completed")
     assert cgroup.oom_kill_count() == 0
+
+
+def test_the_running_daemon_stays_small(
+    cgroup: TestCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
+) -> None:
+    # Like earlyoom's suite: pin the footprint. nohang 0.2 idles at ~17 MiB here (BENCHMARKS.md);
+    # uoomd's loop runs in an isolated interpreter without pydantic, psutil or structlog (~16 MiB).
+    daemon = start_daemon(policy(cgroup, tmp_path))
+    daemon.wait_for("started")
+    time.sleep(1.5)
+    pid = daemon.process.pid
+    with open(f"/proc/{pid}/status") as f:
+        rss_kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    fds = len(os.listdir(f"/proc/{pid}/fd"))
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        argv = f.read().split(b"\0")
+    assert b"-I" in argv, "the daemon should run in an isolated interpreter"
+    assert b"-S" in argv
+    assert rss_kib < 18 * 1024, f"daemon RSS {rss_kib} KiB"
+    assert fds < 32, f"daemon holds {fds} fds"
