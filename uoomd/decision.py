@@ -427,6 +427,31 @@ def step(state: State, obs: Observation, plan: Plan, rankings: Mapping[str, Rank
     return State(guards=tuple(new_states), kill_times=kill_times), actions
 
 
+def is_quiet(state: State, obs: Observation, plan: Plan) -> bool:
+    """True when :func:`step` would return no action and change nothing that matters: every
+    guard idle with no episode open, no PSI trigger fired or still active, no level crossed.
+
+    The daemon skips the step then, so a poll far from trouble costs a reading and a few
+    comparisons (a cold step costs ~350 us of an idle daemon's ~500 us per wake-up,
+    measured at poll_max = 1 s). tests/unit/test_decision_properties.py checks the claim
+    against step() itself."""
+    if obs.snapshot is not None:
+        return False
+    readings = {r.guard: r for r in obs.guards}
+    old = {gs.guard: gs for gs in state.guards}
+    for guard in plan.guards:
+        gs = old.get(guard.name)
+        reading = readings.get(guard.name)
+        if gs is None or reading is None or gs.phase is not Phase.IDLE or gs.victim is not None or gs.noted:
+            return False
+        if reading.psi_fired or any(t.active_since is not None for t in gs.psi) or len(gs.psi) != len(guard.psi):
+            return False
+        lv = levels(reading.memory, guard)
+        if lv.term_crossed or lv.kill_crossed:
+            return False
+    return True
+
+
 def _prune_stuck(gs: GuardState, snapshot: Snapshot | None) -> GuardState:
     """Forget stuck processes that no longer exist, so the set stays small.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from uoomd.decision import (
@@ -21,6 +21,7 @@ from uoomd.decision import (
     SendSignal,
     State,
     initial_state,
+    is_quiet,
     step,
 )
 from uoomd.plan import (
@@ -165,7 +166,13 @@ class Checker:
         )
         obs = Observation(now=self.now, guards=readings, alive=alive)
         before = self.state
+        quiet = is_quiet(before, obs, plan)
         self.state, actions = step(before, obs, plan, rankings)
+        event("quiet step" if quiet else "acting step")
+        if quiet:
+            # The daemon skips step() when is_quiet() says so: it must really be a no-op.
+            assert actions == []
+            assert self.state.guards == before.guards
         self.check(before, actions, rankings)
 
     def check(self, before: State, actions: list[Action], rankings: dict[str, Ranking]) -> None:
@@ -266,3 +273,4 @@ def test_a_run_that_always_kills_stays_under_the_rate_limit(data: st.DataObject,
     assert chosen  # the run did act
     for t in chosen:
         assert sum(1 for u in chosen if 0 <= t - u < RATE_WINDOW_S) <= max_kills
+
