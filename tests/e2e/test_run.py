@@ -11,30 +11,19 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.cgroups import TestCgroup, test_cgroup_or_skip
-from tests.e2e.daemon_runner import RunningDaemon, daemon_fixture, hog_argv, read_record, wait_until
+from tests.e2e.daemon_runner import RunningDaemon, hog_argv, read_record, wait_until
 from tests.thrash import THRASH_PROGRAM, thrash_file
 
 pytestmark = pytest.mark.e2e
 
 MIB = 1 << 20
 LIMIT = 512 * MIB
-
-
-@pytest.fixture
-def cgroup() -> Iterator[TestCgroup]:
-    with test_cgroup_or_skip(limit_bytes=LIMIT) as cg:
-        yield cg
-
-
-@pytest.fixture
-def start_daemon(tmp_path: Path) -> Iterator[Callable[..., RunningDaemon]]:
-    yield from daemon_fixture(tmp_path)
 
 
 def policy(

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cgroups import TestCgroup, test_cgroup_or_skip
-from tests.e2e.daemon_runner import RunningDaemon, daemon_fixture, hog_argv, read_record, uoomd_command, wait_until
+from tests.cgroups import TestCgroup
+from tests.e2e.daemon_runner import RunningDaemon, hog_argv, read_record, uoomd_command, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -79,17 +79,6 @@ def notify() -> Iterator[NotifySocket]:
         yield sock
     finally:
         sock.close()
-
-
-@pytest.fixture
-def cgroup() -> Iterator[TestCgroup]:
-    with test_cgroup_or_skip(limit_bytes=LIMIT) as cg:
-        yield cg
-
-
-@pytest.fixture
-def start_daemon(tmp_path: Path) -> Iterator[Callable[..., RunningDaemon]]:
-    yield from daemon_fixture(tmp_path)
 
 
 def policy(cg: TestCgroup, tmp_path: Path, *, term: str = "1%", kill: str = "0.5%", extra: str = "") -> str:

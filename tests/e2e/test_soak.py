@@ -11,14 +11,14 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.cgroups import TestCgroup, test_cgroup_or_skip
-from tests.e2e.daemon_runner import RunningDaemon, daemon_fixture, hog_argv, read_record
+from tests.cgroups import TestCgroup
+from tests.e2e.daemon_runner import RunningDaemon, hog_argv, read_record
 
 pytestmark = [pytest.mark.e2e, pytest.mark.soak]
 
@@ -26,17 +26,6 @@ MIB = 1 << 20
 LIMIT = 512 * MIB
 SOAK_S = float(os.environ.get("UOOMD_SOAK_S", "60"))
 RSS_GROWTH_MAX_KIB = 1024  # between the first and the last third, after warm-up
-
-
-@pytest.fixture
-def cgroup() -> Iterator[TestCgroup]:
-    with test_cgroup_or_skip(limit_bytes=LIMIT) as cg:
-        yield cg
-
-
-@pytest.fixture
-def start_daemon(tmp_path: Path) -> Iterator[Callable[..., RunningDaemon]]:
-    yield from daemon_fixture(tmp_path)
 
 
 @dataclass(frozen=True)
