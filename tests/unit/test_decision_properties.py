@@ -273,4 +273,3 @@ def test_a_run_that_always_kills_stays_under_the_rate_limit(data: st.DataObject,
     assert chosen  # the run did act
     for t in chosen:
         assert sum(1 for u in chosen if 0 <= t - u < RATE_WINDOW_S) <= max_kills
-
