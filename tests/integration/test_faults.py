@@ -425,3 +425,61 @@ mem_available_kill = "10%"
             except subprocess.TimeoutExpired:
                 daemon.kill()
                 daemon.wait()
+
+
+# --- the quiet path: a poll far from every level skips the step, never a crossing --------------
+
+BIG_TOTAL_KIB = 64 * 1024 * 1024
+BIG_PLENTY_KIB = 60 * 1024 * 1024
+BIG_LOW_KIB = 1024 * 1024  # under the 10 % term level of make_plan()
+
+
+def test_a_quiet_daemon_skips_the_step_far_from_trouble_and_acts_on_the_first_low_reading(
+    proc: FakeProc, harness: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import uoomd.decision
+
+    steps: list[float] = []
+    real_step = uoomd.decision.step
+
+    def counting_step(*args: Any, **kwargs: Any) -> Any:
+        steps.append(args[1].now)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(uoomd.decision, "step", counting_step)  # the daemon calls decision.step
+    clock = FakeClock()
+    h = harness(make_plan(), str(proc.root), clock=clock)
+    # A big machine far from its levels: a 4 GiB/s allocator needs seconds to get near them.
+    proc.meminfo(BIG_PLENTY_KIB, total_kib=BIG_TOTAL_KIB)
+    for _ in range(5):
+        clock.now += 1.0
+        h.daemon.tick(clock.now)
+    assert len(steps) <= 1, "far from every level the loop should not run the decision step at each poll"
+    proc.meminfo(BIG_LOW_KIB, total_kib=BIG_TOTAL_KIB)
+    clock.now += 1.0
+    h.daemon.tick(clock.now)
+    assert steps[-1] == clock.now, "the first reading under the term level must reach the decision core"
+    assert h.signals(), "and act at once"
+
+
+def test_a_quiet_daemon_still_does_a_full_tick_now_and_then(
+    proc: FakeProc, harness: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import uoomd.daemon
+
+    full: list[float] = []
+    real_full = uoomd.daemon.Daemon._full_tick
+
+    def counting_full(self: Daemon, now: float) -> float:
+        full.append(now)
+        return real_full(self, now)
+
+    monkeypatch.setattr(uoomd.daemon.Daemon, "_full_tick", counting_full)
+    clock = FakeClock()
+    proc.meminfo(BIG_PLENTY_KIB, total_kib=BIG_TOTAL_KIB)
+    h = harness(make_plan(), str(proc.root), clock=clock)
+    for _ in range(int(uoomd.daemon.QUIET_FULL_TICK_S) + 5):
+        clock.now += 1.0
+        h.daemon.tick(clock.now)
+    assert len(full) >= 2, "status, state file and stuck victims are refreshed by a periodic full tick"
+    assert len(full) <= 4
