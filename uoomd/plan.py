@@ -171,8 +171,10 @@ class Plan:
         return tuple(r for r in self.rules if not r.guards or guard_name in r.guards)
 
     def needed_details(self) -> frozenset[str]:
-        """Union of the expensive process details any rule needs."""
+        """Union of the expensive process details the rules, or a cgroup victim, need."""
         needed: set[str] = set()
         for rule in self.rules:
             needed |= rule.match.needs()
+        if any(g.victim is VictimKind.CGROUP for g in self.guards):
+            needed.add("cgroup")  # the victim's cgroup is what gets signalled
         return frozenset(needed)

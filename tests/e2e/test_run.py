@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.cgroups import TestCgroup, test_cgroup_or_skip
-from tests.e2e.daemon_runner import RunningDaemon, hog_argv, read_record, wait_until
+from tests.e2e.daemon_runner import HOGS, RunningDaemon, hog_argv, read_record, wait_until
 from tests.thrash import THRASH_PROGRAM, thrash_file
 
 pytestmark = pytest.mark.e2e
@@ -249,3 +249,51 @@ def test_the_running_daemon_stays_small(
     assert b"-S" in argv
     assert rss_kib < 18 * 1024, f"daemon RSS {rss_kib} KiB"
     assert fds < 32, f"daemon holds {fds} fds"
+
+
+_FORKING_HOG = """
+import os, subprocess, sys
+hogs, rec_parent, rec_child = sys.argv[1:4]
+# A helper in the same process group, holding nothing: only a group victim reaches it.
+subprocess.Popen([sys.executable, hogs, "--record", rec_child, "--max-mib", "0", "--hold"])
+os.execv(sys.executable, [sys.executable, hogs, "--record", rec_parent, "--mib-per-step", "32",
+                          "--interval-ms", "5", "--max-mib", "900", "--hold"])
+"""
+
+
+def test_process_group_victim_signals_the_whole_group(
+    cgroup: TestCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
+) -> None:
+    daemon = start_daemon(policy(cgroup, tmp_path, guard_extra='victim = "process-group"'))
+    daemon.wait_for("started")
+    parent_rec, child_rec = tmp_path / "parent.rec", tmp_path / "child.rec"
+    # Its own session: the group is the hog's, never the test's or the daemon's.
+    hog = cgroup.spawn(
+        [sys.executable, "-c", _FORKING_HOG, str(HOGS), str(parent_rec), str(child_rec)], start_new_session=True
+    )
+    hog.wait(20)
+    assert hog_events(parent_rec, "SIGTERM")
+    assert wait_until(lambda: hog_events(child_rec, "SIGTERM"), 10), "the group's other member was not signalled"
+    chosen = daemon.wait_for("victim_chosen", action="term")
+    assert chosen["pid"] == hog.pid
+    assert daemon.find("action_result", action="signal", outcome="sent", pid=hog.pid)
+    assert cgroup.oom_kill_count() == 0
+
+
+def test_cgroup_victim_signals_every_member_of_the_victims_cgroup(
+    cgroup: TestCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
+) -> None:
+    daemon = start_daemon(policy(cgroup, tmp_path, guard_extra='victim = "cgroup"'))
+    daemon.wait_for("started")
+    idle_rec, grow_rec = tmp_path / "idle.rec", tmp_path / "grow.rec"
+    idle = cgroup.spawn(hog_argv(idle_rec, "--max-mib", "0", "--hold"))
+    assert wait_until(lambda: hog_events(idle_rec, "HOLD"), 10)
+    grow = cgroup.spawn(hog_argv(grow_rec, "--mib-per-step", "32", "--interval-ms", "5", "--max-mib", "900", "--hold"))
+    grow.wait(20)
+    idle.wait(20)
+    assert hog_events(grow_rec, "SIGTERM")
+    assert hog_events(idle_rec, "SIGTERM"), "every member of the victim's cgroup is signalled"
+    chosen = daemon.wait_for("victim_chosen", action="term")
+    assert chosen["pid"] == grow.pid
+    assert chosen["victim_kind"] == "cgroup"
+    assert cgroup.oom_kill_count() == 0

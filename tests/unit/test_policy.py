@@ -251,3 +251,9 @@ def test_mutated_shipped_policy_loads_or_raises_policy_error(position: int, char
         parse_plan(mutated, "mutated.toml")
     except PolicyError as exc:
         assert exc.issues
+
+
+def test_a_cgroup_victim_makes_the_scan_read_each_process_cgroup() -> None:
+    plan = parse_plan('[[guard]]\nname = "system"\nvictim = "cgroup"\n')
+    assert plan.needed_details() == frozenset({"cgroup"})
+    assert parse_plan('[[guard]]\nname = "system"\n').needed_details() == frozenset()
