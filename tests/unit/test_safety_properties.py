@@ -181,6 +181,7 @@ class World:
             total_ram_bytes=TOTAL,
             total_swap_bytes=0,
             self_pid=Pid(SELF_PID),
+            details=frozenset({"cgroup"}),  # every generated process carries its cgroup
         )
 
 
