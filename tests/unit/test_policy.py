@@ -257,3 +257,18 @@ def test_a_cgroup_victim_makes_the_scan_read_each_process_cgroup() -> None:
     plan = parse_plan('[[guard]]\nname = "system"\nvictim = "cgroup"\n')
     assert plan.needed_details() == frozenset({"cgroup"})
     assert parse_plan('[[guard]]\nname = "system"\n').needed_details() == frozenset()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="hook ownership is checked when uoomd runs as root")
+def test_a_hook_program_others_can_write_is_refused_as_root(tmp_path: Path) -> None:
+    hook = tmp_path / "hook.sh"
+    hook.write_text("#!/bin/sh\nexit 0\n")
+    hook.chmod(0o777)
+    text = f'[[guard]]\nname = "system"\n[hooks]\nafter_kill = ["{hook}"]\n'
+    with pytest.raises(PolicyError, match="writable by others"):
+        parse_plan(text, check_system=True)
+    hook.chmod(0o755)
+    assert parse_plan(text, check_system=True).hooks.after_kill == (str(hook),)
+    os.chown(hook, 65534, 65534)
+    with pytest.raises(PolicyError, match="owned by uid 65534"):
+        parse_plan(text, check_system=True)

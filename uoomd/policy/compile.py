@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 
 from uoomd.plan import (
     Amount,
@@ -61,8 +62,10 @@ def compile_policy(model: PolicyModel, *, source: str, check_system: bool) -> tu
             )
         )
     argv = tuple(model.hooks.after_kill)
-    if check_system and argv and not os.access(argv[0], os.X_OK):
-        issues.append((("hooks", "after_kill"), f"{argv[0]!r} is not an executable file"))
+    if check_system and argv:
+        problem = hook_program_problem(argv[0])
+        if problem:
+            issues.append((("hooks", "after_kill"), problem))
     if issues:
         return issues, None
     plan = Plan(
@@ -154,6 +157,32 @@ def _below(term: Amount, kill: Amount) -> bool:
     if term.bytes is not None and kill.bytes is not None:
         return term.bytes < kill.bytes
     return False
+
+
+def hook_program_problem(path: str) -> str | None:
+    """Why a hook program must not run, or None. Running as root, uoomd runs it as root: a
+    program (or a directory on its path) that others can write is as dangerous as a policy
+    file they can write, so it is refused the same way (sshd's StrictModes)."""
+    if not os.access(path, os.X_OK) or not os.path.isfile(path):
+        return f"{path!r} is not an executable file"
+    if os.geteuid() != 0:
+        return None
+    real = os.path.realpath(path)
+    checked = real
+    while True:
+        info = os.stat(checked)
+        if info.st_uid != 0:
+            return f"{path!r}: {checked} is owned by uid {info.st_uid}, not root (hooks run as root)"
+        writable = info.st_mode & stat.S_IWOTH or (info.st_mode & stat.S_IWGRP and info.st_gid != 0)
+        # A sticky directory (/tmp) lets others add files but not replace ours.
+        sticky_parent = checked != real and os.path.isdir(checked) and info.st_mode & stat.S_ISVTX
+        if writable and not sticky_parent:
+            mode = f"{stat.S_IMODE(info.st_mode):o}"
+            return f"{path!r}: {checked} is writable by others (mode {mode}); hooks run as root"
+        parent = os.path.dirname(checked)
+        if parent == checked:
+            return None
+        checked = parent
 
 
 def cgroup_scope_problem(path: str) -> str | None:
