@@ -78,6 +78,17 @@ class GuardWatch:
     last_pressure: PressureReading | None = None
     psi_event_seen: bool = False  # a kernel trigger's fd signalled since the last reading
 
+    @property
+    def has_polled_trigger(self) -> bool:
+        """A PSI trigger the kernel refused: it needs the pressure file read at every poll."""
+        return any(t is not None and t.mode is TriggerMode.POLLED for t in self.triggers)
+
+    def remember(self, memory: MemoryReading, now: float) -> None:
+        """Keep this reading and the one before it, for pacing's fall rate."""
+        if self.last is not None:
+            self.previous, self.previous_at = self.last, self.last_at
+        self.last, self.last_at = memory, now
+
     def close(self) -> None:
         self.memory.close()
         if self.pressure is not None:
@@ -310,11 +321,15 @@ class Daemon:
         needs a reading each poll. Then the next polls only need to watch memory."""
         if self.warm.rankings or self.state.in_flight() or any(gs.phase is not Phase.IDLE for gs in self.state.guards):
             return False
-        if self.executor.hooks_running() or (self.desktop is not None and self.desktop.running):
+        if self._children_running():
             return False
         if any(t.active_since is not None for gs in self.state.guards for t in gs.psi):
             return False
-        return not any(t is not None and t.mode is TriggerMode.POLLED for watch in self.watches for t in watch.triggers)
+        return not any(watch.has_polled_trigger for watch in self.watches)
+
+    def _children_running(self) -> bool:
+        """Hooks or desktop-notice children the loop must reap."""
+        return self.executor.hooks_running() or (self.desktop is not None and self.desktop.running > 0)
 
     def _quiet_tick(self, now: float) -> float | None:
         """A poll far from every level: read memory, check it is still far, sleep. None: do a full tick.
@@ -332,8 +347,7 @@ class Daemon:
                 return None  # the full tick logs it
             if pacing.warm_ranking_needed(memory, watch.guard):
                 return None
-            watch.previous, watch.previous_at = watch.last, watch.last_at
-            watch.last, watch.last_at = memory, now
+            watch.remember(memory, now)
         self.notifier.watchdog(now)
         return self._next_timeout(now)
 
@@ -387,9 +401,7 @@ class Daemon:
         # The pressure file is read only when a trigger needs it: a polled trigger computes its
         # window from it, and a kernel event is confirmed against it. Reading it at every poll
         # would delay the kernel's own unprivileged triggers (see uoomd/sources/psi.py).
-        needs_reading = watch.psi_event_seen or any(
-            t is not None and t.mode is TriggerMode.POLLED for t in watch.triggers
-        )
+        needs_reading = watch.psi_event_seen or watch.has_polled_trigger
         watch.psi_event_seen = False
         try:
             if watch.pressure is not None and needs_reading:
@@ -412,9 +424,7 @@ class Daemon:
                 trigger=decision.describe_psi(index, plan_trigger),
                 available_bytes=memory.available_bytes,
             )
-        if watch.last is not None:
-            watch.previous, watch.previous_at = watch.last, watch.last_at
-        watch.last, watch.last_at = memory, now
+        watch.remember(memory, now)
         watch.last_pressure = pressure or watch.last_pressure
         return GuardReading(guard=name, memory=memory, pressure=pressure, psi_fired=tuple(fired))
 
@@ -625,7 +635,7 @@ class Daemon:
             if self.state.guard(watch.guard.name).phase is not Phase.IDLE:
                 sleep_s = self.plan.daemon.poll_min_s
             timeouts.append(sleep_s)
-        if self.executor.hooks_running() or (self.desktop is not None and self.desktop.running):
+        if self._children_running():
             timeouts.append(HOOK_POLL_S)
         ping_in = self.notifier.watchdog_due_in(now)
         if ping_in is not None:
