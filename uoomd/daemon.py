@@ -483,8 +483,14 @@ class Daemon:
         return replace(ranking, candidates=ranking.candidates[:head])
 
     def _has_candidates(self, guard_name: str) -> bool:
+        """Whether the warm ranking holds a process the core could still choose: stuck and
+        in-flight victims do not count, so a crossing with only those warm rescans at once
+        (a hog started since the last scan is then found)."""
         ranking = self.warm.rankings.get(guard_name)
-        return ranking is not None and bool(ranking.candidates)
+        if ranking is None:
+            return False
+        unusable = self.state.in_flight().union(*(gs.stuck for gs in self.state.guards))
+        return any(c.key not in unusable for c in ranking.candidates)
 
     def _members(self, guard: GuardPlan) -> frozenset[Pid] | None:
         if guard.scope.kind is ScopeKind.SYSTEM:
