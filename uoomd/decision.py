@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import assert_never
 
+from uoomd import pacing
 from uoomd.plan import GuardPlan, Plan, PsiAction, PsiTriggerPlan, VictimKind
 from uoomd.readings import GuardReading, MemoryReading, Observation, ProcessInfo, ProcessKey, Snapshot
 from uoomd.scoring import Candidate, Ranking
@@ -45,6 +46,9 @@ class Event(StrEnum):
     PSI_KILL = "psi_kill"
     PSI_WARN = "psi_warn"
     VICTIM_EXITED = "victim_exited"  # the in-flight victim is not in obs.alive any more
+    # The in-flight victim lives on but may no longer be signalled: it left the guard's scope,
+    # or a protect rule (or oom_score_adj -1000) covers it now (obs.ineligible).
+    VICTIM_LEFT = "victim_left"
     TERM_TIMEOUT = "term_timeout"
     KILL_TIMEOUT = "kill_timeout"
     MEMORY_BACK = "memory_back"  # available (and swap) at or above the term level again
@@ -78,6 +82,10 @@ _COMMON: dict[tuple[Phase, Event], Transition] = {
     (Phase.TERM_SENT, Event.TERM_TIMEOUT): Transition(Phase.KILL_SENT, Outcome.KILL),
     (Phase.TERM_SENT, Event.KILL_LEVEL): Transition(Phase.KILL_SENT, Outcome.KILL),
     (Phase.KILL_SENT, Event.VICTIM_EXITED): Transition(Phase.RECOVERING, Outcome.NONE),
+    # Never SIGKILL what is no longer ours to kill: drop it, and decide afresh next poll.
+    (Phase.TERM_SENT, Event.VICTIM_LEFT): Transition(Phase.IDLE, Outcome.NONE),
+    (Phase.KILL_SENT, Event.VICTIM_LEFT): Transition(Phase.IDLE, Outcome.NONE),
+    (Phase.AUDIT_HOLD, Event.VICTIM_LEFT): Transition(Phase.IDLE, Outcome.NONE),
     # A SIGKILLed process that does not exit is stuck in the kernel (D state, a frozen
     # cgroup): give up on it, never pick it again for this guard, and move on.
     (Phase.KILL_SENT, Event.KILL_TIMEOUT): Transition(Phase.IDLE, Outcome.MARK_STUCK),
@@ -93,6 +101,15 @@ TABLE: Mapping[tuple[Phase, Event], Transition] = {
     (Phase.IDLE, Event.PSI_TERM): Transition(Phase.TERM_SENT, Outcome.TERM),
     (Phase.IDLE, Event.KILL_LEVEL): Transition(Phase.KILL_SENT, Outcome.KILL),
     (Phase.IDLE, Event.PSI_KILL): Transition(Phase.KILL_SENT, Outcome.KILL),
+    # Recovery is not blind: the victim is gone, yet a reading taken since (the next poll: the
+    # exit is seen after this poll's reading) is still past a level. Its memory was not what
+    # ran out (a second grower, a forking hog), so the next victim is chosen now. A victim's
+    # memory is freed before its pidfd polls readable (kernel/exit.c do_exit(): exit_mm()
+    # before exit_notify(), Linux 6.18), so waiting longer would only let the grower win.
+    (Phase.RECOVERING, Event.TERM_LEVEL): Transition(Phase.TERM_SENT, Outcome.TERM),
+    (Phase.RECOVERING, Event.PSI_TERM): Transition(Phase.TERM_SENT, Outcome.TERM),
+    (Phase.RECOVERING, Event.KILL_LEVEL): Transition(Phase.KILL_SENT, Outcome.KILL),
+    (Phase.RECOVERING, Event.PSI_KILL): Transition(Phase.KILL_SENT, Outcome.KILL),
     **_COMMON,
 }
 """The live escalation table: (phase, event) -> (next phase, outcome). A pair that is
@@ -111,6 +128,7 @@ DRY_RUN_TABLE: Mapping[tuple[Phase, Event], Transition] = {
 
 _CHOOSING = frozenset({Outcome.TERM, Outcome.KILL, Outcome.WOULD_TERM, Outcome.WOULD_KILL})
 _HOLDING = frozenset({Phase.TERM_SENT, Phase.KILL_SENT, Phase.AUDIT_HOLD})  # phases with an in-flight victim
+CHOOSERS = frozenset({Phase.IDLE, Phase.RECOVERING})  # phases with no victim in flight: a crossing picks one
 
 
 # --- actions ------------------------------------------------------------------------------
@@ -128,6 +146,10 @@ class SendSignal:
     pgid: int
     cgroup: str | None
     dry_run: bool
+    # For a process-group or cgroup victim: the processes it may signal, the target first:
+    # the group's members in the guard's scope that no protect rule covers (Ranking.group_of).
+    # Nothing outside it is ever signalled (never killpg(), which reaches every member).
+    group: tuple[ProcessKey, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -149,6 +171,9 @@ class KillCgroup:
     guard: str
     path: str
     dry_run: bool
+    # The members that may be killed (see SendSignal.group): cgroup.kill only when the
+    # cgroup holds nothing else, else each of these through its pidfd.
+    group: tuple[ProcessKey, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -202,6 +227,9 @@ class GuardState:
     stuck: frozenset[ProcessKey] = frozenset()
     psi: tuple[PsiTrack, ...] = ()
     noted: frozenset[str] = frozenset()  # once-per-episode records already emitted
+    # Every process signalled in this episode (a group victim's members too): never chosen
+    # again while the episode lasts, so a member still exiting gets no second SIGTERM.
+    signalled: frozenset[ProcessKey] = frozenset()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -337,6 +365,8 @@ def _detect(gs: GuardState, ctx: _Ctx) -> _Detected:
         case Phase.TERM_SENT:
             if gs.victim is None or gs.victim.key not in obs.alive:
                 return _Detected(event=Event.VICTIM_EXITED, trigger=gs.trigger)
+            if gs.victim.key in obs.ineligible:
+                return _Detected(event=Event.VICTIM_LEFT, trigger=gs.trigger)
             if lv is not None and lv.kill_crossed:
                 return _Detected(event=Event.KILL_LEVEL, trigger="mem_available_kill")
             if elapsed_s >= esc.term_timeout_s:
@@ -344,14 +374,21 @@ def _detect(gs: GuardState, ctx: _Ctx) -> _Detected:
         case Phase.KILL_SENT:
             if gs.victim is None or gs.victim.key not in obs.alive:
                 return _Detected(event=Event.VICTIM_EXITED, trigger=gs.trigger)
+            if gs.victim.key in obs.ineligible:
+                return _Detected(event=Event.VICTIM_LEFT, trigger=gs.trigger)
             if elapsed_s >= esc.kill_timeout_s:
                 return _Detected(event=Event.KILL_TIMEOUT, trigger="kill_timeout")
         case Phase.RECOVERING:
             if lv is not None and lv.memory_back:
                 return _Detected(event=Event.MEMORY_BACK, trigger=gs.trigger)
+            crossing = _detect_idle(gs, ctx)
+            if crossing.event is not None and crossing.event is not Event.PSI_WARN:
+                return crossing
             if elapsed_s >= esc.kill_timeout_s:
                 return _Detected(event=Event.RECOVERY_TIMEOUT, trigger=gs.trigger)
         case Phase.AUDIT_HOLD:
+            if gs.victim is not None and gs.victim.key in obs.ineligible:
+                return _Detected(event=Event.VICTIM_LEFT, trigger=gs.trigger)
             if lv is not None and lv.memory_back:
                 return _Detected(event=Event.MEMORY_BACK, trigger=gs.trigger)
             if elapsed_s >= esc.term_timeout_s:
@@ -452,6 +489,62 @@ def is_quiet(state: State, obs: Observation, plan: Plan) -> bool:
     return True
 
 
+class Need(StrEnum):
+    """What ranking a guard needs before this poll's step: the core says it, the daemon provides it."""
+
+    NONE = "none"  # far from every level, nothing in flight: keep no ranking (a stale one is never acted on)
+    WARM = "warm"  # may act soon, or a victim is in flight: a ranking refreshed at a bounded rate
+    NOW = "now"  # this poll chooses a victim (or signals a group): the scope's processes as they are now
+
+
+def needs(state: State, obs: Observation, plan: Plan) -> dict[str, Need]:
+    """For each guard, the ranking :func:`step` needs at this observation (pure).
+
+    NOW exactly when step() would choose a victim for the guard, or escalate a group victim
+    (whose members are re-derived): the same detection as step(), so the daemon never
+    re-derives levels or the PSI gate itself."""
+    readings = {r.guard: r for r in obs.guards}
+    old = {gs.guard: gs for gs in state.guards}
+    kill_times = tuple(t for t in state.kill_times if obs.now - t < RATE_WINDOW_S)
+    table = DRY_RUN_TABLE if plan.daemon.dry_run else TABLE
+    out: dict[str, Need] = {}
+    for guard in plan.guards:
+        gs = old.get(guard.name) or _fresh_guard_state(guard)
+        reading = readings.get(guard.name)
+        if reading is None:
+            out[guard.name] = Need.NONE if gs.phase is Phase.IDLE else Need.WARM
+            continue
+        gs = replace(gs, psi=update_psi(gs.psi, guard.psi, reading.psi_fired, obs.now, plan.daemon.poll_max_s))
+        ctx = _Ctx(
+            guard=guard,
+            plan=plan,
+            obs=obs,
+            reading=reading,
+            lv=levels(reading.memory, guard),
+            ranking=None,
+            table=table,
+            others=frozenset(),
+            stuck_elsewhere=frozenset(),
+            kill_times=kill_times,
+        )
+        detected = _detect(gs, ctx)
+        transition = table.get((gs.phase, detected.event)) if detected.event is not None else None
+        outcome = transition.outcome if transition is not None else Outcome.NONE
+        choosing = gs.phase in CHOOSERS and outcome in _CHOOSING
+        chooses_now = choosing and len(kill_times) < plan.escalation.max_kills_per_minute
+        escalates_group = outcome in (Outcome.KILL, Outcome.WOULD_KILL) and guard.victim is not VictimKind.PROCESS
+        gated = reading.memory.available_bytes < guard.psi_mem_gate.resolve_bytes(reading.memory.total_bytes)
+        if chooses_now or escalates_group:
+            out[guard.name] = Need.NOW
+        elif gs.phase is not Phase.IDLE or choosing or pacing.warm_ranking_needed(reading.memory, guard):
+            out[guard.name] = Need.WARM
+        elif any(t.active_since is not None for t in gs.psi) and gated:
+            out[guard.name] = Need.WARM  # a PSI trigger is being sustained below the gate
+        else:
+            out[guard.name] = Need.NONE
+    return out
+
+
 def _prune_stuck(gs: GuardState, snapshot: Snapshot | None) -> GuardState:
     """Forget stuck processes that no longer exist, so the set stays small.
 
@@ -476,7 +569,7 @@ def _step_guard(gs: GuardState, ctx: _Ctx) -> tuple[GuardState, list[Action], bo
     now = ctx.obs.now
     after_s = now - gs.phase_since
     outcome = transition.outcome
-    if gs.phase is Phase.IDLE and outcome in _CHOOSING:
+    if gs.phase in CHOOSERS and outcome in _CHOOSING:
         return _choose(gs, ctx, transition, detected.trigger)
     match outcome:
         case Outcome.WARN:
@@ -487,18 +580,19 @@ def _step_guard(gs: GuardState, ctx: _Ctx) -> tuple[GuardState, list[Action], bo
         case Outcome.KILL | Outcome.WOULD_KILL:  # escalation of the in-flight victim
             assert gs.victim is not None
             outcome = Outcome.WOULD_KILL if ctx.plan.daemon.dry_run else Outcome.KILL
-            rest = (ctx.ranking or _empty_ranking(ctx.guard.name)).without(
-                gs.stuck | ctx.stuck_elsewhere | ctx.others | {gs.victim.key}
+            rest = (ctx.ranking or _empty_ranking(ctx.guard.name)).top(
+                1, gs.stuck | ctx.stuck_elsewhere | ctx.others | {gs.victim.key}
             )
-            fields = _decision_fields(ctx, detected.trigger, gs.victim, outcome, runner_up=rest.best)
+            fields = _decision_fields(ctx, detected.trigger, gs.victim, outcome, runner_up=rest[0] if rest else None)
             rec = Record(event="victim_escalated", fields=(*fields, ("after_s", after_s)))
-            acts = [rec, *_signal_actions(ctx, gs.victim, SIGKILL, gs.trigger)]
-            return replace(gs, phase=transition.next, phase_since=now), acts, False
+            signal_acts, group = _signal_actions(ctx, gs.victim, SIGKILL, gs.trigger)
+            new = replace(gs, phase=transition.next, phase_since=now, signalled=gs.signalled | group)
+            return new, [rec, *signal_acts], False
         case Outcome.MARK_STUCK:
             assert gs.victim is not None
             rec = Record(event="victim_stuck", fields=(*_guard_victim_fields(ctx, gs.victim), ("after_s", after_s)))
             new = replace(gs, phase=transition.next, phase_since=now, victim=None, stuck=gs.stuck | {gs.victim.key})
-            return replace(new, trigger="", noted=frozenset()), [rec], False
+            return replace(new, trigger="", noted=frozenset(), signalled=frozenset()), [rec], False
         case Outcome.NONE:
             return _quiet_transition(gs, ctx, transition, detected.event, after_s)
         case Outcome.TERM | Outcome.WOULD_TERM:
@@ -537,13 +631,25 @@ def _quiet_transition(
             )
         case Event.HOLD_EXPIRED:
             records.append(Record(event="audit_hold_ended", fields=(("guard", ctx.guard.name), ("after_s", after_s))))
+        case Event.VICTIM_LEFT:
+            assert gs.victim is not None
+            records.append(
+                Record(
+                    event="victim_left",
+                    fields=(*_guard_victim_fields(ctx, gs.victim), ("phase", str(gs.phase)), ("after_s", after_s)),
+                )
+            )
         case _:
             pass
     victim = gs.victim if transition.next is Phase.RECOVERING else None
     trigger = gs.trigger if transition.next is not Phase.IDLE else ""
     new = replace(gs, phase=transition.next, phase_since=now, victim=victim, trigger=trigger)
+    if transition.next is Phase.RECOVERING:
+        # Stall before the exit is the victim's: a PSI trigger must be sustained anew, after
+        # it, before it can choose the next victim (else one old stall would take two).
+        new = replace(new, psi=tuple(replace(t, active_since=None) for t in gs.psi))
     if transition.next is Phase.IDLE:
-        new = replace(new, noted=frozenset())
+        new = replace(new, noted=frozenset(), signalled=frozenset())
     return new, records, False
 
 
@@ -568,8 +674,13 @@ def _choose(
             ),
         )
         return replace(gs, noted=gs.noted | {"rate_limited"}), [rec], False
-    ranking = (ctx.ranking or _empty_ranking(ctx.guard.name)).without(gs.stuck | ctx.stuck_elsewhere | others)
-    victim = ranking.best
+    # In recovering, the victim that just exited is never chosen again, even if a ranking
+    # read before its exit still holds it.
+    previous = {gs.victim.key} if gs.victim is not None else set()
+    best = (ctx.ranking or _empty_ranking(ctx.guard.name)).top(
+        2, gs.stuck | ctx.stuck_elsewhere | others | gs.signalled | ctx.obs.ineligible | previous
+    )
+    victim = best[0] if best else None
     if victim is None:
         if "no_candidate" in gs.noted:
             return gs, [], False
@@ -587,20 +698,27 @@ def _choose(
     outcome = transition.outcome
     rec = Record(
         event="victim_chosen",
-        fields=_decision_fields(ctx, trigger, victim, outcome, runner_up=_runner_up(ranking)),
+        fields=(
+            *_decision_fields(ctx, trigger, victim, outcome, runner_up=best[1] if len(best) > 1 else None),
+            ("after_victim", gs.phase is Phase.RECOVERING),  # the episode's previous victim was not enough
+        ),
     )
     sig = SIGKILL if outcome in (Outcome.KILL, Outcome.WOULD_KILL) else SIGTERM
-    acts: list[Action] = [rec, *_signal_actions(ctx, victim, sig, trigger)]
-    new = replace(gs, phase=transition.next, phase_since=ctx.obs.now, victim=victim, trigger=trigger, noted=frozenset())
-    return new, acts, True
+    signal_acts, group = _signal_actions(ctx, victim, sig, trigger)
+    new = replace(
+        gs,
+        phase=transition.next,
+        phase_since=ctx.obs.now,
+        victim=victim,
+        trigger=trigger,
+        noted=frozenset(),
+        signalled=gs.signalled | group,
+    )
+    return new, [rec, *signal_acts], True
 
 
 def _empty_ranking(guard: str) -> Ranking:
     return Ranking(guard=guard, candidates=(), excluded=(), taken_at=0.0)
-
-
-def _runner_up(ranking: Ranking) -> Candidate | None:
-    return ranking.candidates[1] if len(ranking.candidates) > 1 else None
 
 
 # --- building actions ---------------------------------------------------------------------
@@ -614,7 +732,8 @@ def _cgroup_target(victim: Candidate) -> str | None:
     return path
 
 
-def _signal_actions(ctx: _Ctx, victim: Candidate, sig: int, trigger: str) -> list[Action]:
+def _signal_actions(ctx: _Ctx, victim: Candidate, sig: int, trigger: str) -> tuple[list[Action], frozenset[ProcessKey]]:
+    """The actions that signal a victim, and every process they may signal."""
     dry_run = ctx.plan.daemon.dry_run
     kind = ctx.guard.victim
     proc = victim.process
@@ -623,10 +742,22 @@ def _signal_actions(ctx: _Ctx, victim: Candidate, sig: int, trigger: str) -> lis
         kind = VictimKind.PROCESS  # the cgroup was not read, or is the root: the process alone
     if kind is VictimKind.PROCESS_GROUP and proc.pgid <= 1:
         kind = VictimKind.PROCESS  # killpg(0) is our own group and killpg(1) init's: never
+    # The group as the ranking sees it now: members in the scope, protected by no rule.
+    ranking = ctx.ranking or _empty_ranking(ctx.guard.name)
+    group: tuple[ProcessKey, ...] = ()
+    match kind:
+        case VictimKind.PROCESS:
+            pass
+        case VictimKind.PROCESS_GROUP:
+            group = ranking.group_of(victim, pgid=proc.pgid)
+        case VictimKind.CGROUP:
+            group = ranking.group_of(victim, cgroup=cgroup)
+        case _:
+            assert_never(kind)
     acts: list[Action] = []
     if kind is VictimKind.CGROUP and sig == SIGKILL:
         assert cgroup is not None
-        acts.append(KillCgroup(guard=ctx.guard.name, path=cgroup, dry_run=dry_run))
+        acts.append(KillCgroup(guard=ctx.guard.name, path=cgroup, dry_run=dry_run, group=group))
     else:
         acts.append(
             SendSignal(
@@ -637,15 +768,17 @@ def _signal_actions(ctx: _Ctx, victim: Candidate, sig: int, trigger: str) -> lis
                 pgid=proc.pgid,
                 cgroup=cgroup,
                 dry_run=dry_run,
+                group=group,
             )
         )
+    signalled = frozenset(group) | {victim.key}
     if dry_run:
-        return acts
+        return acts, signalled
     if sig == SIGKILL:
         acts.append(ReleaseMemory(guard=ctx.guard.name, target=victim.key))
     if ctx.plan.hooks.after_kill:
         acts.append(_hook(ctx, victim, sig, trigger, kind))
-    return acts
+    return acts, signalled
 
 
 def _hook(ctx: _Ctx, victim: Candidate, sig: int, trigger: str, kind: VictimKind) -> RunHook:

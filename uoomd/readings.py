@@ -130,3 +130,6 @@ class Observation:
     guards: tuple[GuardReading, ...]
     snapshot: Snapshot | None = None  # the warm ranking's input; None when not rescanned
     alive: frozenset[ProcessKey] = field(default_factory=frozenset)  # in-flight victims still alive
+    # In-flight victims still alive that may no longer be signalled, as the daemon found on
+    # re-reading them: they left the guard's scope, or a protect rule covers them now.
+    ineligible: frozenset[ProcessKey] = field(default_factory=frozenset)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 
@@ -16,6 +16,7 @@ from uoomd.decision import (
     Event,
     GuardState,
     KillCgroup,
+    Need,
     Outcome,
     Phase,
     PsiTrack,
@@ -28,6 +29,7 @@ from uoomd.decision import (
     describe_psi,
     initial_state,
     levels,
+    needs,
     step,
     update_psi,
 )
@@ -165,6 +167,7 @@ class Driver:
         alive: Iterable[ProcessKey] | None = None,
         fired: tuple[int, ...] = (),
         snapshot: tuple[ProcessInfo, ...] | None = None,
+        ineligible: Iterable[ProcessKey] = (),
     ) -> list[Action]:
         readings = {g.name: mem(available) for g in self.plan.guards} if isinstance(available, int) else dict(available)
         obs = Observation(
@@ -172,6 +175,7 @@ class Driver:
             guards=tuple(GuardReading(guard=n, memory=m, psi_fired=fired) for n, m in readings.items()),
             alive=self.state.in_flight() if alive is None else frozenset(alive),
             snapshot=None if snapshot is None else snap(snapshot, now),
+            ineligible=frozenset(ineligible),
         )
         self.state, actions = step(self.state, obs, self.plan, self.rankings)
         self.log.extend(actions)
@@ -218,6 +222,13 @@ class Scene:
     available: int
     alive: bool = True  # the in-flight victim is alive
     fired: tuple[int, ...] = ()
+    swap_free: int | None = None  # with swap: TOTAL of it, this much free
+    left: bool = False  # the in-flight victim is alive but no longer eligible
+
+    def readings(self) -> int | dict[str, MemoryReading]:
+        if self.swap_free is None:
+            return self.available
+        return {"system": mem(self.available, swap_total=TOTAL, swap_free=self.swap_free)}
 
 
 _SCENES: dict[Event, Scene] = {
@@ -230,8 +241,16 @@ _SCENES: dict[Event, Scene] = {
     Event.TERM_TIMEOUT: Scene(now=TERM_TIMEOUT, available=LOW),
     Event.KILL_TIMEOUT: Scene(now=KILL_TIMEOUT, available=LOW),
     Event.MEMORY_BACK: Scene(now=1.0, available=HIGH),
-    Event.RECOVERY_TIMEOUT: Scene(now=KILL_TIMEOUT, available=LOW),
+    # RAM short, swap not: neither a level crossed nor memory back, so only the timeout ends it.
+    Event.RECOVERY_TIMEOUT: Scene(now=KILL_TIMEOUT, available=LOW, swap_free=HIGH),
     Event.HOLD_EXPIRED: Scene(now=TERM_TIMEOUT, available=LOW),
+    Event.VICTIM_LEFT: Scene(now=1.0, available=LOW, left=True),
+}
+# In recovering, memory above the term level is memory_back, which wins: a PSI term trigger
+# acts there only with RAM short while swap is not (neither crossed nor back).
+_SCENES_IN: dict[tuple[Phase, Event], Scene] = {
+    (Phase.RECOVERING, Event.PSI_TERM): Scene(now=1.0, available=LOW, fired=(0,), swap_free=HIGH),
+    (Phase.RECOVERING, Event.PSI_KILL): Scene(now=1.0, available=LOW, fired=(0,)),
 }
 
 _PSI_ACTION = {Event.PSI_TERM: PsiAction.TERM, Event.PSI_KILL: PsiAction.KILL, Event.PSI_WARN: PsiAction.WARN}
@@ -252,8 +271,17 @@ def test_table_row(dry_run: bool, phase: Phase, event: Event, transition: Transi
     d.state = State(
         guards=(GuardState(guard="system", phase=phase, victim=victim if held else None, psi=(PsiTrack(),) * len(psi)),)
     )
-    scene = _SCENES[event]
-    actions = d.poll(scene.now, scene.available, alive=[victim.key] if scene.alive else [], fired=scene.fired)
+    scene = _SCENES_IN.get((phase, event), _SCENES[event])
+    actions = d.poll(
+        scene.now,
+        scene.readings(),
+        alive=[victim.key] if scene.alive else [],
+        fired=scene.fired,
+        ineligible=[victim.key] if scene.left else [],
+    )
+    if phase is Phase.RECOVERING and transition.outcome in (Outcome.TERM, Outcome.KILL):
+        # The previous victim is gone: the next one is chosen, never the one that exited.
+        victim = d.rankings["system"].candidates[1]
 
     gs = d.state.guard("system")
     assert gs.phase is transition.next
@@ -296,11 +324,12 @@ def test_every_phase_has_a_way_back_to_idle() -> None:
 
 
 def test_no_row_sends_a_second_sigterm() -> None:
-    # earlyoom#373: once SIGTERM went out, the only signal left is SIGKILL.
+    # earlyoom#373: once SIGTERM went out, the only signal left is SIGKILL. A SIGTERM is
+    # only ever sent from a phase with no victim in flight (a new victim).
     for table in (TABLE, DRY_RUN_TABLE):
         for (phase, _), tr in table.items():
             if tr.outcome in (Outcome.TERM, Outcome.WOULD_TERM):
-                assert phase is Phase.IDLE
+                assert phase in (Phase.IDLE, Phase.RECOVERING)
 
 
 # --- escalation timing ---------------------------------------------------------------------
@@ -366,11 +395,46 @@ def test_victim_exiting_on_sigterm_recovers_without_a_kill() -> None:
     assert [r.event for r in records(exited)] == ["victim_exited"]
     assert records(exited)[0].get("after_s") == 1.0
     assert d.phase() is Phase.RECOVERING
-    assert d.poll(1.5, LOW) == []  # memory not back yet: wait
-    back = d.poll(2.0, HIGH)
+    back = d.poll(1.5, HIGH)
     assert [r.event for r in records(back)] == ["memory_recovered"]
     assert d.phase() is Phase.IDLE
-    assert all(s.signal == SIGTERM for s in signals(d.log))
+    assert [(s.target, s.signal) for s in signals(d.log)] == [(key(101), SIGTERM)]
+
+
+def test_a_crossing_in_recovering_chooses_the_next_victim_at_the_next_poll() -> None:
+    # The victim is gone and a reading taken since is still past the term level: a second
+    # grower. The one that exited is never chosen again, even by a ranking that still holds it.
+    d = driver()
+    d.poll(0.0, LOW)
+    d.poll(1.0, LOW, alive=[])
+    assert d.phase() is Phase.RECOVERING
+    again = d.poll(1.01, LOW)
+    assert [(s.target, s.signal) for s in signals(again)] == [(key(102), SIGTERM)]
+    (chosen,) = records(again, "victim_chosen")
+    assert chosen.get("after_victim") is True
+    assert d.phase() is Phase.TERM_SENT
+
+
+def test_a_kill_level_crossing_in_recovering_kills_the_next_victim() -> None:
+    d = driver()
+    d.poll(0.0, LOW)
+    d.poll(1.0, LOW, alive=[])
+    again = d.poll(1.01, CRIT)
+    assert [(s.target, s.signal) for s in signals(again)] == [(key(102), SIGKILL)]
+    assert d.phase() is Phase.KILL_SENT
+
+
+def test_a_victim_that_left_the_scope_gets_no_sigkill() -> None:
+    d = driver()
+    d.poll(0.0, LOW)
+    left = d.poll(0.5, CRIT, ineligible=[key(101)])
+    assert signals(left) == []
+    assert [r.event for r in records(left)] == ["victim_left"]
+    assert d.phase() is Phase.IDLE
+    # Decided afresh: it is never chosen again while it is ineligible.
+    d.rankings["system"] = ranking("system", cand(101, 5000), cand(102, 3000))
+    nxt = d.poll(0.52, CRIT, ineligible=[key(101)])
+    assert [(s.target, s.signal) for s in signals(nxt)] == [(key(102), SIGKILL)]
 
 
 def test_recovery_waits_for_swap_as_well_where_there_is_swap() -> None:
@@ -387,10 +451,12 @@ def test_recovery_waits_for_swap_as_well_where_there_is_swap() -> None:
 
 def test_recovery_timeout_returns_to_idle_and_next_poll_decides_again() -> None:
     d = driver(cands=(cand(101, 5000), cand(102, 3000)))
+    # RAM short but swap not: neither a level crossed nor memory back, so recovering waits.
+    middle = {"system": mem(LOW, swap_total=TOTAL, swap_free=HIGH)}
     d.poll(0.0, LOW)
     d.poll(0.5, LOW, alive=[])
-    assert d.poll(0.5 + KILL_TIMEOUT - 0.01, LOW) == []
-    timeout = d.poll(0.5 + KILL_TIMEOUT, LOW)
+    assert d.poll(0.5 + KILL_TIMEOUT - 0.01, middle) == []
+    timeout = d.poll(0.5 + KILL_TIMEOUT, middle)
     assert [r.event for r in records(timeout)] == ["recovery_timeout"]
     assert d.phase() is Phase.IDLE
     d.rankings["system"] = ranking("system", cand(102, 3000))  # 101 is gone
@@ -657,7 +723,9 @@ def test_dry_run_kill_level_logs_would_kill_without_release() -> None:
 def test_dry_run_cgroup_kill_carries_dry_run() -> None:
     d = driver(guard_plan(victim=VictimKind.CGROUP), cands=(cand(101, cgroup="/app"),), dry_run=True)
     actions = d.poll(0.0, CRIT)
-    assert [a for a in actions if isinstance(a, KillCgroup)] == [KillCgroup(guard="system", path="/app", dry_run=True)]
+    assert [a for a in actions if isinstance(a, KillCgroup)] == [
+        KillCgroup(guard="system", path="/app", dry_run=True, group=(key(101),))
+    ]
 
 
 # --- the record carries the facts ----------------------------------------------------------
@@ -703,6 +771,7 @@ def test_victim_chosen_record_carries_trigger_reading_victim_runner_up_and_actio
         "runner_up_name": "make",
         "runner_up_badness": 3000 + 3 + 2 + 200,
         "action": "term",
+        "after_victim": False,
     }
 
 
@@ -734,7 +803,7 @@ def test_cgroup_victim_is_termed_by_members_and_killed_by_cgroup_kill() -> None:
     assert (term.victim_kind, term.cgroup, term.signal) == (VictimKind.CGROUP, "/user.slice/app", SIGTERM)
     kill = d.poll(TERM_TIMEOUT, LOW)
     assert [a for a in kill if isinstance(a, KillCgroup)] == [
-        KillCgroup(guard="system", path="/user.slice/app", dry_run=False)
+        KillCgroup(guard="system", path="/user.slice/app", dry_run=False, group=(key(101),))
     ]
     assert releases(kill) == [ReleaseMemory(guard="system", target=key(101))]
 
@@ -804,3 +873,58 @@ def test_step_is_pure_same_inputs_same_outputs() -> None:
     assert first == second
     assert before.guard("system").phase is Phase.TERM_SENT  # the input state is a value, not mutated
     assert first[0].guard("system").phase is Phase.KILL_SENT
+
+
+# --- group victims stay inside the scope ---------------------------------------------------
+
+
+def test_process_group_victim_signals_only_the_group_members_the_ranking_holds() -> None:
+    # 101 and 102 share group 77 and are candidates (in scope, not protected); a member of 77
+    # outside the scope or protected is not a candidate, so it is not in the group.
+    d = driver(
+        guard_plan(victim=VictimKind.PROCESS_GROUP),
+        cands=(cand(101, 5000, pgid=77), cand(103, 4000, pgid=88), cand(102, 3000, pgid=77)),
+    )
+    (sig,) = signals(d.poll(0.0, LOW))
+    assert sig.group == (key(101), key(102))
+    # Escalation re-derives the group from this poll's ranking: 102 has become ineligible.
+    d.rankings["system"] = ranking("system", cand(101, 5000, pgid=77), cand(103, 4000, pgid=88))
+    (kill,) = signals(d.poll(TERM_TIMEOUT, LOW))
+    assert (kill.signal, kill.group) == (SIGKILL, (key(101),))
+
+
+def test_members_signalled_in_an_episode_are_not_chosen_again_in_recovering() -> None:
+    d = driver(
+        guard_plan(victim=VictimKind.PROCESS_GROUP),
+        cands=(cand(101, 5000, pgid=77), cand(102, 3000, pgid=77), cand(103, 1000, pgid=88)),
+    )
+    d.poll(0.0, LOW)
+    d.poll(0.5, LOW, alive=[])  # the leader exited; 102 is still exiting on its SIGTERM
+    (nxt,) = signals(d.poll(0.52, LOW))
+    assert nxt.target == key(103)  # never a second SIGTERM to 102
+
+
+# --- what ranking the core needs ------------------------------------------------------------
+
+
+def test_needs_says_now_exactly_when_a_victim_would_be_chosen() -> None:
+    d = driver()
+    obs = Observation(now=0.0, guards=(GuardReading(guard="system", memory=mem(HIGH)),))
+    assert needs(d.state, obs, d.plan) == {"system": Need.NONE}
+    near = Observation(now=0.0, guards=(GuardReading(guard="system", memory=mem(GATED)),))
+    assert needs(d.state, near, d.plan) == {"system": Need.WARM}
+    low = Observation(now=0.0, guards=(GuardReading(guard="system", memory=mem(LOW)),))
+    assert needs(d.state, low, d.plan) == {"system": Need.NOW}
+    d.poll(0.0, LOW)  # term_sent: the victim is known, only a warm ranking is wanted
+    assert needs(d.state, replace(low, now=0.1, alive=d.state.in_flight()), d.plan) == {"system": Need.WARM}
+    d.poll(0.5, LOW, alive=[])  # recovering: the next low reading chooses
+    assert needs(d.state, replace(low, now=0.6), d.plan) == {"system": Need.NOW}
+
+
+def test_needs_is_warm_when_rate_limited() -> None:
+    d = driver(max_kills=1)
+    d.poll(0.0, LOW)
+    d.poll(0.5, LOW, alive=[])
+    d.poll(0.6, HIGH)  # memory back: idle, one victim in the last minute
+    low = Observation(now=1.0, guards=(GuardReading(guard="system", memory=mem(LOW)),))
+    assert needs(d.state, low, d.plan) == {"system": Need.WARM}

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from uoomd.decision import (
+    CHOOSERS,
     RATE_WINDOW_S,
     SIGKILL,
     SIGTERM,
@@ -189,7 +190,7 @@ class Checker:
                 case Record(event="victim_chosen"):
                     guard = str(action.get("guard"))
                     prev = before.guard(guard) if any(g.guard == guard for g in before.guards) else None
-                    assert prev is None or prev.phase is Phase.IDLE  # never a second victim in flight
+                    assert prev is None or prev.phase in CHOOSERS  # never a second victim in flight
                     victim = after.guard(guard).victim
                     assert victim is not None
                     assert victim.key in {c.key for c in rankings[guard].candidates}
