@@ -47,7 +47,7 @@ def inside(repeat: int, top: int) -> int:
         for _ in range(repeat):
             now = time.monotonic()
             readings = [r for r in (daemon._read_guard(w, now) for w in daemon.watches) if r is not None]
-            daemon._rescan(readings, now)  # the warm ranking, as the loop keeps it near the level
+            daemon.warm.rescan(plan, readings, now)  # the warm ranking, as the loop keeps it near the level
             daemon.state = decision.initial_state(plan)
             started = time.perf_counter()
             profile.enable()

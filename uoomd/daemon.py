@@ -11,13 +11,14 @@ signal wake-up pipe, for as long as :mod:`uoomd.pacing` says is safe.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import select
 import signal
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from uoomd import decision, pacing
@@ -25,11 +26,10 @@ from uoomd.actions import Executor, LiveExecutor
 from uoomd.decision import KillCgroup, Phase, Record, SendSignal, State
 from uoomd.errors import ExitCode, PolicyError, SetupError
 from uoomd.logs import Log, configure, escape
-from uoomd.plan import GuardPlan, Plan, PsiKind, ScopeKind
+from uoomd.plan import GuardPlan, Plan, PsiKind
 from uoomd.policy.isolated import load_plan_isolated
-from uoomd.readings import GuardReading, MemoryReading, Observation, Pid, PressureReading, ProcessKey, Snapshot
+from uoomd.readings import GuardReading, MemoryReading, Observation, PressureReading
 from uoomd.results import ActionResult, Outcome
-from uoomd.scoring import Candidate, Ranking, rank, score_process, uoomd_pids
 from uoomd.service import Notifier, protect_self
 from uoomd.sources import cgroup as cgroup_source
 from uoomd.sources import procfs
@@ -37,17 +37,11 @@ from uoomd.sources.meminfo import MeminfoError
 from uoomd.sources.psi import PressureFileGone, PressureReader, PsiKindName, PsiTrigger, PsiTriggerGone, TriggerMode
 from uoomd.sources.scope import MemoryReader, open_memory_reader
 from uoomd.status import StatusBoard
+from uoomd.warm import WarmRanking
 
 if TYPE_CHECKING:
     from uoomd.desktop import DesktopNotices
 
-# The warm ranking may cost at most this share of one core: a rescan that took
-# 50 ms is not repeated within 50 ms / SCAN_CPU_SHARE.
-SCAN_CPU_SHARE = 0.1
-WARM_REFRESH_MIN_S = 0.5
-# A victim re-check that finds the best candidate gone tries the next ones, up to this many,
-# before a full rescan: the crossing must cost a few /proc reads, not a scan.
-RECHECK_DEPTH = 8
 # A source that fails is retried; the failure is logged once per this many seconds.
 ERROR_LOG_INTERVAL_S = 30.0
 HOOK_POLL_S = 0.1
@@ -55,8 +49,9 @@ HOOK_POLL_S = 0.1
 # A quiet daemon still does a full tick this often (status line, state file, stuck victims).
 QUIET_FULL_TICK_S = 30.0
 QUIET_STATE_WRITE_S = 60.0  # `uoomd status` shows the age; a dump costs ~1 ms of a cold daemon
-# A guard that crossed with an empty warm ranking rescans at most this often.
-EMPTY_RESCAN_S = 0.1
+# A guard whose cgroup was removed (a service restart) looks for it again at most this often:
+# a missing cgroup costs one stat per retry, and a restarted service is guarded within this.
+SCOPE_RETRY_S = 0.5
 
 
 class StopDaemon(Exception):
@@ -77,6 +72,8 @@ class GuardWatch:
     last_at: float = 0.0
     last_pressure: PressureReading | None = None
     psi_event_seen: bool = False  # a kernel trigger's fd signalled since the last reading
+    gone_at: float | None = None  # when its cgroup was removed; its files stay closed until it is back
+    retry_at: float = 0.0  # when reopen() looks for a gone cgroup next
 
     @property
     def has_polled_trigger(self) -> bool:
@@ -89,6 +86,48 @@ class GuardWatch:
             self.previous, self.previous_at = self.last, self.last_at
         self.last, self.last_at = memory, now
 
+    def mark_gone(self, now: float, log: Log, *, error: str) -> None:
+        """The cgroup was removed: close every kept file, forget its readings, look for it later.
+
+        Its fds are dead for good (ENODEV, even once a cgroup of that name exists again:
+        see CgroupGone), and a dead trigger fd polls POLLERR for ever (kernfs_fop_poll()),
+        which would spin the loop; closed, wait() leaves them out of the poll set."""
+        self.close()
+        self.pressure = None
+        self.triggers = tuple(None for _ in self.triggers)
+        self.previous = self.last = None
+        self.last_pressure = None
+        self.psi_event_seen = False
+        self.gone_at = now
+        self.retry_at = now + SCOPE_RETRY_S  # not at once: systemd removes a unit's hierarchies one by one
+        log.warning("scope_gone", guard=self.guard.name, scope=self.guard.scope.describe(), error=error)
+
+    def reopen(self, *, proc_root: str, now: float, log: Log) -> bool:
+        """Whether the scope's files are open; a gone cgroup is looked for (one stat) at most
+        every SCOPE_RETRY_S, and once back its files are reopened and its triggers re-armed."""
+        if self.gone_at is None:
+            return True
+        if now < self.retry_at:
+            return False
+        self.retry_at = now + SCOPE_RETRY_S
+        assert self.guard.scope.cgroup_path is not None  # only a cgroup goes
+        if not cgroup_source.cgroup_exists(self.guard.scope.cgroup_path):
+            return False
+        try:
+            fresh = open_sources(self.guard, proc_root=proc_root, now=now)
+        except (SetupError, OSError, ValueError, PressureFileGone):
+            return False  # gone again, or not all there yet: the next retry sees
+        self.memory, self.pressure, self.triggers = fresh.memory, fresh.pressure, fresh.triggers
+        gone_s, self.gone_at = now - self.gone_at, None
+        log.info(
+            "scope_back",
+            guard=self.guard.name,
+            scope=self.guard.scope.describe(),
+            gone_s=round(gone_s, 3),
+            psi=[str(t.mode) if t is not None else "unavailable" for t in self.triggers],
+        )
+        return True
+
     def close(self) -> None:
         self.memory.close()
         if self.pressure is not None:
@@ -98,57 +137,51 @@ class GuardWatch:
                 trigger.close()
 
 
-@dataclass(slots=True)
-class Warm:
-    """The ranking kept warm between ticks."""
-
-    rankings: dict[str, Ranking] = field(default_factory=dict)
-    snapshot: Snapshot | None = None
-    scanned_at: float = float("-inf")
-    scan_cost_s: float = 0.0
-
-
 def open_watch(guard: GuardPlan, *, proc_root: str, now: float, log: Log) -> GuardWatch:
     """Open a guard's sources; a PSI trigger the kernel refuses falls back to polling, and says so."""
-    memory = open_memory_reader(guard.scope, proc_root)
-    pressure: PressureReader | None = None
-    triggers: list[PsiTrigger | None] = []
-    if guard.psi:
-        path = cgroup_source.pressure_path_for(guard.scope, proc_root)
-        if path is None:
-            log.warning("psi_unavailable", guard=guard.name, scope=guard.scope.describe(), triggers=len(guard.psi))
-            triggers = [None] * len(guard.psi)
-        else:
-            pressure = PressureReader(path)
-            initial = pressure.read()
-            for index, plan_trigger in enumerate(guard.psi):
+    watch = open_sources(guard, proc_root=proc_root, now=now)
+    if guard.psi and watch.pressure is None:
+        log.warning("psi_unavailable", guard=guard.name, scope=guard.scope.describe(), triggers=len(guard.psi))
+    for index, trigger in enumerate(watch.triggers):
+        if trigger is not None:
+            log.info(
+                "psi_trigger_armed",
+                guard=guard.name,
+                trigger=index,
+                path=trigger.path,
+                mode=str(trigger.mode),
+                kind=trigger.kind,
+                stall_us=trigger.stall_us,
+                window_us=trigger.window_us,
+                reason=trigger.reason,
+            )
+    return watch
+
+
+def open_sources(guard: GuardPlan, *, proc_root: str, now: float) -> GuardWatch:
+    """A guard's sources, opened without a word logged; when one fails, none stays open (a
+    gone cgroup is retried every SCOPE_RETRY_S: a leak there would be an fd per retry)."""
+    watch = GuardWatch(
+        guard=guard, memory=open_memory_reader(guard.scope, proc_root), pressure=None, triggers=(None,) * len(guard.psi)
+    )
+    armed: list[PsiTrigger] = []
+    try:
+        path = cgroup_source.pressure_path_for(guard.scope, proc_root) if guard.psi else None
+        if path is not None:
+            watch.pressure = PressureReader(path)
+            initial = watch.pressure.read()
+            for plan_trigger in guard.psi:
                 kind: PsiKindName = "some" if plan_trigger.kind is PsiKind.SOME else "full"
-                trigger = PsiTrigger.arm(
-                    path, kind, plan_trigger.stall_us, plan_trigger.window_us, now=now, initial=initial
+                armed.append(
+                    PsiTrigger.arm(path, kind, plan_trigger.stall_us, plan_trigger.window_us, now=now, initial=initial)
                 )
-                triggers.append(trigger)
-                log.info(
-                    "psi_trigger_armed",
-                    guard=guard.name,
-                    trigger=index,
-                    path=path,
-                    mode=str(trigger.mode),
-                    kind=trigger.kind,
-                    stall_us=trigger.stall_us,
-                    window_us=trigger.window_us,
-                    reason=trigger.reason,
-                )
-    return GuardWatch(guard=guard, memory=memory, pressure=pressure, triggers=tuple(triggers))
-
-
-def _system_totalpages(snapshot: Snapshot) -> int:
-    return (snapshot.total_ram_bytes + snapshot.total_swap_bytes) // snapshot.page_size
-
-
-def guard_totalpages(reading: MemoryReading, page_size: int) -> int:
-    """totalpages for oom_badness(): RAM + swap for the system, the cgroup's limit plus its
-    swap allowance for a cgroup (mm/memcontrol.c mem_cgroup_get_max(), Linux 6.18)."""
-    return max(1, (reading.total_bytes + reading.swap_total_bytes) // page_size)
+            watch.triggers = tuple(armed)
+    except BaseException:
+        for trigger in armed:
+            trigger.close()
+        watch.close()
+        raise
+    return watch
 
 
 class Daemon:
@@ -176,9 +209,8 @@ class Daemon:
         self.forced_dry_run = forced_dry_run  # --dry-run survives a reload of a policy without it
         self.state: State = decision.initial_state(plan)
         self.watches: list[GuardWatch] = []
-        self.warm = Warm()
-        # Holds /proc fds of every process while the ranking is kept warm (closed when dropped).
-        self.scanner = procfs.ProcScanner(proc_root)
+        # The rankings kept warm near trouble; holds /proc fds of every process meanwhile.
+        self.warm = WarmRanking(proc_root, on_error=self._log_error)
         self.board = StatusBoard(plan.daemon.state_file, log)
         self._pending: set[int] = set()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -209,7 +241,7 @@ class Daemon:
         for watch in self.watches:
             watch.close()
         self.watches = []
-        self.scanner.close()
+        self.warm.close()
         self.executor.close()
         if self.desktop is not None:
             self.desktop.close()
@@ -278,7 +310,9 @@ class Daemon:
                     self._poller.register(fd, mask)
             self._polled = wanted
         try:
-            events = self._poller.poll(max(0, int(timeout_s * 1000)))
+            # Rounded up: a deadline 0.4 ms away (a gone scope's retry) polled 0 ms when
+            # truncated, and the loop spun until it passed (~90 wake-ups, seen in a test).
+            events = self._poller.poll(max(0, math.ceil(timeout_s * 1000)))
         except InterruptedError:
             events = []
         for fd, revents in events:
@@ -287,6 +321,8 @@ class Daemon:
                     os.read(self._wake_r, 512)
             elif fd in owners:
                 watch, trigger = owners[fd]
+                if watch.gone_at is not None:
+                    continue  # marked gone by an earlier event of this poll: its fds are closed
                 watch.psi_event_seen = True
                 try:
                     trigger.note_revents(revents)
@@ -296,7 +332,19 @@ class Daemon:
     def _drop_trigger(self, watch: GuardWatch, trigger: PsiTrigger, exc: Exception) -> None:
         """Close a trigger whose pressure file went away (its cgroup was removed). Such a file
         polls POLLERR for ever (kernfs_fop_poll() on a removed node, Linux 6.18): kept in the
-        poll set it wakes the loop at once, every time, and the daemon spins at 100 % CPU."""
+        poll set it wakes the loop at once, every time, and the daemon spins at 100 % CPU.
+
+        When the memory files went too (the whole cgroup, not only a hybrid machine's v2 twin),
+        the scope is gone: one scope_gone, every file closed, and reopen() re-arms it later."""
+        if watch.gone_at is not None:
+            return
+        try:
+            watch.memory.read()
+        except cgroup_source.CgroupGone as gone:
+            watch.mark_gone(self.clock(), self.log, error=str(gone))
+            return
+        except (OSError, MeminfoError, cgroup_source.CgroupError):
+            pass  # another fault of the memory files: the next reading logs it
         watch.triggers = tuple(None if t is trigger else t for t in watch.triggers)
         trigger.close()
         self.log.warning("psi_trigger_gone", guard=watch.guard.name, path=trigger.path, error=str(exc))
@@ -319,7 +367,7 @@ class Daemon:
     def _may_tick_quietly(self) -> bool:
         """After a full tick: nothing in flight or running, no warm ranking, no PSI trigger that
         needs a reading each poll. Then the next polls only need to watch memory."""
-        if self.warm.rankings or self.state.in_flight() or any(gs.phase is not Phase.IDLE for gs in self.state.guards):
+        if self.warm.active or self.state.in_flight() or any(gs.phase is not Phase.IDLE for gs in self.state.guards):
             return False
         if self._children_running():
             return False
@@ -339,12 +387,16 @@ class Daemon:
         What it skips cannot change anything while memory stays above the warm level and no
         PSI event arrived: decision.is_quiet() would hold and no ranking would be kept."""
         for watch in self.watches:
+            if watch.gone_at is not None:
+                if watch.reopen(proc_root=self.proc_root, now=now, log=self.log):
+                    return None  # back: a full tick reads it, and wait() polls its new triggers
+                continue  # still gone: that cost one stat at most
             if watch.psi_event_seen:
                 return None
             try:
                 memory = watch.memory.read()
             except (OSError, MeminfoError, cgroup_source.CgroupError):
-                return None  # the full tick logs it
+                return None  # the full tick logs it, or marks the scope gone
             if pacing.warm_ranking_needed(memory, watch.guard):
                 return None
             watch.remember(memory, now)
@@ -354,12 +406,21 @@ class Daemon:
     def _full_tick(self, now: float) -> float:
         self._tick_at = now
         readings = [r for r in (self._read_guard(w, now) for w in self.watches) if r is not None]
-        scanned_before = self.warm.scanned_at
-        rankings = self._rankings_for(readings, now)
         alive = frozenset(k for k in self.state.in_flight() if self.executor.alive(k))
-        # A fresh snapshot lets the core forget stuck victims that have since gone.
-        fresh = self.warm.snapshot if self.warm.scanned_at != scanned_before else None
-        obs = Observation(now=now, guards=tuple(readings), alive=alive, snapshot=fresh)
+        obs = Observation(now=now, guards=tuple(readings), alive=alive)
+        # The core says which guards need a ranking, and which need it as the scope is now.
+        rankings = self.warm.provide(self.plan, decision.needs(self.state, obs, self.plan), readings, now)
+        if rankings:
+            stats = self.warm.stats
+            self.log.debug("ranking_ready", rescanned=stats.rescanned, new=stats.new, reread=stats.reread)
+        # Re-judged before any SIGKILL: a victim that left the scope or is protected now is dropped.
+        flying = [(g, k) for g, k in self.state.in_flight_by_guard() if k in alive]
+        obs = replace(
+            obs,
+            # A fresh snapshot lets the core forget stuck victims that have since gone.
+            snapshot=self.warm.snapshot if self.warm.rescanned else None,
+            ineligible=self.warm.ineligible(self.plan, flying) if flying else frozenset(),
+        )
         # Far from every level with nothing in flight, step() would change nothing (is_quiet()
         # says so, and a property test holds it to that): a poll at poll_max stays cheap.
         if rankings or not decision.is_quiet(self.state, obs, self.plan):
@@ -379,7 +440,7 @@ class Daemon:
         """The state file: at every tick while a guard may act (the board keeps it to 1/s), every
         QUIET_STATE_WRITE_S when all is quiet and nothing new was decided. Its JSON dump and
         rename at 1/s cost an idle daemon ~210 of 290 us per tick (bench/run.py --only idle)."""
-        quiet = not self.warm.rankings and all(gs.phase is Phase.IDLE for gs in self.state.guards)
+        quiet = not self.warm.active and all(gs.phase is Phase.IDLE for gs in self.state.guards)
         # A new decision or the end of an episode is written at once, quiet or not.
         marker = (quiet, id(self.recent[-1]) if self.recent else 0)
         if quiet and marker == self._state_marker and now - self._state_written_at < QUIET_STATE_WRITE_S:
@@ -391,8 +452,13 @@ class Daemon:
 
     def _read_guard(self, watch: GuardWatch, now: float) -> GuardReading | None:
         name = watch.guard.name
+        if not watch.reopen(proc_root=self.proc_root, now=now, log=self.log):
+            return None  # its cgroup is gone: no reading, so the core does nothing for it
         try:
             memory = watch.memory.read()
+        except cgroup_source.CgroupGone as exc:
+            watch.mark_gone(now, self.log, error=str(exc))
+            return None
         except (OSError, MeminfoError, cgroup_source.CgroupError) as exc:
             self._log_error(f"memory:{name}", event="reading_failed", guard=name, source="memory", error=str(exc))
             return None
@@ -414,6 +480,8 @@ class Daemon:
                         fired.append(index)
                 except PsiTriggerGone as exc:
                     self._drop_trigger(watch, trigger, exc)
+                    if watch.gone_at is not None:
+                        return None  # the whole cgroup went since the memory reading
         except (OSError, PressureFileGone, ValueError) as exc:
             self._log_error(f"psi:{name}", event="reading_failed", guard=name, source="psi", error=str(exc))
         for index in fired:
@@ -434,153 +502,6 @@ class Daemon:
         if last is None or now - last >= ERROR_LOG_INTERVAL_S:
             self._error_logged_at[key] = now
             self.log.warning(event, **facts)
-
-    # -- the warm ranking
-
-    def _rankings_for(self, readings: list[GuardReading], now: float) -> dict[str, Ranking]:
-        """Rankings for the guards that may act: warm ones refreshed at a bounded rate,
-        a synchronous scan only when a guard crosses with nothing warm."""
-        urgent: list[GuardReading] = []
-        warm_wanted = False
-        for reading in readings:
-            guard = self.plan.guard(reading.guard)
-            gs = self.state.guard(guard.name)
-            lv = decision.levels(reading.memory, guard)
-            psi_live = bool(reading.psi_fired) or any(t.active_since is not None for t in gs.psi)
-            if lv.term_crossed or lv.kill_crossed or (psi_live and reading.memory.available_bytes < lv.gate_bytes):
-                urgent.append(reading)
-            elif gs.phase is not Phase.IDLE or pacing.warm_ranking_needed(reading.memory, guard):
-                warm_wanted = True
-        if not urgent and not warm_wanted:
-            self.warm = Warm()  # far from trouble: drop it, a stale ranking must never be acted on
-            self.scanner.close()  # and the scanner's held /proc fds: an idle daemon holds none
-            return {}
-        age = now - self.warm.scanned_at
-        refresh_after = max(WARM_REFRESH_MIN_S, self.warm.scan_cost_s / SCAN_CPU_SHARE)
-        if not self.warm.rankings or age >= refresh_after:
-            self._rescan(readings, now)
-        idle_urgent = [r for r in urgent if self.state.guard(r.guard).phase is Phase.IDLE]
-        if any(not self._has_candidates(r.guard) for r in idle_urgent) and age >= EMPTY_RESCAN_S:
-            # Crossed with no candidate warm (the hog may have started since the last scan):
-            # only a scan can find it. Bounded so a scope with truly nothing to kill is not
-            # rescanned at every poll.
-            self._rescan(readings, now)
-        rankings = dict(self.warm.rankings)
-        for reading in idle_urgent:
-            if reading.guard in rankings:
-                rankings[reading.guard] = self._recheck(rankings[reading.guard], reading)
-        return {name: self._head(ranking) for name, ranking in rankings.items()}
-
-    def _head(self, ranking: Ranking) -> Ranking:
-        """The part of a ranking that step() can use: it takes the best and the runner-up left
-        after removing stuck and in-flight processes (and the victim), so 2 + that many suffice.
-        Handing it all 2,000 candidates cost ~5 ms per crossing: Ranking.without() builds a
-        ProcessKey per candidate (bench/profile_crossing.py, 2,000 sleepers, this VM)."""
-        removable = len(self.state.in_flight()) + sum(len(gs.stuck) for gs in self.state.guards) + 1
-        head = 2 + removable
-        if len(ranking.candidates) <= head:
-            return ranking
-        return replace(ranking, candidates=ranking.candidates[:head])
-
-    def _has_candidates(self, guard_name: str) -> bool:
-        """Whether the warm ranking holds a process the core could still choose: stuck and
-        in-flight victims do not count, so a crossing with only those warm rescans at once
-        (a hog started since the last scan is then found)."""
-        ranking = self.warm.rankings.get(guard_name)
-        if ranking is None:
-            return False
-        unusable = self.state.in_flight().union(*(gs.stuck for gs in self.state.guards))
-        return any(c.key not in unusable for c in ranking.candidates)
-
-    def _members(self, guard: GuardPlan) -> frozenset[Pid] | None:
-        if guard.scope.kind is ScopeKind.SYSTEM:
-            return None
-        assert guard.scope.cgroup_path is not None
-        try:
-            return frozenset(Pid(p) for p in cgroup_source.read_members(guard.scope.cgroup_path))
-        except OSError as exc:
-            self._log_error(f"members:{guard.name}", event="reading_failed", guard=guard.name, error=str(exc))
-            return frozenset()
-
-    def _rescan(self, readings: list[GuardReading], now: float) -> None:
-        started = time.perf_counter()
-        members = {r.guard: self._members(self.plan.guard(r.guard)) for r in readings}
-        pids: set[int] | None = set()
-        for found in members.values():
-            if found is None:
-                pids = None
-                break
-            assert pids is not None
-            pids |= found
-        # uoomd itself and its parent are read too, so scoring can spare them by name.
-        if pids is not None:
-            pids |= {os.getpid(), os.getppid()}
-        try:
-            # The warm top is re-read in full (status too); the rest re-reads only what changed.
-            finalists = {c.process.pid for r in self.warm.rankings.values() for c in r.candidates[:RECHECK_DEPTH]}
-            snapshot = self.scanner.scan(details=self.plan.needed_details(), pids=pids, refresh=finalists)
-        except (OSError, ValueError) as exc:
-            # A scan that fails (meminfo unreadable, EMFILE, ENOMEM) is a fault of this poll, not
-            # the end of the daemon: log it, keep no ranking (a stale one is never acted on) and
-            # scan again at the next poll that needs it.
-            self._log_error("scan", event="reading_failed", source="processes", error=str(exc))
-            self.warm = Warm(scanned_at=now, scan_cost_s=self.warm.scan_cost_s)
-            return
-        rankings: dict[str, Ranking] = {}
-        for reading in readings:
-            guard = self.plan.guard(reading.guard)
-            totalpages = guard_totalpages(reading.memory, snapshot.page_size)
-            rankings[guard.name] = rank(
-                snapshot,
-                self.plan,
-                guard,
-                totalpages=totalpages,
-                members=members[guard.name],
-                previous=self.warm.rankings.get(guard.name),
-            )
-        cost = time.perf_counter() - started
-        self.warm = Warm(rankings=rankings, snapshot=snapshot, scanned_at=now, scan_cost_s=cost)
-        self.log.debug("ranking_refreshed", processes=len(snapshot.processes), scan_ms=round(cost * 1000, 2))
-
-    def _recheck(self, ranking: Ranking, reading: GuardReading) -> Ranking:
-        """Re-read the first candidates from /proc, so the victim is judged on what it is now:
-        a process that exited, exec'd into a protected program or left the scope drops out."""
-        snapshot = self.warm.snapshot
-        if snapshot is None:
-            return ranking
-        guard = self.plan.guard(reading.guard)
-        totalpages = guard_totalpages(reading.memory, snapshot.page_size)
-        members = self._members(guard)
-        spared = uoomd_pids(snapshot)
-        fresh: list[Candidate] = []
-        dropped: set[ProcessKey] = set()
-        for candidate in ranking.candidates[:RECHECK_DEPTH]:
-            now_info = procfs.read_process(self.proc_root, candidate.process.pid, self.plan.needed_details())
-            if now_info is None or now_info.starttime_ticks != candidate.process.starttime_ticks:
-                dropped.add(candidate.key)
-                continue
-            result = score_process(
-                now_info,
-                self.plan,
-                guard,
-                totalpages,
-                page_size=snapshot.page_size,
-                system_totalpages=_system_totalpages(snapshot),
-                spared=spared,
-                members=members,
-            )
-            if isinstance(result, Candidate):
-                fresh.append(result)
-                break
-            dropped.add(candidate.key)
-        if not fresh and len(dropped) >= min(RECHECK_DEPTH, len(ranking.candidates)) and ranking.candidates:
-            self._rescan([reading], self.clock())
-            return self.warm.rankings.get(guard.name, ranking)
-        # Only the first RECHECK_DEPTH were re-read, so only they can drop out or be replaced:
-        # the rest is kept as it is, without a key per candidate (~12 ms for 2,000).
-        taken = {c.key for c in fresh} | dropped
-        head = [c for c in ranking.candidates[:RECHECK_DEPTH] if c.key not in taken]
-        return replace(ranking, candidates=(*fresh, *head, *ranking.candidates[RECHECK_DEPTH:]))
 
     # -- acting and logging
 
@@ -603,7 +524,7 @@ class Daemon:
         if isinstance(action, SendSignal) and result.outcome in (Outcome.GONE, Outcome.RECYCLED):
             # The victim is not there to signal: drop it from the warm ranking so the next
             # step does not choose it again.
-            self.warm.rankings = {name: r.without(frozenset({action.target})) for name, r in self.warm.rankings.items()}
+            self.warm.forget(action.target)
 
     def _notice_desktop(self, chosen: Record) -> None:
         """One desktop notice per victim, at its first signal; children, never a blocking call."""
@@ -633,6 +554,9 @@ class Daemon:
     def _next_timeout(self, now: float) -> float:
         timeouts: list[float] = [self.plan.daemon.poll_max_s]
         for watch in self.watches:
+            if watch.gone_at is not None:
+                timeouts.append(max(0.0, watch.retry_at - now))  # no reading to pace: look for it then
+                continue
             if watch.last is None:
                 timeouts.append(self.plan.daemon.poll_min_s)
                 continue
@@ -678,7 +602,7 @@ class Daemon:
         self.watches = watches
         self.state = _carry_state(self.state, new_plan)
         self.plan = new_plan
-        self.warm = Warm()
+        self.warm.drop()  # ranked with the old plan's rules
         self._quiet_since = None
         self.board = StatusBoard(new_plan.daemon.state_file, self.log)
         self.log.info("policy_reloaded", policy=new_plan.source, guards=[g.name for g in new_plan.guards])
@@ -717,6 +641,7 @@ class Daemon:
                 {
                     "name": watch.guard.name,
                     "scope": watch.guard.scope.describe(),
+                    "scope_gone": watch.gone_at is not None,
                     "phase": str(gs.phase),
                     "victim": None
                     if gs.victim is None

@@ -246,6 +246,10 @@ class State:
     def in_flight(self) -> frozenset[ProcessKey]:
         return frozenset(gs.victim.key for gs in self.guards if gs.phase in _HOLDING and gs.victim)
 
+    def in_flight_by_guard(self) -> tuple[tuple[str, ProcessKey], ...]:
+        """(guard, victim) for every victim in flight."""
+        return tuple((gs.guard, gs.victim.key) for gs in self.guards if gs.phase in _HOLDING and gs.victim)
+
 
 def initial_state(plan: Plan) -> State:
     return State(guards=tuple(_fresh_guard_state(g) for g in plan.guards))

@@ -22,8 +22,8 @@ from uoomd.scoring import (
     rank,
     rss_pages,
 )
+from uoomd.sources.cgroup import read_oom_totalpages
 from uoomd.sources.procfs import (
-    read_cgroup_limit_bytes,
     read_cgroup_procs,
     read_oom_score,
     read_snapshot,
@@ -63,38 +63,6 @@ def _pick_guard(plan: Plan, guard_name: str | None) -> GuardPlan:
         raise SetupError(f"no guard named {guard_name!r}", hint=f"the policy's guards are: {names}") from None
 
 
-def _cgroup_totalpages(cgroup_dir: str, *, page_size: int, total_swap_pages: int, fallback: int) -> int:
-    """mm/memcontrol.c mem_cgroup_get_max() from the cgroup's files (v1 or v2).
-
-    An unlimited cgroup never has a memcg OOM of its own: the kernel would OOM with the
-    system's (or a limited ancestor's) totalpages, so the system value is used."""
-    unlimited_pages = kernel.LONG_MAX // page_size  # PAGE_COUNTER_MAX
-    v1 = os.path.exists(os.path.join(cgroup_dir, "memory.limit_in_bytes"))
-    if v1:
-        memory_max = read_cgroup_limit_bytes(cgroup_dir, "memory.limit_in_bytes")
-        memsw_max = read_cgroup_limit_bytes(cgroup_dir, "memory.memsw.limit_in_bytes")
-        swappiness = read_cgroup_limit_bytes(cgroup_dir, "memory.swappiness")
-        swap_max = None
-    else:
-        memory_max = read_cgroup_limit_bytes(cgroup_dir, "memory.max")
-        swap_max = read_cgroup_limit_bytes(cgroup_dir, "memory.swap.max")
-        memsw_max = None
-        swappiness = read_cgroup_limit_bytes("/proc/sys/vm", "swappiness")
-    if memory_max is None or memory_max // page_size >= unlimited_pages:
-        return fallback
-    # A missing or "max" swap limit is the page counter's default, PAGE_COUNTER_MAX; without
-    # memsw accounting (v1 swapaccount=0, or v2) the kernel uses memcg->swap.max.
-    memsw_pages = None if memsw_max is None else min(memsw_max // page_size, unlimited_pages)
-    swap_pages = unlimited_pages if swap_max is None else swap_max // page_size
-    return kernel.mem_cgroup_get_max(
-        memory_max_pages=memory_max // page_size,
-        total_swap_pages=total_swap_pages,
-        swappiness=60 if swappiness is None else swappiness,
-        memsw_max_pages=memsw_pages,
-        swap_max_pages=None if memsw_pages is not None else swap_pages,
-    )
-
-
 def _scene(plan: Plan, guard: GuardPlan, proc_root: str) -> _Scene:
     members: frozenset[Pid] | None = None
     if guard.scope.kind is ScopeKind.CGROUP:
@@ -116,7 +84,7 @@ def _scene(plan: Plan, guard: GuardPlan, proc_root: str) -> _Scene:
     totalpages = system_totalpages
     if guard.scope.kind is ScopeKind.CGROUP:
         assert guard.scope.cgroup_path is not None
-        totalpages = _cgroup_totalpages(
+        totalpages = read_oom_totalpages(
             guard.scope.cgroup_path,
             page_size=page_size,
             total_swap_pages=snapshot.total_swap_bytes // page_size,

@@ -49,6 +49,9 @@ class Exclusion:
     process: ProcessInfo
     reason: str  # "kernel thread", "init", "no mm", "oom_score_adj -1000", "protected by rule 'x'", "self", ...
     rules: tuple[str, ...] = ()
+    # True: never to be signalled (out of scope, protected, -1000, uoomd itself, ...). False: merely
+    # not worth choosing (below min_badness): a victim in flight that shrank there is still ours.
+    forbidden: bool = True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -312,6 +315,7 @@ def score_process(
             process=process,
             reason=f"badness {badness.points} below min_badness {guard.min_badness}",
             rules=labels,
+            forbidden=False,
         )
     kernel_points = kernel_badness(process, totalpages=totalpages, page_size=page_size)
     system_badness = (
@@ -329,7 +333,7 @@ def score_process(
     )
 
 
-def _best_first(candidate: Candidate) -> tuple[int, int, int]:
+def victim_order(candidate: Candidate) -> tuple[int, int, int]:
     # Highest points first; among equals the kernel keeps the LAST in fork order
     # (oom_evaluate_task() replaces on equal points), so later-forked first.
     # Badness.points and fork_order() spelled out: this runs for every candidate of every scan.
@@ -403,7 +407,7 @@ def rank(
             candidates.append(result)
         else:
             excluded.append(result)
-    candidates.sort(key=_best_first)
+    candidates.sort(key=victim_order)
     return Ranking(
         guard=guard.name,
         candidates=tuple(candidates),

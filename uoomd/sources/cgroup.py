@@ -8,9 +8,11 @@ from enum import StrEnum
 from types import TracebackType
 from typing import Self
 
+from uoomd import kernel
 from uoomd.plan import Scope, ScopeKind
 from uoomd.readings import MemoryReading
 from uoomd.sources.meminfo import pread_all
+from uoomd.sources.procfs import read_cgroup_limit_bytes
 
 # A v1 limit at or above this means "no limit". The kernel stores limits in pages in a
 # page_counter whose maximum is PAGE_COUNTER_MAX = LONG_MAX / PAGE_SIZE
@@ -27,6 +29,15 @@ class CgroupVersion(StrEnum):
 
 class CgroupError(ValueError):
     """A cgroup directory is not a memory cgroup, or one of its files makes no sense."""
+
+
+class CgroupGone(CgroupError):
+    """The cgroup whose files are kept open was removed (a service restart does it).
+
+    A kept fd of a removed cgroup's file fails with ENODEV for ever, even once a cgroup of
+    the same name exists again (pread of memory.usage_in_bytes and of memory.pressure after
+    rmdir, and after rmdir + mkdir; Linux 6.18, this machine): the files must be reopened.
+    """
 
 
 def detect_version(path: str) -> CgroupVersion:
@@ -313,7 +324,7 @@ class CgroupMemoryReader:
             return pread_all(fd).decode("ascii", errors="replace")
         except OSError as exc:
             if exc.errno == errno.ENODEV:  # kernfs: the cgroup was removed under us
-                raise CgroupError(f"{self.path}: cgroup removed") from exc
+                raise CgroupGone(f"{self.path}: cgroup removed") from exc
             raise
 
     def _required(self, key: str) -> str:
@@ -366,3 +377,38 @@ class CgroupMemoryReader:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def read_oom_totalpages(cgroup_dir: str, *, page_size: int, total_swap_pages: int, fallback: int) -> int:
+    """totalpages of a memcg OOM in this cgroup: mm/memcontrol.c mem_cgroup_get_max() from its files (v1 or v2).
+
+    The one place that says it: `uoomd run`, `candidates` and `explain` rank a cgroup's
+    processes with this number, so they cannot disagree.
+
+    An unlimited cgroup never has a memcg OOM of its own: the kernel would OOM with the
+    system's (or a limited ancestor's) totalpages, so the system value is used."""
+    unlimited_pages = kernel.LONG_MAX // page_size  # PAGE_COUNTER_MAX
+    v1 = os.path.exists(os.path.join(cgroup_dir, "memory.limit_in_bytes"))
+    if v1:
+        memory_max = read_cgroup_limit_bytes(cgroup_dir, "memory.limit_in_bytes")
+        memsw_max = read_cgroup_limit_bytes(cgroup_dir, "memory.memsw.limit_in_bytes")
+        swappiness = read_cgroup_limit_bytes(cgroup_dir, "memory.swappiness")
+        swap_max = None
+    else:
+        memory_max = read_cgroup_limit_bytes(cgroup_dir, "memory.max")
+        swap_max = read_cgroup_limit_bytes(cgroup_dir, "memory.swap.max")
+        memsw_max = None
+        swappiness = read_cgroup_limit_bytes("/proc/sys/vm", "swappiness")
+    if memory_max is None or memory_max // page_size >= unlimited_pages:
+        return fallback
+    # A missing or "max" swap limit is the page counter's default, PAGE_COUNTER_MAX; without
+    # memsw accounting (v1 swapaccount=0, or v2) the kernel uses memcg->swap.max.
+    memsw_pages = None if memsw_max is None else min(memsw_max // page_size, unlimited_pages)
+    swap_pages = unlimited_pages if swap_max is None else swap_max // page_size
+    return kernel.mem_cgroup_get_max(
+        memory_max_pages=memory_max // page_size,
+        total_swap_pages=total_swap_pages,
+        swappiness=60 if swappiness is None else swappiness,
+        memsw_max_pages=memsw_pages,
+        swap_max_pages=None if memsw_pages is not None else swap_pages,
+    )

@@ -1,0 +1,117 @@
+"""The warm ranking at a crossing, on real processes in a real memory cgroup: what the scan did not see is seen."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cgroups import TestCgroup, test_cgroup_or_skip
+from tests.e2e.daemon_runner import hog_argv, read_record, wait_until
+from tests.helpers_proc import make_guard, make_plan
+from uoomd.decision import Need
+from uoomd.plan import Plan, Scope, ScopeKind
+from uoomd.readings import GuardReading
+from uoomd.sources.cgroup import CgroupMemoryReader
+from uoomd.sources.procfs import read_meminfo_totals
+from uoomd.warm import WarmRanking
+
+pytestmark = pytest.mark.integration
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+def cg() -> Iterator[TestCgroup]:
+    with test_cgroup_or_skip(limit_bytes=400 * MIB) as group:
+        yield group
+
+
+def _plan(cg: TestCgroup) -> Plan:
+    guard = make_guard("cg", scope=Scope(kind=ScopeKind.CGROUP, cgroup_path=cg.memory_path))
+    return make_plan(guards=(guard,))
+
+
+def _reading(cg: TestCgroup) -> GuardReading:
+    ram, swap = read_meminfo_totals()
+    with CgroupMemoryReader(cg.memory_path, ram, swap) as reader:
+        return GuardReading(guard="cg", memory=reader.read())
+
+
+def _held(record: Path, kind: str = "HOLD") -> bool:
+    return any(line[0] == kind for line in read_record(record))
+
+
+def test_a_process_born_after_the_scan_is_the_victim_at_the_crossing(cg: TestCgroup, tmp_path: Path) -> None:
+    idle_rec, hog_rec = tmp_path / "idle.rec", tmp_path / "hog.rec"
+    cg.spawn(hog_argv(idle_rec, "--max-mib", "30", "--mib-per-step", "30", "--hold"))
+    assert wait_until(lambda: _held(idle_rec), 10)
+    plan = _plan(cg)
+    warm = WarmRanking("/proc", on_error=lambda *a, **k: None)
+    try:
+        warm.rescan(plan, [_reading(cg)], time.monotonic())
+        before = warm.rankings["cg"].best
+        assert before is not None
+        hog = cg.spawn(hog_argv(hog_rec, "--max-mib", "120", "--mib-per-step", "40", "--hold"))
+        assert wait_until(lambda: _held(hog_rec), 10)
+        now = warm.scanned_at + 0.01  # well within the warm refresh interval: no rescan
+        rankings = warm.provide(plan, {"cg": Need.NOW}, [_reading(cg)], now)
+        assert not warm.stats.rescanned
+        assert warm.stats.new == 1
+        best = rankings["cg"].best
+        assert best is not None
+        assert best.process.pid == hog.pid
+        # A warm ranking alone (no crossing) would still have named the idle process.
+        assert before.process.pid != hog.pid
+    finally:
+        warm.close()
+
+
+def test_a_process_small_at_the_scan_that_grew_since_is_the_victim(cg: TestCgroup, tmp_path: Path) -> None:
+    idle_rec, grow_rec = tmp_path / "idle.rec", tmp_path / "grow.rec"
+    cg.spawn(hog_argv(idle_rec, "--max-mib", "30", "--mib-per-step", "30", "--hold"))
+    grower = cg.spawn(
+        hog_argv(grow_rec, "--max-mib", "150", "--mib-per-step", "4", "--pause-at-mib", "4", "--pause-s", "2", "--hold")
+    )
+    assert wait_until(lambda: _held(idle_rec), 10)
+    plan = _plan(cg)
+    warm = WarmRanking("/proc", on_error=lambda *a, **k: None)
+    try:
+        warm.rescan(plan, [_reading(cg)], time.monotonic())
+        top = warm.rankings["cg"].best
+        assert top is not None
+        assert top.process.pid != grower.pid
+        assert wait_until(lambda: _held(grow_rec), 20)
+        rankings = warm.provide(plan, {"cg": Need.NOW}, [_reading(cg)], warm.scanned_at + 0.01)
+        assert not warm.stats.rescanned
+        best = rankings["cg"].best
+        assert best is not None
+        assert best.process.pid == grower.pid
+    finally:
+        warm.close()
+
+
+def test_a_process_that_left_the_cgroup_is_dropped_at_the_crossing(tmp_path: Path) -> None:
+    with (
+        test_cgroup_or_skip(limit_bytes=400 * MIB) as cg,
+        test_cgroup_or_skip(limit_bytes=400 * MIB) as other,
+    ):
+        rec = tmp_path / "mover.rec"
+        mover = cg.spawn(hog_argv(rec, "--max-mib", "60", "--mib-per-step", "60", "--hold"))
+        assert wait_until(lambda: _held(rec), 10)
+        plan = _plan(cg)
+        warm = WarmRanking("/proc", on_error=lambda *a, **k: None)
+        try:
+            warm.rescan(plan, [_reading(cg)], time.monotonic())
+            best = warm.rankings["cg"].best
+            assert best is not None
+            assert best.process.pid == mover.pid
+            Path(other.memory_path, "cgroup.procs").write_text(str(mover.pid))
+            rankings = warm.provide(plan, {"cg": Need.NOW}, [_reading(cg)], warm.scanned_at + 0.01)
+            assert all(c.process.pid != mover.pid for c in rankings["cg"].candidates)
+            # And an in-flight victim that moved away is no longer ours to signal.
+            assert warm.ineligible(plan, [("cg", best.key)]) == {best.key}
+        finally:
+            warm.close()
