@@ -3,7 +3,9 @@
 Every primitive returns an :class:`ActionResult` (a frozen value the daemon logs as key/values)
 and never raises for a condition the machine can produce (a process that vanished, a recycled
 PID, an old kernel, a hook that hangs). Identity is ``(pid, starttime)``: a victim is signalled
-only through a pidfd whose process was verified *after* the pidfd was opened.
+only through a pidfd whose process was verified *after* the pidfd was opened. A process-group or
+cgroup victim reaches only the processes its action's ``group`` names (issue 11): never killpg(),
+and cgroup.kill only when the cgroup holds nobody else.
 
 The action types live in ``decision.py``; this module reads them by attribute through the small
 Protocols below, so it depends on their shape, not on their module.
@@ -17,7 +19,7 @@ import os
 import select
 import signal
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
@@ -47,6 +49,8 @@ class SignalAction(Protocol):
     def cgroup(self) -> str | None: ...
     @property
     def dry_run(self) -> bool: ...
+    @property
+    def group(self) -> tuple[ProcessKey, ...]: ...
 
 
 @runtime_checkable
@@ -65,6 +69,8 @@ class CgroupKillAction(Protocol):
     def path(self) -> str: ...
     @property
     def dry_run(self) -> bool: ...
+    @property
+    def group(self) -> tuple[ProcessKey, ...]: ...
 
 
 @runtime_checkable
@@ -320,13 +326,20 @@ def pgid_refusal_reason(pgid: int) -> str | None:
     return None
 
 
-def signal_process_group(proc_root: str, key: ProcessKey, pgid: int, sig: int) -> ActionResult:
-    """killpg(pgid), but only after the pidfd of ``key`` verified that the victim is alive and in ``pgid``."""
+def signal_process_group(
+    proc_root: str, key: ProcessKey, pgid: int, sig: int, group: Sequence[ProcessKey] = ()
+) -> ActionResult:
+    """Signal the keys of ``group`` (the victim alone when it is empty) that are still in ``pgid``,
+    each through its own verified pidfd, once the pidfd of ``key`` verified the victim is alive and in ``pgid``.
+
+    Never killpg(): it reaches every member of the group, in the guard's scope or not, protected
+    or not (issue 11: a shell and a sleeper outside the guarded cgroup were killed)."""
     reason = refusal_reason(key.pid) or pgid_refusal_reason(pgid)
     if reason is not None:
         return make_result(
             ActionKind.SIGNAL, Outcome.REFUSED, pid=key.pid, pgid=pgid, signal=_signame(sig), reason=reason
         )
+    # The victim first: a recycled PID must not make us signal the group it named.
     opened = open_victim_checked(proc_root, key)
     if not isinstance(opened, PidFd):
         return make_result(ActionKind.SIGNAL, Outcome(opened.value), pid=key.pid, pgid=pgid, signal=_signame(sig))
@@ -335,9 +348,6 @@ def signal_process_group(proc_root: str, key: ProcessKey, pgid: int, sig: int) -
             return make_result(
                 ActionKind.SIGNAL, Outcome.REFUSED, pid=key.pid, pgid=pgid, signal=_signame(sig), reason="kernel thread"
             )
-        # The pgid was re-read from stat after the pidfd was opened: the verified victim is a member
-        # now. A group cannot be re-numbered while it has a member (kernel/pid.c free_pid() waits
-        # for every PIDTYPE_PGID user), so the number still names the victim's group at killpg().
         if opened.pgid != pgid:
             return make_result(
                 ActionKind.SIGNAL,
@@ -348,11 +358,84 @@ def signal_process_group(proc_root: str, key: ProcessKey, pgid: int, sig: int) -
                 reason="pgid changed",
                 actual_pgid=opened.pgid,
             )
-        try:
-            os.killpg(pgid, sig)
-        except OSError as exc:
-            return errno_result(ActionKind.SIGNAL, exc, pid=key.pid, pgid=pgid, signal=_signame(sig))
-        return make_result(ActionKind.SIGNAL, Outcome.SENT, pid=key.pid, pgid=pgid, signal=_signame(sig))
+    members, outcomes = open_members(proc_root, group or (key,))
+    try:
+        # Each member's pgid was re-read from stat after its pidfd was opened (open_victim_checked):
+        # a member that moved to another group since the ranking is left alone.
+        outcomes += send_to_members(members, sig, lambda member: member.pgid == pgid)
+    finally:
+        close_all(members)
+    counts = MemberCounts.of(outcomes)
+    return make_result(
+        ActionKind.SIGNAL,
+        counts.outcome(),
+        pid=key.pid,
+        pgid=pgid,
+        signal=_signame(sig),
+        method="pidfd",
+        sent=counts.sent,
+        gone=counts.gone,
+        refused=counts.refused,
+        failed=counts.failed,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Group members: the processes a process-group or cgroup victim may signal, and no others
+
+
+def open_members(proc_root: str, keys: Iterable[ProcessKey]) -> tuple[list[PidFd], list[Outcome]]:
+    """Verified pidfds for those of ``keys`` that still run (each key once), and an outcome for each that does not."""
+    opened: list[PidFd] = []
+    missing: list[Outcome] = []
+    try:
+        for key in dict.fromkeys(keys):
+            result = open_victim_checked(proc_root, key)
+            if isinstance(result, PidFd):
+                opened.append(result)
+            else:
+                missing.append(Outcome(result.value))
+    except BaseException:
+        close_all(opened)
+        raise
+    return opened, missing
+
+
+def close_all(pidfds: Iterable[PidFd]) -> None:
+    for pidfd in pidfds:
+        pidfd.close()
+
+
+def send_to_members(pidfds: Iterable[PidFd], sig: int, is_member: Callable[[PidFd], bool]) -> list[Outcome]:
+    """Signal each pidfd whose process is still a member; one that left counts as gone, as if it had exited."""
+    return [send_signal(pidfd, sig).outcome if is_member(pidfd) else Outcome.GONE for pidfd in pidfds]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MemberCounts:
+    """What a group signal came to, member by member: the result's details."""
+
+    sent: int
+    gone: int  # exited, PID recycled, or no longer a member: the process meant is not there
+    refused: int
+    failed: int
+
+    @classmethod
+    def of(cls, outcomes: Sequence[Outcome]) -> MemberCounts:
+        sent = outcomes.count(Outcome.SENT)
+        gone = outcomes.count(Outcome.GONE) + outcomes.count(Outcome.RECYCLED)
+        refused = outcomes.count(Outcome.REFUSED)
+        return cls(sent=sent, gone=gone, refused=refused, failed=len(outcomes) - sent - gone - refused)
+
+    def outcome(self) -> Outcome:
+        """SENT when any member got the signal; otherwise the most telling reason why none did."""
+        if self.sent:
+            return Outcome.SENT
+        if self.failed:
+            return Outcome.FAILED
+        if self.refused:
+            return Outcome.REFUSED
+        return Outcome.GONE
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,80 +484,95 @@ def cgroup_refusal_reason(cgroup_dir: str, cgroup_roots: Iterable[str], pids: It
     return None
 
 
-def signal_cgroup(proc_root: str, cgroup_dir: str, sig: int, cgroup_roots: Iterable[str]) -> ActionResult:
-    """Kill or signal every process of a cgroup (and its descendants).
+def cgroup_kill_refusal(
+    cgroup_dir: str, cgroup_roots: Iterable[str], pids: Iterable[int], group: Sequence[ProcessKey]
+) -> str | None:
+    """Why a cgroup must not be signalled: the checks above, and a group with nobody to signal,
+    which must never widen to the whole cgroup."""
+    return cgroup_refusal_reason(cgroup_dir, cgroup_roots, pids) or (None if group else "no eligible members")
 
-    cgroup v2 with SIGKILL: write "1" to cgroup.kill (Linux 5.14+), which the kernel applies
-    atomically to the subtree, new forks included (kernel/cgroup/cgroup.c cgroup_kill()).
-    cgroup v1, or another signal: signal each member through its own pidfd."""
+
+def count_outside_group(proc_root: str, pids: Iterable[int], group: Iterable[ProcessKey]) -> int:
+    """How many of the processes listed in a cgroup are not keys of ``group``: those a signal bound to
+    the group leaves alone. A group's PID now held by another process counts as outside; one gone, not at all."""
+    keys = set(group)
+    outside = 0
+    for pid in set(pids):
+        ident = read_stat_identity(proc_root, pid)
+        if ident is not None and ProcessKey(pid=Pid(pid), starttime_ticks=ident.starttime_ticks) not in keys:
+            outside += 1
+    return outside
+
+
+def signal_cgroup(
+    proc_root: str, cgroup_dir: str, sig: int, cgroup_roots: Iterable[str], *, group: Sequence[ProcessKey]
+) -> ActionResult:
+    """Signal the processes of a cgroup subtree that are keys of ``group``, and no other.
+
+    cgroup.kill (cgroup v2, Linux 5.14+) only for SIGKILL, and only when every process in the
+    subtree is a key of the group: the kernel applies it to the whole subtree, new forks included
+    (kernel/cgroup/cgroup.c cgroup_kill()), so it cannot spare a protected or out-of-scope member
+    (issue 11). Otherwise (cgroup v1, another signal, someone to spare) each key through its pidfd."""
     roots = tuple(cgroup_roots)
     real = os.path.realpath(cgroup_dir)
     pids = read_cgroup_pids(real)
-    reason = cgroup_refusal_reason(real, roots, pids)
+    reason = cgroup_kill_refusal(real, roots, pids, group)
     if reason is not None:
         return make_result(ActionKind.CGROUP_KILL, Outcome.REFUSED, cgroup=real, signal=_signame(sig), reason=reason)
-    kill_file = os.path.join(real, "cgroup.kill")
-    if sig == signal.SIGKILL and os.path.isfile(kill_file):
-        try:
-            with open(kill_file, "w", encoding="ascii") as f:
-                f.write("1")
-        except OSError as exc:
-            if exc.errno == errno.ENOENT:
-                return make_result(ActionKind.CGROUP_KILL, Outcome.GONE, cgroup=real, signal=_signame(sig))
-            return errno_result(ActionKind.CGROUP_KILL, exc, cgroup=real, signal=_signame(sig))
-        return make_result(
-            ActionKind.CGROUP_KILL,
-            Outcome.SENT,
-            cgroup=real,
-            signal=_signame(sig),
-            method="cgroup.kill",
-            members=len(pids),
-        )
-    return _signal_members(proc_root, real, pids, sig)
+    skipped = count_outside_group(proc_root, pids, group)
+    # A process that enters the subtree between this count and the write dies too. A fork of a
+    # member inherits its cgroup, and catching those is what cgroup.kill is for; the pidfd path
+    # would let a fork bomb outrun it.
+    if sig == signal.SIGKILL and skipped == 0 and os.path.isfile(os.path.join(real, "cgroup.kill")):
+        return write_cgroup_kill(real, members=len(pids))
+    return signal_cgroup_members(proc_root, real, group, sig, members=len(pids), skipped=skipped)
 
 
-def _signal_members(proc_root: str, cgroup_dir: str, pids: list[int], sig: int) -> ActionResult:
-    # Same principle as open_victim: open a pidfd for every listed PID first, then re-read the
-    # member list. A PID still listed after its pidfd was opened means the pidfd's process is the
-    # member (a PID names one live process at a time); a PID that left or was recycled is skipped.
-    fds: dict[int, int] = {}
+def write_cgroup_kill(cgroup_dir: str, *, members: int) -> ActionResult:
     try:
-        for pid in pids:
-            if refusal_reason(pid) is not None or pid in fds:
-                continue
-            try:
-                fds[pid] = os.pidfd_open(pid)
-            except OSError:
-                continue
-        still = set(read_cgroup_pids(cgroup_dir))
-        sent = gone = refused = 0
-        for pid, fd in fds.items():
-            ident = read_stat_identity(proc_root, pid)
-            if pid not in still or ident is None:
-                gone += 1
-                continue
-            if ident.kthread:
-                refused += 1
-                continue
-            try:
-                signal.pidfd_send_signal(fd, sig)
-                sent += 1
-            except ProcessLookupError:
-                gone += 1
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-    outcome = Outcome.SENT if sent else Outcome.GONE
+        with open(os.path.join(cgroup_dir, "cgroup.kill"), "w", encoding="ascii") as f:
+            f.write("1")
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:  # the cgroup was removed: its members are gone
+            return make_result(ActionKind.CGROUP_KILL, Outcome.GONE, cgroup=cgroup_dir, signal="SIGKILL")
+        return errno_result(ActionKind.CGROUP_KILL, exc, cgroup=cgroup_dir, signal="SIGKILL")
     return make_result(
         ActionKind.CGROUP_KILL,
-        outcome,
+        Outcome.SENT,
+        cgroup=cgroup_dir,
+        signal="SIGKILL",
+        method="cgroup.kill",
+        members=members,
+        skipped=0,
+    )
+
+
+def signal_cgroup_members(
+    proc_root: str, cgroup_dir: str, group: Sequence[ProcessKey], sig: int, *, members: int, skipped: int
+) -> ActionResult:
+    """Signal each key of ``group`` that is still in the cgroup subtree, through its own verified pidfd."""
+    # Same principle as open_victim_checked: open (and verify) every pidfd first, then re-read
+    # the member list. A PID still listed after its pidfd was opened is the pidfd's process (a PID
+    # names one live process at a time); a key that left the subtree is left alone.
+    opened, outcomes = open_members(proc_root, group)
+    try:
+        listed = set(read_cgroup_pids(cgroup_dir))
+        outcomes += send_to_members(opened, sig, lambda member: member.key.pid in listed)
+    finally:
+        close_all(opened)
+    counts = MemberCounts.of(outcomes)
+    return make_result(
+        ActionKind.CGROUP_KILL,
+        counts.outcome(),
         cgroup=cgroup_dir,
         signal=_signame(sig),
         method="pidfd",
-        members=len(pids),
-        sent=sent,
-        gone=gone,
-        refused=refused,
+        members=members,
+        skipped=skipped,
+        sent=counts.sent,
+        gone=counts.gone,
+        refused=counts.refused,
+        failed=counts.failed,
     )
 
 
@@ -585,7 +683,7 @@ class LiveExecutor:
             case VictimKind.PROCESS:
                 pass
             case VictimKind.PROCESS_GROUP:
-                result = signal_process_group(self.proc_root, key, action.pgid, sig)
+                result = signal_process_group(self.proc_root, key, action.pgid, sig, action.group)
                 if result.outcome is Outcome.SENT:
                     self._track(key)
                 return result
@@ -622,7 +720,9 @@ class LiveExecutor:
             return make_result(
                 ActionKind.CGROUP_KILL, Outcome.REFUSED, pid=key.pid, cgroup=action.cgroup, reason="not a cgroup"
             )
-        result = signal_cgroup(self.proc_root, cgroup_dir, action.signal, self.cgroup_roots)
+        # An empty group (an older caller) means the victim alone: it must never widen to the cgroup.
+        group = action.group or (key,)
+        result = signal_cgroup(self.proc_root, cgroup_dir, action.signal, self.cgroup_roots, group=group)
         if result.outcome is Outcome.SENT:
             self._keep(opened)
         else:
@@ -635,11 +735,14 @@ class LiveExecutor:
             return make_result(ActionKind.CGROUP_KILL, Outcome.REFUSED, cgroup=action.path, reason="not a cgroup")
         if action.dry_run:
             pids = read_cgroup_pids(cgroup_dir)
-            reason = cgroup_refusal_reason(cgroup_dir, self.cgroup_roots, pids)
+            reason = cgroup_kill_refusal(cgroup_dir, self.cgroup_roots, pids, action.group)
             if reason is not None:
                 return make_result(ActionKind.CGROUP_KILL, Outcome.REFUSED, cgroup=cgroup_dir, reason=reason)
-            return make_result(ActionKind.CGROUP_KILL, Outcome.DRY_RUN, cgroup=cgroup_dir, members=len(pids))
-        return signal_cgroup(self.proc_root, cgroup_dir, signal.SIGKILL, self.cgroup_roots)
+            skipped = count_outside_group(self.proc_root, pids, action.group)
+            return make_result(
+                ActionKind.CGROUP_KILL, Outcome.DRY_RUN, cgroup=cgroup_dir, members=len(pids), skipped=skipped
+            )
+        return signal_cgroup(self.proc_root, cgroup_dir, signal.SIGKILL, self.cgroup_roots, group=action.group)
 
     def _release(self, key: ProcessKey) -> ActionResult:
         pidfd = self._tracked.get(key)

@@ -136,8 +136,9 @@ CHOOSERS = frozenset({Phase.IDLE, Phase.RECOVERING})  # phases with no victim in
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SendSignal:
-    """Signal a victim. ``victim_kind`` says how: the process, its group (killpg through
-    a pidfd-verified leader, ``pgid``) or every member of ``cgroup``."""
+    """Signal a victim. ``victim_kind`` says how: the process alone, or each process of
+    ``group`` (its process group ``pgid`` or its ``cgroup``, inside the scope), every one
+    through its own verified pidfd."""
 
     guard: str
     target: ProcessKey

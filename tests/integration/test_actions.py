@@ -113,6 +113,7 @@ def signal_action(
     pgid: int = 0,
     cgroup: str | None = None,
     dry_run: bool = False,
+    group: tuple[ProcessKey, ...] = (),
 ) -> SendSignal:
     return SendSignal(
         guard="test",
@@ -122,6 +123,7 @@ def signal_action(
         pgid=pgid or key.pid,
         cgroup=cgroup,
         dry_run=dry_run,
+        group=group,
     )
 
 
@@ -389,29 +391,104 @@ def test_release_of_a_live_process_such_as_ourselves_is_refused_not_raised(execu
 # --- process groups -------------------------------------------------------------------------
 
 
-def test_killpg_signals_every_member_of_the_victims_group(hogs: HogFactory, executor: LiveExecutor) -> None:
+def test_process_group_victim_signals_only_the_keys_of_its_group(hogs: HogFactory, executor: LiveExecutor) -> None:
+    # Issue 11: a guard scoped to a cgroup, a process group reaching outside it. The decision
+    # core puts only the in-scope members in the group; the one outside must live.
+    leader = hogs.start(process_group=0)
+    inside = hogs.start(process_group=leader.pid)
+    outside = hogs.start(process_group=leader.pid)
+    with test_cgroup(V1_MEMORY) as cg:
+        try:
+            join_cgroup(cg, leader.pid)
+            join_cgroup(cg, inside.pid)
+            action = signal_action(
+                inside.key,
+                signal.SIGTERM,
+                kind=VictimKind.PROCESS_GROUP,
+                pgid=leader.pid,
+                group=(inside.key, leader.key),
+            )
+            result = executor.execute(action)
+            assert result.outcome is Outcome.SENT, result.fields()
+            assert (result.detail("method"), result.detail("sent")) == ("pidfd", 2)
+            assert inside.key in executor.tracked()  # unreaped: running or a zombie, its pidfd opens
+            assert inside.proc.wait(timeout=10) == 0
+            assert leader.proc.wait(timeout=10) == 0
+            assert "SIGTERM" in inside.events()
+            assert "SIGTERM" in leader.events()
+            time.sleep(0.2)
+            assert outside.proc.poll() is None
+            assert "SIGTERM" not in outside.events()
+        finally:
+            hogs.cleanup()
+
+
+def test_process_group_victim_with_an_empty_group_signals_the_victim_alone(
+    hogs: HogFactory, executor: LiveExecutor
+) -> None:
     leader = hogs.start(process_group=0)
     member = hogs.start(process_group=leader.pid)
-    outsider = hogs.start("--ignore-term", process_group=0)
     result = executor.execute(signal_action(member.key, signal.SIGTERM, kind=VictimKind.PROCESS_GROUP, pgid=leader.pid))
     assert result.outcome is Outcome.SENT, result.fields()
-    assert leader.proc.wait(timeout=10) == 0
+    assert result.detail("sent") == 1
     assert member.proc.wait(timeout=10) == 0
-    assert "SIGTERM" in leader.events()
-    assert "SIGTERM" in member.events()
-    assert outsider.proc.poll() is None
-    assert "SIGTERM" not in outsider.events()
+    time.sleep(0.2)
+    assert leader.proc.poll() is None
+    assert "SIGTERM" not in leader.events()
 
 
-def test_killpg_with_a_pgid_that_is_not_the_victims_is_refused(hogs: HogFactory, executor: LiveExecutor) -> None:
+def test_a_group_key_in_another_process_group_is_left_alone(hogs: HogFactory, executor: LiveExecutor) -> None:
+    victim = hogs.start(process_group=0)
+    stranger = hogs.start(process_group=0)
+    action = signal_action(
+        victim.key, signal.SIGTERM, kind=VictimKind.PROCESS_GROUP, pgid=victim.pid, group=(victim.key, stranger.key)
+    )
+    result = executor.execute(action)
+    assert result.outcome is Outcome.SENT, result.fields()
+    assert (result.detail("sent"), result.detail("gone")) == (1, 1)
+    assert victim.proc.wait(timeout=10) == 0
+    time.sleep(0.2)
+    assert stranger.proc.poll() is None
+    assert "SIGTERM" not in stranger.events()
+
+
+def test_process_group_with_a_pgid_that_is_not_the_victims_is_refused(hogs: HogFactory, executor: LiveExecutor) -> None:
     victim = hogs.start("--ignore-term", process_group=0)
     other = hogs.start("--ignore-term", process_group=0)
-    result = executor.execute(signal_action(victim.key, signal.SIGTERM, kind=VictimKind.PROCESS_GROUP, pgid=other.pid))
+    action = signal_action(
+        victim.key, signal.SIGTERM, kind=VictimKind.PROCESS_GROUP, pgid=other.pid, group=(victim.key, other.key)
+    )
+    result = executor.execute(action)
     assert result.outcome is Outcome.REFUSED
     assert result.detail("reason") == "pgid changed"
     time.sleep(0.2)
     assert "SIGTERM" not in victim.events()
     assert "SIGTERM" not in other.events()
+
+
+def test_a_recycled_or_exited_group_victim_signals_nobody_in_its_group(
+    hogs: HogFactory, executor: LiveExecutor
+) -> None:
+    leader = hogs.start(process_group=0)
+    member = hogs.start(process_group=leader.pid)
+    stale = ProcessKey(pid=member.key.pid, starttime_ticks=member.key.starttime_ticks - 1)
+    exited = subprocess.Popen(["sleep", "0"], process_group=leader.pid)
+    ident = read_stat_identity("/proc", exited.pid)
+    exited.wait()
+    dead = ProcessKey(pid=Pid(exited.pid), starttime_ticks=ident.starttime_ticks if ident is not None else 0)
+    for target in (stale, dead):
+        group = (target, leader.key, member.key)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            result = executor.execute(
+                signal_action(target, sig, kind=VictimKind.PROCESS_GROUP, pgid=leader.pid, group=group)
+            )
+            assert result.outcome in {Outcome.RECYCLED, Outcome.GONE}, result.fields()
+            assert result.detail("sent") is None
+    time.sleep(0.2)
+    assert leader.proc.poll() is None
+    assert member.proc.poll() is None
+    assert "SIGTERM" not in leader.events() + member.events()
+    assert executor.tracked() == frozenset()
 
 
 # --- cgroups --------------------------------------------------------------------------------
@@ -455,10 +532,11 @@ def test_v1_cgroup_kill_signals_every_member_through_pidfds(hogs: HogFactory) ->
             join_cgroup(cg, b.pid)
             assert not (cg / "cgroup.kill").exists()
             ex = LiveExecutor(cgroup_roots=(str(V1_MEMORY),))
-            result = ex.execute(KillCgroup(guard="test", path="/" + cg.name, dry_run=False))
+            kill = KillCgroup(guard="test", path="/" + cg.name, dry_run=False, group=(a.key, b.key))
+            result = ex.execute(kill)
             assert result.outcome is Outcome.SENT, result.fields()
-            assert result.detail("method") == "pidfd"
-            assert result.detail("sent") == 2
+            assert result.detail("method") == "pidfd"  # v1 has no cgroup.kill
+            assert (result.detail("sent"), result.detail("skipped")) == (2, 0)
             assert a.proc.wait(timeout=10) == -signal.SIGKILL
             assert b.proc.wait(timeout=10) == -signal.SIGKILL
             assert bystander.proc.poll() is None
@@ -466,7 +544,7 @@ def test_v1_cgroup_kill_signals_every_member_through_pidfds(hogs: HogFactory) ->
             hogs.cleanup()
 
 
-def test_v1_cgroup_victim_with_sigterm_reaches_every_member(hogs: HogFactory) -> None:
+def test_v1_cgroup_victim_with_sigterm_reaches_every_member_of_its_group(hogs: HogFactory) -> None:
     a = hogs.start()
     b = hogs.start()
     with test_cgroup(V1_MEMORY) as cg:
@@ -474,7 +552,8 @@ def test_v1_cgroup_victim_with_sigterm_reaches_every_member(hogs: HogFactory) ->
             join_cgroup(cg, a.pid)
             join_cgroup(cg, b.pid)
             ex = LiveExecutor(cgroup_roots=(str(V1_MEMORY),))
-            action = signal_action(a.key, signal.SIGTERM, kind=VictimKind.CGROUP, cgroup="/" + cg.name)
+            group = (a.key, b.key)
+            action = signal_action(a.key, signal.SIGTERM, kind=VictimKind.CGROUP, cgroup="/" + cg.name, group=group)
             result = ex.execute(action)
             assert result.outcome is Outcome.SENT, result.fields()
             assert a.proc.wait(timeout=10) == 0
@@ -486,7 +565,7 @@ def test_v1_cgroup_victim_with_sigterm_reaches_every_member(hogs: HogFactory) ->
             hogs.cleanup()
 
 
-def test_v2_cgroup_kill_writes_cgroup_kill_and_kills_the_members(hogs: HogFactory) -> None:
+def test_v2_cgroup_kill_writes_cgroup_kill_when_every_member_is_in_the_group(hogs: HogFactory) -> None:
     a = hogs.start()
     b = hogs.start()
     with test_cgroup(V2_UNIFIED) as cg:
@@ -496,11 +575,78 @@ def test_v2_cgroup_kill_writes_cgroup_kill_and_kills_the_members(hogs: HogFactor
             join_cgroup(cg, a.pid)
             join_cgroup(cg, b.pid)
             ex = LiveExecutor(cgroup_roots=(str(V2_UNIFIED),))
-            result = ex.execute(KillCgroup(guard="test", path=str(cg), dry_run=False))
+            result = ex.execute(KillCgroup(guard="test", path=str(cg), dry_run=False, group=(a.key, b.key)))
             assert result.outcome is Outcome.SENT, result.fields()
             assert result.detail("method") == "cgroup.kill"
             assert a.proc.wait(timeout=10) == -signal.SIGKILL
             assert b.proc.wait(timeout=10) == -signal.SIGKILL
+        finally:
+            hogs.cleanup()
+
+
+@pytest.mark.parametrize("root", [V1_MEMORY, V2_UNIFIED], ids=["v1", "v2"])
+def test_cgroup_kill_spares_a_member_outside_the_group(hogs: HogFactory, root: Path) -> None:
+    # Issue 11: a protected (or out-of-scope) member shares the victim's cgroup. Where cgroup.kill
+    # exists (v2) it is not used, since it would take everyone; each group key gets its pidfd.
+    victim = hogs.start()
+    spared = hogs.start("--ignore-term")
+    with test_cgroup(root) as cg:
+        try:
+            join_cgroup(cg, victim.pid)
+            join_cgroup(cg, spared.pid)
+            ex = LiveExecutor(cgroup_roots=(str(root),))
+            result = ex.execute(KillCgroup(guard="test", path=str(cg), dry_run=False, group=(victim.key,)))
+            assert result.outcome is Outcome.SENT, result.fields()
+            assert (result.detail("method"), result.detail("skipped"), result.detail("sent")) == ("pidfd", 1, 1)
+            assert victim.proc.wait(timeout=10) == -signal.SIGKILL
+            time.sleep(0.2)
+            assert spared.proc.poll() is None
+        finally:
+            hogs.cleanup()
+
+
+def test_cgroup_victim_sigterm_spares_a_member_outside_the_group(hogs: HogFactory) -> None:
+    victim = hogs.start()
+    spared = hogs.start()
+    with test_cgroup(V1_MEMORY) as cg:
+        try:
+            join_cgroup(cg, victim.pid)
+            join_cgroup(cg, spared.pid)
+            ex = LiveExecutor(cgroup_roots=(str(V1_MEMORY),))
+            for group in ((victim.key,), ()):  # an empty group means the victim alone, never the cgroup
+                action = signal_action(victim.key, signal.SIGUSR1, kind=VictimKind.CGROUP, cgroup=str(cg), group=group)
+                result = ex.execute(action)
+                assert result.outcome is Outcome.SENT, result.fields()
+                assert (result.detail("sent"), result.detail("skipped")) == (1, 1)
+            assert victim.key in ex.tracked()
+            ex.close()
+            time.sleep(0.2)
+            assert victim.events().count("SIGUSR1") == 2
+            assert "SIGUSR1" not in spared.events()
+            assert spared.proc.poll() is None
+        finally:
+            hogs.cleanup()
+
+
+def test_a_recycled_cgroup_victim_signals_nobody(hogs: HogFactory) -> None:
+    a = hogs.start()
+    b = hogs.start()
+    with test_cgroup(V2_UNIFIED) as cg:
+        try:
+            join_cgroup(cg, a.pid)
+            join_cgroup(cg, b.pid)
+            stale = ProcessKey(pid=a.key.pid, starttime_ticks=a.key.starttime_ticks - 1)
+            ex = LiveExecutor(cgroup_roots=(str(V2_UNIFIED),))
+            action = signal_action(stale, signal.SIGKILL, kind=VictimKind.CGROUP, cgroup=str(cg), group=(stale, b.key))
+            result = ex.execute(action)
+            assert result.outcome is Outcome.RECYCLED, result.fields()
+            # A KillCgroup has no victim to verify: a stale key in its group is a member outside it.
+            kill = ex.execute(KillCgroup(guard="test", path=str(cg), dry_run=False, group=(stale, b.key)))
+            assert (kill.detail("method"), kill.detail("skipped")) == ("pidfd", 1), kill.fields()
+            assert b.proc.wait(timeout=10) == -signal.SIGKILL
+            time.sleep(0.2)
+            assert a.proc.poll() is None
+            assert a.events() == ["START", "HOLD"]
         finally:
             hogs.cleanup()
 

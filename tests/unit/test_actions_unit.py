@@ -11,6 +11,7 @@ import pytest
 from uoomd.actions import (
     Action,
     LiveExecutor,
+    MemberCounts,
     PidFd,
     RecordingExecutor,
     action_kind,
@@ -23,6 +24,7 @@ from uoomd.actions import (
     release_memory,
     resolve_cgroup_dir,
     send_signal,
+    send_to_members,
     signal_cgroup,
 )
 from uoomd.decision import KillCgroup, Record, ReleaseMemory, RunHook, SendSignal
@@ -232,7 +234,7 @@ def test_cgroup_containing_uoomd_is_refused_even_in_a_child_cgroup(tmp_path: Pat
     app = make_cgroup(tmp_path, "app", [], v2=True)
     make_cgroup(tmp_path, "app/inner", [os.getpid()], v2=True)
     assert read_cgroup_pids(str(app)) == [os.getpid()]
-    result = signal_cgroup("/proc", str(app), signal.SIGKILL, [str(tmp_path)])
+    result = signal_cgroup("/proc", str(app), signal.SIGKILL, [str(tmp_path)], group=(key(os.getpid()),))
     assert result.outcome is Outcome.REFUSED
     assert result.detail("reason") == "contains uoomd"
     assert (app / "cgroup.kill").read_text() == ""  # nothing written
@@ -249,21 +251,97 @@ def test_cgroup_containing_init_is_refused(tmp_path: Path) -> None:
     assert cgroup_refusal_reason(str(app), [str(tmp_path)], [1]) == "contains init"
 
 
-def test_v2_cgroup_kill_writes_one_to_cgroup_kill(tmp_path: Path) -> None:
-    app = make_cgroup(tmp_path, "app", [], v2=True)
-    executor = LiveExecutor(cgroup_roots=(str(tmp_path),))
-    result = executor.execute(KillCgroup(guard="g", path="/app", dry_run=False))
+# Fixture members get PIDs above any pid_max (PID_MAX_LIMIT is 2**22): were a check to let a
+# pidfd path run, pidfd_open() would find nobody (ESRCH), never a process of this machine.
+A, B, C = 5_000_001, 5_000_002, 5_000_003
+
+
+def make_proc(root: Path, pid: int, *, starttime: int = 1, pgid: int | None = None) -> None:
+    """A /proc/PID/stat with the fields the executor reads: state, pgid, flags, starttime."""
+    fields = ["S", "1", str(pgid or pid), str(pgid or pid), "0", "-1", "0", *["0"] * 12, str(starttime), "0"]
+    (root / str(pid)).mkdir(parents=True)
+    (root / str(pid) / "stat").write_text(f"{pid} (sleep) " + " ".join(fields) + "\n")
+
+
+def fixture_executor(tmp_path: Path, pids: list[int]) -> tuple[LiveExecutor, Path]:
+    """An executor on a fixture /proc holding ``pids`` and a v2 cgroup /app listing them."""
+    proc = tmp_path / "proc"
+    for pid in pids:
+        make_proc(proc, pid)
+    cgroups = tmp_path / "cgroup"
+    app = make_cgroup(cgroups, "app", pids, v2=True)
+    return LiveExecutor(proc_root=str(proc), cgroup_roots=(str(cgroups),)), app
+
+
+def test_cgroup_kill_is_written_when_every_member_is_in_the_group(tmp_path: Path) -> None:
+    executor, app = fixture_executor(tmp_path, [A, B])
+    result = executor.execute(KillCgroup(guard="g", path="/app", dry_run=False, group=(key(A), key(B))))
     assert result.outcome is Outcome.SENT
     assert result.detail("method") == "cgroup.kill"
+    assert result.detail("skipped") == 0
     assert (app / "cgroup.kill").read_text() == "1"
 
 
-def test_dry_run_cgroup_kill_writes_nothing(tmp_path: Path) -> None:
-    app = make_cgroup(tmp_path, "app", [], v2=True)
-    executor = LiveExecutor(cgroup_roots=(str(tmp_path),))
-    result = executor.execute(KillCgroup(guard="g", path="/app", dry_run=True))
-    assert result.outcome is Outcome.DRY_RUN
+def test_a_member_outside_the_group_keeps_cgroup_kill_unwritten(tmp_path: Path) -> None:
+    # C is in the cgroup but not in the group (protected, or out of the guard's scope): issue 11.
+    executor, app = fixture_executor(tmp_path, [A, B, C])
+    result = executor.execute(KillCgroup(guard="g", path="/app", dry_run=False, group=(key(A), key(B))))
+    assert result.detail("method") == "pidfd"
+    assert result.detail("skipped") == 1
+    assert (result.detail("sent"), result.detail("gone")) == (0, 2)  # A and B: no such process here
+    assert result.outcome is Outcome.GONE
     assert (app / "cgroup.kill").read_text() == ""
+
+
+def test_a_group_pid_now_held_by_another_process_counts_as_outside_the_group(tmp_path: Path) -> None:
+    executor, app = fixture_executor(tmp_path, [A, B])
+    stale_b = key(B, starttime=0)  # the fixture's B started at tick 1: a newcomer on B's PID
+    result = executor.execute(KillCgroup(guard="g", path="/app", dry_run=False, group=(key(A), stale_b)))
+    assert result.detail("method") == "pidfd"
+    assert result.detail("skipped") == 1
+    assert (app / "cgroup.kill").read_text() == ""
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_cgroup_kill_with_an_empty_group_is_refused_not_widened(tmp_path: Path, dry_run: bool) -> None:
+    executor, app = fixture_executor(tmp_path, [A, B])
+    result = executor.execute(KillCgroup(guard="g", path="/app", dry_run=dry_run))
+    assert result.outcome is Outcome.REFUSED
+    assert result.detail("reason") == "no eligible members"
+    assert (app / "cgroup.kill").read_text() == ""
+
+
+def test_dry_run_cgroup_kill_writes_nothing_and_says_who_would_be_left_alone(tmp_path: Path) -> None:
+    executor, app = fixture_executor(tmp_path, [A, B, C])
+    result = executor.execute(KillCgroup(guard="g", path="/app", dry_run=True, group=(key(A),)))
+    assert result.outcome is Outcome.DRY_RUN
+    assert (result.detail("members"), result.detail("skipped")) == (3, 2)
+    assert (app / "cgroup.kill").read_text() == ""
+
+
+def test_send_to_members_leaves_a_process_that_left_the_group_alone() -> None:
+    # fd -1: a pidfd_send_signal() attempt would come back FAILED (EBADF), not GONE.
+    pidfds = [fake_pidfd(A), fake_pidfd(B)]
+    outcomes = send_to_members(pidfds, signal.SIGKILL, lambda member: member.key.pid == A)
+    assert outcomes == [Outcome.FAILED, Outcome.GONE]
+
+
+@pytest.mark.parametrize(
+    ("outcomes", "counts", "overall"),
+    [
+        ([Outcome.SENT, Outcome.GONE, Outcome.RECYCLED], (1, 2, 0, 0), Outcome.SENT),
+        ([Outcome.GONE, Outcome.REFUSED, Outcome.FAILED], (0, 1, 1, 1), Outcome.FAILED),
+        ([Outcome.GONE, Outcome.REFUSED], (0, 1, 1, 0), Outcome.REFUSED),
+        ([Outcome.RECYCLED], (0, 1, 0, 0), Outcome.GONE),
+        ([], (0, 0, 0, 0), Outcome.GONE),
+    ],
+)
+def test_member_counts_sum_the_members_and_say_the_most_telling_outcome(
+    outcomes: list[Outcome], counts: tuple[int, int, int, int], overall: Outcome
+) -> None:
+    result = MemberCounts.of(outcomes)
+    assert (result.sent, result.gone, result.refused, result.failed) == counts
+    assert result.outcome() is overall
 
 
 def test_cgroup_kill_outside_the_roots_is_refused(tmp_path: Path) -> None:

@@ -274,3 +274,91 @@ def test_a_run_that_always_kills_stays_under_the_rate_limit(data: st.DataObject,
     assert chosen  # the run did act
     for t in chosen:
         assert sum(1 for u in chosen if 0 <= t - u < RATE_WINDOW_S) <= max_kills
+
+
+# --- a world where processes appear, grow and exit ----------------------------------------------
+
+
+def _proc_candidate(pid: int, pages: int) -> Candidate:
+    base = candidate(0)
+    proc = ProcessInfo(**{**{f: getattr(base.process, f) for f in base.process.__dataclass_fields__}, "pid": Pid(pid)})
+    proc = ProcessInfo(
+        **{
+            **{f: getattr(proc, f) for f in proc.__dataclass_fields__},
+            "starttime_ticks": 10_000 + pid,
+            "pgid": pid,
+            "name": f"w{pid}",
+        }
+    )
+    badness = Badness(rss_pages=pages, swap_pages=0, pgtables_pages=0, adj=0, adj_points=0, totalpages=1)
+    return Candidate(process=proc, badness=badness, kernel_points=0, oom_score=0, effective_adj=0, rules=())
+
+
+KILL_LOW = GiB // 2  # below the kill level (5% of 16 GiB)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), n_steps=st.integers(min_value=2, max_value=40), victim=st.sampled_from(VictimKind))
+def test_below_the_kill_level_with_a_candidate_a_signal_is_in_flight_within_one_poll(
+    data: st.DataObject, n_steps: int, victim: VictimKind
+) -> None:
+    # Processes are born, grow and exit; victims exit on their signal or not; a victim may
+    # leave the scope; the ranking is the living world as the warm ranking hands it at a
+    # crossing. Whenever two polls in a row are below the kill level with a candidate the
+    # core may choose, one of them has this guard's signal in flight (or sends one).
+    plan = Plan(
+        source="world.toml",
+        daemon=DaemonPlan(poll_min_s=0.02, poll_max_s=1.0),
+        escalation=EscalationPlan(term_timeout_s=1.0, kill_timeout_s=0.5, max_kills_per_minute=10_000),
+        guards=(guard_plan("g", victim, None, 0.0),),
+    )
+    state = initial_state(plan)
+    world: dict[int, int] = {}  # pid -> pages
+    next_pid = 200
+    now = 0.0
+    previous_uncovered = False
+    for _ in range(n_steps):
+        now += data.draw(st.sampled_from((0.02, 0.1, 0.3, 0.6, 1.2)))
+        for _born in range(data.draw(st.integers(min_value=0, max_value=2))):
+            world[next_pid] = data.draw(st.integers(min_value=1, max_value=5000))
+            next_pid += 1
+        for pid in list(world):
+            world[pid] += data.draw(st.sampled_from((0, 0, 100, 2000)))
+            if data.draw(st.integers(min_value=0, max_value=9)) == 0:
+                del world[pid]  # exited on its own
+        in_flight = state.in_flight()
+        for key in in_flight:  # a signalled victim exits, or not
+            if key.pid in world and data.draw(st.booleans()):
+                del world[key.pid]
+        ineligible = frozenset(
+            k for k in in_flight if k.pid in world and data.draw(st.integers(min_value=0, max_value=5)) == 0
+        )
+        alive = frozenset(k for k in in_flight if k.pid in world)
+        ranked = sorted((_proc_candidate(pid, pages) for pid, pages in world.items()), key=lambda c: -c.badness.points)
+        available = data.draw(st.sampled_from((8 * GiB, GiB, KILL_LOW, KILL_LOW)))
+        obs = Observation(
+            now=now,
+            guards=(
+                GuardReading(
+                    guard="g",
+                    memory=MemoryReading(
+                        total_bytes=TOTAL, available_bytes=available, swap_total_bytes=0, swap_free_bytes=0
+                    ),
+                ),
+            ),
+            alive=alive,
+            ineligible=ineligible,
+        )
+        before = state
+        state, actions = step(
+            state, obs, plan, {"g": Ranking(guard="g", candidates=tuple(ranked), excluded=(), taken_at=now)}
+        )
+        gs = state.guard("g")
+        unusable = before.guard("g").stuck | ineligible | before.guard("g").signalled
+        choosable = any(c.key not in unusable for c in ranked)
+        signalled = any(isinstance(a, SendSignal | KillCgroup) for a in actions)
+        covered = signalled or (gs.phase in (Phase.TERM_SENT, Phase.KILL_SENT) and gs.victim is not None)
+        uncovered = available < TOTAL // 20 and choosable and not covered
+        event("uncovered poll" if uncovered else "covered or no need")
+        assert not (uncovered and previous_uncovered), (before.guard("g"), gs, actions)
+        previous_uncovered = uncovered
