@@ -247,6 +247,13 @@ class State:
     def in_flight(self) -> frozenset[ProcessKey]:
         return frozenset(gs.victim.key for gs in self.guards if gs.phase in _HOLDING and gs.victim)
 
+    def unchoosable(self) -> frozenset[ProcessKey]:
+        """Processes no guard may choose now: in flight, stuck, or signalled in an open episode."""
+        out = set(self.in_flight())
+        for gs in self.guards:
+            out |= gs.stuck | gs.signalled
+        return frozenset(out)
+
     def in_flight_by_guard(self) -> tuple[tuple[str, ProcessKey], ...]:
         """(guard, victim) for every victim in flight."""
         return tuple((gs.guard, gs.victim.key) for gs in self.guards if gs.phase in _HOLDING and gs.victim)

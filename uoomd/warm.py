@@ -72,6 +72,7 @@ def refresh_candidates(
     bound_pages: int,
     reread: Reread,
     max_reads: int,
+    unusable: frozenset[ProcessKey] = frozenset(),
 ) -> Refreshed | None:
     """Re-read the stale candidates (best first) that can still be the best one now; keep the rest.
 
@@ -80,7 +81,8 @@ def refresh_candidates(
     the bound stay below the best fresh points cannot be the victim now, and neither can any
     after it (they have fewer points): they are kept as they were. A re-read process that is
     gone frees what it held, which raises the bound. None when more than ``max_reads``
-    re-reads would be needed: a full scan is cheaper then.
+    re-reads would be needed: a full scan is cheaper then. ``unusable`` (in flight, stuck)
+    cannot be chosen: kept as they are, and they never raise the bar for the others.
 
     Pure, given ``reread``: the daemon passes a /proc reader, tests a table."""
     candidates = list(fresh)
@@ -89,10 +91,14 @@ def refresh_candidates(
     ordered = list(stale)
     kept_from = len(ordered)
     reads = 0
+    skipped: list[Candidate] = []
     for i, candidate in enumerate(ordered):
         if best is not None and candidate.badness.points + bound_pages < best:
             kept_from = i
             break
+        if unusable and candidate.key in unusable:
+            skipped.append(candidate)
+            continue
         if reads >= max_reads:
             return None
         reads += 1
@@ -105,7 +111,7 @@ def refresh_candidates(
         else:
             excluded.append(result)
     merged = ordered[kept_from:]
-    for candidate in sorted(candidates, key=victim_order):
+    for candidate in sorted([*candidates, *skipped], key=victim_order):
         bisect.insort(merged, candidate, key=victim_order)
     return Refreshed(candidates=tuple(merged), excluded=tuple(excluded), reread=reads)
 
@@ -151,9 +157,15 @@ class WarmRanking:
     # -- the API the loop uses
 
     def provide(
-        self, plan: Plan, wanted: Mapping[str, Need], readings: Iterable[GuardReading], now: float
+        self,
+        plan: Plan,
+        wanted: Mapping[str, Need],
+        readings: Iterable[GuardReading],
+        now: float,
+        unusable: frozenset[ProcessKey] = frozenset(),
     ) -> dict[str, Ranking]:
-        """The rankings the core asked for (``decision.needs``); the guards that need none get none."""
+        """The rankings the core asked for (``decision.needs``); the guards that need none get none.
+        ``unusable``: processes the core will not choose (State.unchoosable())."""
         self.rescanned = False
         self.stats = RefreshStats()
         active = [r for r in readings if wanted.get(r.guard, Need.NONE) is not Need.NONE]
@@ -167,7 +179,7 @@ class WarmRanking:
         out: dict[str, Ranking] = {}
         for reading in active:
             if wanted[reading.guard] is Need.NOW and not self.rescanned:
-                self._refresh_now(plan, plan.guard(reading.guard), reading, now)
+                self._refresh_now(plan, plan.guard(reading.guard), reading, now, unusable)
             ranking = self.rankings.get(reading.guard)
             if ranking is not None:
                 out[reading.guard] = ranking
@@ -323,7 +335,9 @@ class WarmRanking:
             members=members,
         )
 
-    def _refresh_now(self, plan: Plan, guard: GuardPlan, reading: GuardReading, now: float) -> None:
+    def _refresh_now(
+        self, plan: Plan, guard: GuardPlan, reading: GuardReading, now: float, unusable: frozenset[ProcessKey]
+    ) -> None:
         """Make the guard's ranking current without a full scan (see the module docstring)."""
         ranking = self.rankings.get(guard.name)
         basis = self._basis.get(guard.name)
@@ -376,6 +390,7 @@ class WarmRanking:
             bound_pages=growth // snapshot.page_size + freed_pages,
             reread=reread,
             max_reads=REFRESH_MAX_READS,
+            unusable=unusable,
         )
         if done is None:
             self.rescan(plan, [reading], now)

@@ -89,3 +89,14 @@ def test_too_many_rereads_asks_for_a_full_scan() -> None:
 def test_used_bytes_counts_ram_and_swap() -> None:
     m = MemoryReading(total_bytes=100, available_bytes=30, swap_total_bytes=50, swap_free_bytes=20)
     assert used_bytes(m) == 70 + 30
+
+
+def test_an_unusable_top_does_not_hide_a_grower_below_it() -> None:
+    # 1 is stuck (in flight, D state): it cannot be chosen, so its 1,000 points must not stop
+    # the walk before 4, which grew from 100 to 1,500.
+    reader = Reader({4: 1500})
+    stuck = frozenset({STALE[0].key})
+    done = refresh_candidates(STALE, fresh=(), bound_pages=1400, reread=reader, max_reads=50, unusable=stuck)
+    assert done is not None
+    assert 1 not in reader.read
+    assert [int(c.process.pid) for c in done.candidates][:2] == [4, 1]
