@@ -409,7 +409,8 @@ class Daemon:
         alive = frozenset(k for k in self.state.in_flight() if self.executor.alive(k))
         obs = Observation(now=now, guards=tuple(readings), alive=alive)
         # The core says which guards need a ranking, and which need it as the scope is now.
-        rankings = self.warm.provide(self.plan, decision.needs(self.state, obs, self.plan), readings, now)
+        wanted = decision.needs(self.state, obs, self.plan)
+        rankings = self.warm.provide(self.plan, wanted, readings, now, self.state.unchoosable())
         if rankings:
             stats = self.warm.stats
             self.log.debug("ranking_ready", rescanned=stats.rescanned, new=stats.new, reread=stats.reread)
