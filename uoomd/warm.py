@@ -41,9 +41,11 @@ WARM_REFRESH_MIN_S = 0.5
 # A crossing that would re-read more processes than this (new or contenders) rescans instead:
 # past ~150 single reads (~40 us each) the incremental scan is cheaper.
 REFRESH_MAX_READS = 150
-# Processes that shrank since the scan let others grow by more than the scope's growth; this
-# covers the usual churn (allocator trims, page cache dropped) without re-reading everyone.
-GROWTH_SLACK_BYTES = 16 << 20
+# The victim chosen at a crossing is within this much of the best candidate: a stale candidate
+# that could at most beat the best by less is not re-read. Without it, 2,000 processes of a few
+# MiB each, on a machine whose use moves by a few MiB between polls, were all "contenders"
+# (bench/profile_crossing.py). It also covers what processes that shrank let others grow by.
+TOLERANCE_BYTES = 8 << 20
 
 OnError = Callable[..., None]  # (key, event=..., **facts): the daemon's rate-limited warning
 
@@ -73,6 +75,7 @@ def refresh_candidates(
     reread: Reread,
     max_reads: int,
     unusable: frozenset[ProcessKey] = frozenset(),
+    tolerance_pages: int = 0,
 ) -> Refreshed | None:
     """Re-read the stale candidates (best first) that can still be the best one now; keep the rest.
 
@@ -83,6 +86,7 @@ def refresh_candidates(
     gone frees what it held, which raises the bound. None when more than ``max_reads``
     re-reads would be needed: a full scan is cheaper then. ``unusable`` (in flight, stuck)
     cannot be chosen: kept as they are, and they never raise the bar for the others.
+    ``tolerance_pages``: a candidate that could beat the best by no more than this is not re-read.
 
     Pure, given ``reread``: the daemon passes a /proc reader, tests a table."""
     candidates = list(fresh)
@@ -93,7 +97,7 @@ def refresh_candidates(
     reads = 0
     skipped: list[Candidate] = []
     for i, candidate in enumerate(ordered):
-        if best is not None and candidate.badness.points + bound_pages < best:
+        if best is not None and candidate.badness.points + bound_pages <= best + tolerance_pages:
             kept_from = i
             break
         if unusable and candidate.key in unusable:
@@ -150,6 +154,8 @@ class WarmRanking:
     stats: RefreshStats = field(default_factory=RefreshStats)
     _basis: dict[str, _Basis] = field(default_factory=dict)
     _pids: frozenset[int] = frozenset()  # the snapshot's PIDs
+    _spared: dict[Pid, str] = field(default_factory=dict)  # uoomd and its parent, per snapshot
+    _last_pid: int | None = None  # /proc/loadavg's last PID before the scan: newer PIDs are new
 
     def __post_init__(self) -> None:
         self.scanner = procfs.ProcScanner(self.proc_root)
@@ -215,6 +221,7 @@ class WarmRanking:
         self.snapshot = None
         self._basis = {}
         self._pids = frozenset()
+        self._last_pid = None
         self.scanned_at = float("-inf")
         self.scanner.close()
 
@@ -275,6 +282,7 @@ class WarmRanking:
         try:
             # The warm top is re-read in full (status too); the rest re-reads only what changed.
             finalists = {c.process.pid for r in self.rankings.values() for c in r.candidates[:8]}
+            last_pid = procfs.read_last_pid(self.proc_root) if pids is None else None  # before: none is missed
             snapshot = self.scanner.scan(details=plan.needed_details(), pids=pids, refresh=finalists)
         except (OSError, ValueError) as exc:
             # A scan that fails (meminfo unreadable, EMFILE, ENOMEM) is a fault of this poll, not
@@ -303,6 +311,8 @@ class WarmRanking:
             )
         self.rankings, self._basis, self.snapshot = rankings, basis, snapshot
         self._pids = frozenset(p.pid for p in snapshot.processes)
+        self._spared = uoomd_pids(snapshot)
+        self._last_pid = last_pid
         self.scanned_at, self.scan_cost_s = now, time.perf_counter() - started
         self.rescanned = True
         self.stats.rescanned = True
@@ -331,9 +341,50 @@ class WarmRanking:
                 total_swap_bytes=snapshot.total_swap_bytes,
                 page_size=snapshot.page_size,
             ),
-            spared=uoomd_pids(snapshot),
+            spared=self._spared,
             members=members,
         )
+
+    def _born_since_scan(self) -> frozenset[int] | None:
+        """PIDs of processes born since the scan, from the last PID handed out (one small read,
+        where a readdir of 2,000 /proc entries costs ~1.5 ms); None when only a listing can tell
+        (no /proc/loadavg, the PIDs wrapped, or more were handed out than are worth probing).
+        Threads take PIDs too: a probe keeps only thread-group leaders."""
+        before = self._last_pid
+        if before is None:
+            return None
+        last = procfs.read_last_pid(self.proc_root)
+        if last is None:
+            return None
+        # Read before the caller lists /proc (if it must): whatever is born after is newer.
+        self._last_pid = last
+        if last == before:
+            return frozenset()
+        if not before < last <= before + REFRESH_MAX_READS:
+            return None
+        return frozenset(
+            pid for pid in range(before + 1, last + 1) if procfs.is_thread_group_leader(self.proc_root, pid)
+        )
+
+    def _new_pids(
+        self, basis: _Basis, members: frozenset[Pid] | None
+    ) -> tuple[frozenset[int], frozenset[int] | None] | None:
+        """(PIDs new to the guard since its scan, the scope's PIDs now where they were listed).
+
+        New: for a cgroup, not a member at the scan (a process may also have moved in from
+        elsewhere); for the machine, born since the scan. The scope's PIDs are None when they
+        were not listed (nothing born since, by the last PID handed out). None: /proc unreadable."""
+        if members is not None:
+            return members - (basis.members or frozenset()), members
+        found = self._born_since_scan()
+        if found is not None:
+            return found, None
+        try:
+            current = frozenset(procfs.list_pids(self.proc_root))
+        except OSError as exc:
+            self.on_error("scan", event="reading_failed", source="processes", error=str(exc))
+            return None
+        return current - self._pids, current
 
     def _refresh_now(
         self, plan: Plan, guard: GuardPlan, reading: GuardReading, now: float, unusable: frozenset[ProcessKey]
@@ -345,17 +396,10 @@ class WarmRanking:
         if ranking is None or basis is None or snapshot is None:
             return
         members = self._members(guard)
-        if members is None:
-            try:
-                current: frozenset[int] = frozenset(procfs.list_pids(self.proc_root))
-            except OSError as exc:
-                self.on_error("scan", event="reading_failed", source="processes", error=str(exc))
-                return
-        else:
-            current = members
-        # New to this guard: for a cgroup, not a member at the scan (a process may also have
-        # moved in from elsewhere); for the machine, not in the scan.
-        new_pids = current - (self._pids if basis.members is None else basis.members)
+        listed = self._new_pids(basis, members)
+        if listed is None:
+            return
+        new_pids, current = listed
         if len(new_pids) > REFRESH_MAX_READS:
             self.rescan(plan, [reading], now)
             return
@@ -372,11 +416,14 @@ class WarmRanking:
             else:
                 excluded.append(result)
         # Left the scope or exited: dropped, and what they held may have gone to a grower.
-        staying = [c for c in ranking.candidates if c.process.pid in current]
-        freed_pages = sum(
-            c.badness.rss_pages + c.badness.swap_pages for c in ranking.candidates if c.process.pid not in current
-        )
-        growth = max(0, used_bytes(reading.memory) - basis.used_bytes) + GROWTH_SLACK_BYTES
+        staying = list(ranking.candidates)
+        freed_pages = 0
+        if current is not None:
+            staying = [c for c in ranking.candidates if c.process.pid in current]
+            freed_pages = sum(
+                c.badness.rss_pages + c.badness.swap_pages for c in ranking.candidates if c.process.pid not in current
+            )
+        growth = max(0, used_bytes(reading.memory) - basis.used_bytes)
 
         def reread(candidate: Candidate) -> Candidate | Exclusion | None:
             info = procfs.read_process(self.proc_root, candidate.process.pid, details)
@@ -391,6 +438,7 @@ class WarmRanking:
             reread=reread,
             max_reads=REFRESH_MAX_READS,
             unusable=unusable,
+            tolerance_pages=TOLERANCE_BYTES // snapshot.page_size,
         )
         if done is None:
             self.rescan(plan, [reading], now)
@@ -399,7 +447,7 @@ class WarmRanking:
             ranking, candidates=done.candidates, excluded=(*ranking.excluded, *excluded, *done.excluded)
         )
         if members is None:
-            self._pids = current
+            self._pids = current if current is not None else self._pids | new_pids
         else:
             self._basis[guard.name] = replace(basis, members=members)
         self.stats = RefreshStats(

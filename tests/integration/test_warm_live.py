@@ -13,7 +13,7 @@ from tests.e2e.daemon_runner import hog_argv, read_record, wait_until
 from tests.helpers_proc import make_guard, make_plan
 from uoomd.decision import Need
 from uoomd.plan import Plan, Scope, ScopeKind
-from uoomd.readings import GuardReading
+from uoomd.readings import GuardReading, MemoryReading
 from uoomd.sources.cgroup import CgroupMemoryReader
 from uoomd.sources.procfs import read_meminfo_totals
 from uoomd.warm import WarmRanking
@@ -115,3 +115,31 @@ def test_a_process_that_left_the_cgroup_is_dropped_at_the_crossing(tmp_path: Pat
             assert warm.ineligible(plan, [("cg", best.key)]) == {best.key}
         finally:
             warm.close()
+
+
+def test_a_process_born_after_a_machine_scan_is_in_the_ranking_at_the_crossing(tmp_path: Path) -> None:
+    # The machine scope: what was born since the scan is found from the last PID handed out
+    # (/proc/loadavg), or by listing /proc when too many PIDs went by; never missed either way.
+    import subprocess
+    import sys
+
+    plan = make_plan(guards=(make_guard("system"),))
+    ram, swap = read_meminfo_totals()
+    reading = GuardReading(
+        guard="system",
+        memory=MemoryReading(total_bytes=ram, available_bytes=ram // 2, swap_total_bytes=swap, swap_free_bytes=swap),
+    )
+    warm = WarmRanking("/proc", on_error=lambda *a, **k: None)
+    child = None
+    try:
+        warm.rescan(plan, [reading], time.monotonic())
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        assert wait_until(lambda: Path(f"/proc/{child.pid}/stat").exists(), 5)
+        rankings = warm.provide(plan, {"system": Need.NOW}, [reading], warm.scanned_at + 0.01)
+        assert not warm.stats.rescanned
+        assert child.pid in {int(c.process.pid) for c in rankings["system"].candidates}
+    finally:
+        warm.close()
+        if child is not None:
+            child.kill()
+            child.wait()

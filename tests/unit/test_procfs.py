@@ -415,3 +415,9 @@ def test_scanner_keeps_the_status_of_a_process_that_ran_without_memory_change(tm
         _set_stat_field(root, pid, 20, before.vm_size_bytes + (1 << 20))  # mmap(): vsize moved
         moved = next(p for p in scanner.scan().processes if p.pid == pid)
     assert moved.pgtables_bytes == 4444 << 10
+
+
+def test_parse_last_pid_is_the_last_field_of_loadavg() -> None:
+    from uoomd.sources.procfs import parse_last_pid
+
+    assert parse_last_pid("2.66 1.64 0.86 4/103 17473\n") == 17473

@@ -360,6 +360,39 @@ def list_pids(proc_root: str = "/proc") -> list[int]:
     return [int(name) for name in os.listdir(os.fsencode(proc_root)) if name.isdigit()]
 
 
+def parse_last_pid(text: str | bytes) -> int:
+    """The PID most recently handed out, from /proc/loadavg (its last field; fs/proc/loadavg.c)."""
+    return int(_as_bytes(text).split()[-1])
+
+
+def read_last_pid(proc_root: str = "/proc") -> int | None:
+    """The last PID allocated in this /proc's PID namespace, or None where it cannot be read."""
+    data = _read(os.fsencode(proc_root) + b"/loadavg")
+    if data is None:
+        return None
+    try:
+        return parse_last_pid(data)
+    except (ValueError, IndexError):
+        return None
+
+
+def read_pid_max(proc_root: str = "/proc") -> int:
+    data = _read(os.fsencode(proc_root) + b"/sys/kernel/pid_max")
+    try:
+        return int(data) if data else 1 << 22
+    except ValueError:
+        return 1 << 22  # PID_MAX_LIMIT on 64-bit
+
+
+def is_thread_group_leader(proc_root: str, pid: int) -> bool:
+    """Whether ``pid`` names a process (not one of its threads: /proc/TID exists too, unlisted)."""
+    data = _read(os.fsencode(proc_root) + b"/%d/status" % pid)
+    if data is None:
+        return False
+    tgid = _field_kib(data[data.find(b"\n") :], b"\nTgid:")  # past Name:, which may hold anything
+    return tgid == pid
+
+
 def read_snapshot(
     proc_root: str = "/proc",
     details: frozenset[str] = frozenset(),
