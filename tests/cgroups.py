@@ -182,17 +182,9 @@ class TestCgroup:
             return f"mkdir {path}: {exc.strerror}"
         self._created.append(path)
         try:
+            self._set_limit(kind, path)
             if kind == "v2":
-                _write(os.path.join(path, "memory.max"), str(self.limit_bytes))
-                if os.path.exists(os.path.join(path, "memory.swap.max")):
-                    _write(os.path.join(path, "memory.swap.max"), "0")
                 self.pressure_cgroup_path = path
-            else:
-                # The memory limit first: memsw may never be below it (mem_cgroup_resize_max()).
-                _write(os.path.join(path, "memory.limit_in_bytes"), str(self.limit_bytes))
-                memsw = os.path.join(path, "memory.memsw.limit_in_bytes")
-                if os.path.exists(memsw):
-                    _write(memsw, str(self.limit_bytes))
         except OSError as exc:
             os.rmdir(path)
             self._created.remove(path)
@@ -200,6 +192,40 @@ class TestCgroup:
         self.kind = kind
         self.memory_path = path
         return None
+
+    def _set_limit(self, kind: MemoryKind, path: str) -> None:
+        if kind == "v2":
+            _write(os.path.join(path, "memory.max"), str(self.limit_bytes))
+            if os.path.exists(os.path.join(path, "memory.swap.max")):
+                _write(os.path.join(path, "memory.swap.max"), "0")
+        else:
+            # The memory limit first: memsw may never be below it (mem_cgroup_resize_max()).
+            _write(os.path.join(path, "memory.limit_in_bytes"), str(self.limit_bytes))
+            memsw = os.path.join(path, "memory.memsw.limit_in_bytes")
+            if os.path.exists(memsw):
+                _write(memsw, str(self.limit_bytes))
+
+    # ---- a service restart -------------------------------------------------------------
+
+    def _restart_order(self) -> list[str]:
+        """Our cgroups in the order systemd creates a unit's: the v2 (pressure) one, then the
+        v1 memory one (cg_create_everywhere(): the unified hierarchy first). It removes them
+        in the same order (cg_trim_everywhere())."""
+        order = [p for p in (self.pressure_cgroup_path, self.memory_path) if p]
+        return list(dict.fromkeys(order))
+
+    def remove(self) -> None:
+        """Kill the members and rmdir our cgroups, as stopping a service does; recreate() undoes it."""
+        self.kill_members()
+        for path in self._restart_order():
+            _rmdir_when_empty(path)
+
+    def recreate(self) -> None:
+        """mkdir our cgroups again and set the limit again, as starting a service does."""
+        assert self.kind is not None, "recreate() after create()"
+        for path in self._restart_order():
+            os.mkdir(path)
+        self._set_limit(self.kind, self.memory_path)
 
     def __enter__(self) -> Self:
         return self.create()
@@ -327,21 +353,27 @@ class TestCgroup:
         for cgroup in reversed(self._created):
             subdirs = sorted((d for d, _s, _f in os.walk(cgroup)), key=len, reverse=True)
             for path in subdirs:
-                last: OSError | None = None
-                for _attempt in range(50):
-                    try:
-                        os.rmdir(path)
-                        break
-                    except FileNotFoundError:
-                        break
-                    except OSError as exc:  # EBUSY while the last member's exit completes
-                        last = exc
-                        time.sleep(0.02)
-                else:
-                    errors.append(f"rmdir {path}: {last}")
+                try:
+                    _rmdir_when_empty(path)
+                except OSError as exc:
+                    errors.append(f"rmdir {path}: {exc}")
         self._created.clear()
         if errors:
             raise RuntimeError("; ".join(errors))
+
+
+def _rmdir_when_empty(path: str) -> None:
+    """rmdir, retried for a second while the last member's exit completes (EBUSY); gone is fine."""
+    for _attempt in range(49):
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.02)
+    with contextlib.suppress(FileNotFoundError):
+        os.rmdir(path)  # the 50th attempt raises what stops it
 
 
 @contextlib.contextmanager

@@ -4,8 +4,9 @@ One iteration (a *tick*): read each guard's memory (a pread of a kept file, ~17 
 its PSI triggers, keep the candidate ranking warm while a guard nears its term level,
 re-check the chosen victim against /proc when a guard crosses, hand everything to the
 pure :func:`uoomd.decision.step`, execute the actions it returns and log every record.
-Then sleep in ``poll()`` on the PSI trigger fds, the in-flight victims' pidfds and the
-signal wake-up pipe, for as long as :mod:`uoomd.pacing` says is safe.
+Then sleep in ``poll()`` on the PSI trigger fds, the in-flight victims' pidfds, a reload's
+policy checker (its pidfd) and the signal wake-up pipe, for as long as :mod:`uoomd.pacing`
+says is safe.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from uoomd.decision import KillCgroup, Phase, Record, SendSignal, State
 from uoomd.errors import ExitCode, PolicyError, SetupError
 from uoomd.logs import Log, configure, escape
 from uoomd.plan import GuardPlan, Plan, PsiKind
-from uoomd.policy.isolated import load_plan_isolated
+from uoomd.policy.isolated import CheckResult, PolicyCheck, load_plan_isolated
 from uoomd.readings import GuardReading, MemoryReading, Observation, PressureReading
 from uoomd.results import ActionResult, Outcome
 from uoomd.service import Notifier, protect_self
@@ -196,7 +197,7 @@ class Daemon:
         notifier: Notifier | None = None,
         proc_root: str = "/proc",
         clock: Callable[[], float] = time.monotonic,
-        load_plan: Callable[[str], Plan] | None = None,
+        start_check: Callable[[str, float], PolicyCheck] = PolicyCheck.start,
         forced_dry_run: bool = False,
     ) -> None:
         self.plan = plan
@@ -205,7 +206,9 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.proc_root = proc_root
         self.clock = clock
-        self._load_plan = load_plan
+        self._start_check = start_check  # tests pass a checker that is slow, or fails
+        self._check: PolicyCheck | None = None  # a reload's check in its child, polled by the loop
+        self._check_again = False  # a SIGHUP came while it ran: check once more after it
         self.forced_dry_run = forced_dry_run  # --dry-run survives a reload of a policy without it
         self.state: State = decision.initial_state(plan)
         self.watches: list[GuardWatch] = []
@@ -238,6 +241,9 @@ class Daemon:
             self._read_guard(watch, now)
 
     def close(self) -> None:
+        if self._check is not None:
+            self._check.cancel()  # stopped during a reload: the checker is killed and reaped
+            self._check = None
         for watch in self.watches:
             watch.close()
         self.watches = []
@@ -275,9 +281,12 @@ class Daemon:
                 timeout_s = self.tick(self.clock())
                 self.wait(timeout_s)
                 self._handle_signals()
+                self._poll_check(self.clock())
         except StopDaemon:
             in_flight = [gs.guard for gs in self.state.guards if gs.phase is not Phase.IDLE]
             self.notifier.stopping()
+            if self._check is not None:
+                self.log.info("policy_check_cancelled", policy=self._check.path, checker_pid=self._check.pid)
             self.log.info("stopping", in_flight=in_flight)
             return ExitCode.OK
         finally:
@@ -301,6 +310,8 @@ class Daemon:
                     wanted[trigger.fileno()] = select.POLLPRI
         for fd in self._victim_fds():
             wanted[fd] = select.POLLIN
+        if self._check is not None:
+            wanted[self._check.fileno()] = select.POLLIN  # the checker exited: _poll_check() has its answer
         if wanted != self._polled:
             for fd in self._polled.keys() - wanted.keys():
                 with contextlib.suppress(KeyError):
@@ -334,17 +345,15 @@ class Daemon:
         polls POLLERR for ever (kernfs_fop_poll() on a removed node, Linux 6.18): kept in the
         poll set it wakes the loop at once, every time, and the daemon spins at 100 % CPU.
 
-        When the memory files went too (the whole cgroup, not only a hybrid machine's v2 twin),
-        the scope is gone: one scope_gone, every file closed, and reopen() re-arms it later."""
+        For a cgroup the whole scope is gone then (mark_gone(): one scope_gone, every file
+        closed, reopen() re-arms it later), even while a hybrid machine's v1 memory cgroup is
+        still there: systemd removes a unit's v2 cgroup first and its v1 ones after it
+        (cg_trim_everywhere()), and a v2 cgroup with members cannot be removed at all."""
         if watch.gone_at is not None:
             return
-        try:
-            watch.memory.read()
-        except cgroup_source.CgroupGone as gone:
-            watch.mark_gone(self.clock(), self.log, error=str(gone))
+        if watch.guard.scope.cgroup_path is not None:
+            watch.mark_gone(self.clock(), self.log, error=str(exc))
             return
-        except (OSError, MeminfoError, cgroup_source.CgroupError):
-            pass  # another fault of the memory files: the next reading logs it
         watch.triggers = tuple(None if t is trigger else t for t in watch.triggers)
         trigger.close()
         self.log.warning("psi_trigger_gone", guard=watch.guard.name, path=trigger.path, error=str(exc))
@@ -482,8 +491,13 @@ class Daemon:
                 except PsiTriggerGone as exc:
                     self._drop_trigger(watch, trigger, exc)
                     if watch.gone_at is not None:
-                        return None  # the whole cgroup went since the memory reading
-        except (OSError, PressureFileGone, ValueError) as exc:
+                        return None  # the cgroup went since the memory reading
+        except PressureFileGone as exc:
+            if watch.guard.scope.cgroup_path is not None:
+                watch.mark_gone(now, self.log, error=str(exc))  # _drop_trigger() says why
+                return None
+            self._log_error(f"psi:{name}", event="reading_failed", guard=name, source="psi", error=str(exc))
+        except (OSError, ValueError) as exc:
             self._log_error(f"psi:{name}", event="reading_failed", guard=name, source="psi", error=str(exc))
         for index in fired:
             plan_trigger = watch.guard.psi[index]
@@ -571,24 +585,59 @@ class Daemon:
         ping_in = self.notifier.watchdog_due_in(now)
         if ping_in is not None:
             timeouts.append(ping_in)  # never sleep past a watchdog ping
+        check_due = self._check.due_in(now) if self._check is not None else None
+        if check_due is not None:
+            timeouts.append(check_due)  # an overdue checker is killed then
         return min(timeouts)
 
     # -- reload
 
     def reload(self) -> None:
-        """Validate the new policy first; a bad one is logged and the old one keeps running."""
+        """SIGHUP: check the policy file again in a child; the loop polls it (_poll_check), never waits.
+
+        A SIGHUP while a check runs is coalesced, not a restart: that check runs on and its
+        answer is applied, then one more check reads the file again (the child may have read
+        it before the edit this SIGHUP announces). Never killing a check under way keeps one
+        checker at a time, and a burst of SIGHUPs (a script looping `systemctl reload`) still
+        makes progress; any number of them during a check make one more check."""
         self.notifier.reloading()
-        loader = self._load_plan or load_plan_isolated
+        if self._check is not None:
+            self._check_again = True
+            self.log.info("policy_reload_coalesced", policy=self.plan.source, checker_pid=self._check.pid)
+            return
+        self._begin_check()
+
+    def _begin_check(self) -> None:
         try:
-            new_plan = loader(self.plan.source)
-        except SetupError as exc:
-            self.log.error("policy_reload_failed", policy=self.plan.source, error=str(exc), kept="previous policy")
-            self.notifier.ready(self.status_line())
+            self._check = self._start_check(self.plan.source, self.clock())
+        except (PolicyError, SetupError) as exc:  # a FIFO, a device, no file: refused without a child
+            self._reload_done(exc)
             return
-        except PolicyError as exc:
-            self.log.error("policy_reload_failed", policy=self.plan.source, error=exc.render(), kept="previous policy")
-            self.notifier.ready(self.status_line())
+        self.log.info("policy_check_started", policy=self.plan.source, checker_pid=self._check.pid)
+
+    def _poll_check(self, now: float) -> None:
+        """A reload's checker that exited (or is overdue): apply its answer."""
+        if self._check is None:
             return
+        result = self._check.poll(now)
+        if result is not None:
+            self._check = None
+            self._reload_done(result)
+
+    def _reload_done(self, result: CheckResult) -> None:
+        """Apply a good plan, or log why not and keep the last good one; then READY=1, or the next check."""
+        if isinstance(result, Plan):
+            self._apply_plan(result)
+        else:
+            error = result.render() if isinstance(result, PolicyError) else str(result)
+            self.log.error("policy_reload_failed", policy=self.plan.source, error=error, kept="previous policy")
+        if self._check_again:
+            self._check_again = False
+            self._begin_check()
+        else:
+            self.notifier.ready(self.status_line())
+
+    def _apply_plan(self, new_plan: Plan) -> None:
         if self.forced_dry_run and not new_plan.daemon.dry_run:
             new_plan = replace(new_plan, daemon=replace(new_plan.daemon, dry_run=True))
         try:
@@ -596,7 +645,6 @@ class Daemon:
             watches = [open_watch(g, proc_root=self.proc_root, now=now, log=self.log) for g in new_plan.guards]
         except (SetupError, OSError) as exc:
             self.log.error("policy_reload_failed", policy=self.plan.source, error=str(exc), kept="previous policy")
-            self.notifier.ready(self.status_line())
             return
         for watch in self.watches:
             watch.close()
@@ -607,7 +655,6 @@ class Daemon:
         self._quiet_since = None
         self.board = StatusBoard(new_plan.daemon.state_file, self.log)
         self.log.info("policy_reloaded", policy=new_plan.source, guards=[g.name for g in new_plan.guards])
-        self.notifier.ready(self.status_line())
 
     # -- status
 

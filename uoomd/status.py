@@ -82,6 +82,8 @@ def render_status(data: dict[str, Any]) -> str:
         avail = memory.get("available_bytes") or 0
         share = f"{avail / total * 100:.1f}%" if total else "?"
         line = f"guard {guard.get('name')} [{guard.get('scope')}]: {guard.get('phase')}, available {share}"
+        if guard.get("scope_gone"):
+            line += ", cgroup gone (guarded again once it is back)"
         if guard.get("victim"):
             line += f", victim {guard['victim'].get('name')!r} ({guard['victim'].get('pid')})"
         lines.append(line)
