@@ -72,13 +72,17 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
-    from uoomd.policy.load import load_plan  # noqa: PLC0415
+def _cmd_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from uoomd.policy.load import check_plan  # noqa: PLC0415
     from uoomd.policy.render import render_plan  # noqa: PLC0415
     from uoomd.sources.scope import read_scope_memory  # noqa: PLC0415
 
     path = args.file or default_policy_path()
-    plan = load_plan(path)
+    plan, warnings = check_plan(path)
+    # Warnings go to stderr and leave the exit code at 0: the policy loads and runs as
+    # written; it only shields less than it seems to (uoomd/policy/identity.py).
+    for warning in warnings:
+        err.write(warning.render(path) + "\n")
     # Sizes resolved against this machine (or the cgroup's limit) as it is now.
     totals = {}
     for guard in plan.guards:
@@ -93,14 +97,14 @@ def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
     return ExitCode.OK
 
 
-def _cmd_schema(_args: argparse.Namespace, out: TextIO) -> int:
+def _cmd_schema(_args: argparse.Namespace, out: TextIO, _err: TextIO) -> int:
     from uoomd.policy.model import policy_json_schema  # noqa: PLC0415
 
     out.write(json.dumps(policy_json_schema(), indent=2) + "\n")
     return ExitCode.OK
 
 
-def _cmd_candidates(args: argparse.Namespace, out: TextIO) -> int:
+def _cmd_candidates(args: argparse.Namespace, out: TextIO, _err: TextIO) -> int:
     from uoomd.policy.load import load_plan  # noqa: PLC0415
     from uoomd.report import run_candidates  # noqa: PLC0415
 
@@ -110,7 +114,7 @@ def _cmd_candidates(args: argparse.Namespace, out: TextIO) -> int:
     )
 
 
-def _cmd_explain(args: argparse.Namespace, out: TextIO) -> int:
+def _cmd_explain(args: argparse.Namespace, out: TextIO, _err: TextIO) -> int:
     from uoomd.policy.load import load_plan  # noqa: PLC0415
     from uoomd.report import run_explain  # noqa: PLC0415
 
@@ -145,7 +149,7 @@ def _reexec_isolated(policy_path: str, *, dry_run: bool) -> None:
     os.execv(sys.executable, argv)  # noqa: S606
 
 
-def _cmd_run(args: argparse.Namespace, _out: TextIO) -> int:
+def _cmd_run(args: argparse.Namespace, _out: TextIO, _err: TextIO) -> int:
     policy_path = os.path.abspath(args.policy or default_policy_path())
     if not os.environ.get("UOOMD_NO_REEXEC"):
         _reexec_isolated(policy_path, dry_run=args.dry_run)
@@ -163,7 +167,7 @@ def run_isolated(policy_path: str, dry_run: bool) -> int:
     return _guarded(lambda: _run_daemon(policy_path, dry_run=dry_run), sys.stderr)
 
 
-def _cmd_status(args: argparse.Namespace, out: TextIO) -> int:
+def _cmd_status(args: argparse.Namespace, out: TextIO, _err: TextIO) -> int:
     from uoomd.status import run_status  # noqa: PLC0415
 
     return run_status(state_file=args.state_file, policy_path=args.policy, as_json=args.json, out=out)
@@ -183,7 +187,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
     out = out or sys.stdout
     err = err or sys.stderr
     args = _build_parser().parse_args(argv)
-    return _guarded(lambda: _COMMANDS[args.command](args, out), err)
+    return _guarded(lambda: _COMMANDS[args.command](args, out, err), err)
 
 
 def _guarded(call: Callable[[], int], err: TextIO) -> int:

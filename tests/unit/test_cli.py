@@ -116,7 +116,7 @@ def test_a_bug_exits_70_with_a_trace_not_1(monkeypatch: pytest.MonkeyPatch) -> N
     def broken(*_args: object, **_kwargs: object) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(uoomd.policy.load, "load_plan", broken)
+    monkeypatch.setattr(uoomd.policy.load, "check_plan", broken)
     code, _, err = run("check", str(ROOT / "etc" / "uoomd.toml"))
     assert code == ExitCode.INTERNAL
     assert "internal error" in err

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ValidationError
 from uoomd.errors import PolicyError, PolicyIssue
 from uoomd.plan import Plan
 from uoomd.policy.compile import compile_policy
+from uoomd.policy.file import open_regular
+from uoomd.policy.identity import identity_warnings
 from uoomd.policy.locate import KeyPath, find_line, format_path, locate_lines
 from uoomd.policy.model import PolicyModel
 
@@ -43,6 +45,23 @@ def load_plan(path: str, *, check_system: bool = True) -> Plan:
     return parse_plan(text, path, check_system=check_system)
 
 
+def check_plan(path: str, *, check_system: bool = True) -> tuple[Plan, tuple[PolicyIssue, ...]]:
+    """load_plan(), plus the warnings `uoomd check` prints: what loads but shields less
+    than it seems to (a rule that protects by name alone: uoomd/policy/identity.py)."""
+    text = _read_text(path, check_owner=check_system)
+    plan = parse_plan(text, path, check_system=check_system)
+    return plan, plan_warnings(plan, text)
+
+
+def plan_warnings(plan: Plan, text: str) -> tuple[PolicyIssue, ...]:
+    """The warnings for a plan parsed from ``text``, located like errors."""
+    found = identity_warnings(plan.rules)
+    if not found:
+        return ()
+    lines = locate_lines(text)
+    return tuple(PolicyIssue(key=format_path(p), message=m, line=find_line(lines, p)) for p, m in found)
+
+
 def parse_plan(text: str, path: str = "<policy>", *, check_system: bool = False) -> Plan:
     try:
         data = tomllib.loads(text)
@@ -66,17 +85,11 @@ def parse_plan(text: str, path: str = "<policy>", *, check_system: bool = False)
 
 
 def _read_text(path: str, *, check_owner: bool) -> str:
+    as_root = check_owner and os.geteuid() == 0
+    # Never a blocking open: a FIFO here hung `uoomd check` and the reload's checker (issue 11).
+    fd, info = open_regular(path, nofollow=as_root)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW if check_owner and os.geteuid() == 0 else os.O_RDONLY)
-    except FileNotFoundError:
-        raise PolicyError(path, [PolicyIssue(key="", message="no such file")]) from None
-    except OSError as exc:
-        raise PolicyError(path, [PolicyIssue(key="", message=f"cannot open: {exc.strerror}")]) from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise PolicyError(path, [PolicyIssue(key="", message="not a regular file")])
-        if check_owner and os.geteuid() == 0:
+        if as_root:
             _check_owner(path, info)
         with os.fdopen(fd, "rb", closefd=False) as handle:
             raw = handle.read()
