@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
 from typing import Any
 
 from uoomd.plan import Amount, DaemonPlan, EscalationPlan, GuardPlan, MatchPlan, Plan, RulePlan, Scope, ScopeKind
+from uoomd.policy.automaton import compile_regex
 from uoomd.readings import Pid, ProcessInfo, Snapshot, Uid
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "proc")
@@ -59,7 +59,7 @@ def make_rule(
     index: int, *, protect: bool = False, adjust: int = 0, guards: tuple[str, ...] = (), **match: Any
 ) -> RulePlan:
     compiled: dict[str, Any] = {
-        k: re.compile(v) if k in ("name", "cmdline", "exe", "cgroup") else v for k, v in match.items()
+        k: compile_regex(v) if k in ("name", "cmdline", "exe", "cgroup") else v for k, v in match.items()
     }
     return RulePlan(
         index=index, label=f"rule[{index}]", match=MatchPlan(**compiled), protect=protect, adjust=adjust, guards=guards

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import TypeAlias
 
 from uoomd.logs import Log, escape
+from uoomd.service import unprotect_child
 
 RUN_USER = "/run/user"
 NOTICE_TIMEOUT_S = 3.0  # the child gives up on a bus that does not answer within this
@@ -576,6 +577,7 @@ def _child_main(bus: SessionBus, summary: str, body: str, *, urgency: int, timeo
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
         os.setsid()  # a terminal's SIGINT for uoomd is not for the child
+        unprotect_child()  # before setresuid: then /proc/self/oom_score_adj is no longer ours to write
         try:
             if os.geteuid() != bus.uid:
                 # Groups, then gid, then uid: after setresuid we could no longer change the others.

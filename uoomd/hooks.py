@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterable
 
 from uoomd.results import ActionKind, ActionResult, Outcome, make_result
+from uoomd.service import unprotect_child
 
 HOOK_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 HOOK_OUTPUT_LIMIT_BYTES = 4096
@@ -56,6 +57,9 @@ class HookHandle:
                 # Its own session and process group (pgid == its pid), so a timeout can kill
                 # everything it forked, and a terminal's SIGINT for uoomd does not reach it.
                 start_new_session=True,
+                # Not the daemon's -1000, nice -10 and open-file limit: no environment knob or
+                # posix_spawn attribute sets them, so between fork and exec.
+                preexec_fn=unprotect_child,  # noqa: PLW1509 -- the daemon is single-threaded
             )
         except (OSError, ValueError) as exc:
             code = getattr(exc, "errno", None)

@@ -6,9 +6,10 @@ pydantic or TOML.  Every quantity carries its unit in its name.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from enum import StrEnum
+
+from uoomd.dfa import Dfa
 
 
 class LogFormat(StrEnum):
@@ -102,12 +103,12 @@ class GuardPlan:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MatchPlan:
-    """All present keys must match. Regexes are searched; user and uid are exact."""
+    """All present keys must match. Regexes are searched, in linear time (uoomd/dfa.py); user and uid are exact."""
 
-    name: re.Pattern[str] | None = None
-    cmdline: re.Pattern[str] | None = None
-    exe: re.Pattern[str] | None = None
-    cgroup: re.Pattern[str] | None = None
+    name: Dfa | None = None
+    cmdline: Dfa | None = None
+    exe: Dfa | None = None
+    cgroup: Dfa | None = None
     user: str | None = None
     uid: int | None = None
 

@@ -5,11 +5,11 @@ CONTRACT (filled in by the scoring work; the types below are what decision.py an
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 from uoomd import kernel
+from uoomd.dfa import Dfa
 from uoomd.plan import GuardPlan, MatchPlan, Plan, RulePlan
 from uoomd.readings import Pid, ProcessInfo, ProcessKey, Snapshot
 
@@ -81,6 +81,10 @@ class RankInputs:
         )
 
 
+# Everything rule_matches() reads: (name, cmdline, exe, cgroup, user, uid).
+MatchKey = tuple[str, str | None, str | None, str | None, str | None, int]
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Ranking:
     guard: str
@@ -88,6 +92,11 @@ class Ranking:
     excluded: tuple[Exclusion, ...]
     taken_at: float  # the snapshot's monotonic time
     inputs: RankInputs | None = None  # what rank() scored with; lets the next rank() reuse verdicts
+    # Which of the guard's rules each of this snapshot's processes matched, by match_key():
+    # the next rank() with the same plan and guard matches none of them again (Verdicts).
+    # Bookkeeping, not part of what a ranking says (so rankings compare equal without it).
+    verdicts: Mapping[MatchKey, tuple[RulePlan, ...]] = field(default_factory=dict, compare=False, repr=False)
+    rules_matched: int = field(default=0, compare=False)  # processes this rank() matched (others: verdicts reused)
 
     @property
     def best(self) -> Candidate | None:
@@ -150,6 +159,7 @@ class Ranking:
             excluded=self.excluded,
             taken_at=self.taken_at,
             inputs=self.inputs,
+            verdicts=self.verdicts,
         )
 
 
@@ -177,10 +187,10 @@ REASON_PARENT = "uoomd's parent"
 REASON_SCOPE = "outside the guard's scope"
 
 
-def _search(pattern: re.Pattern[str] | None, value: str | None) -> bool:
+def _search(pattern: Dfa | None, value: str | None) -> bool:
     if pattern is None:
         return True
-    return value is not None and pattern.search(value) is not None
+    return value is not None and pattern.search(value)
 
 
 def rule_matches(match: MatchPlan, process: ProcessInfo) -> bool:
@@ -197,6 +207,48 @@ def rule_matches(match: MatchPlan, process: ProcessInfo) -> bool:
 
 def matching_rules(rules: Iterable[RulePlan], process: ProcessInfo) -> tuple[RulePlan, ...]:
     return tuple(rule for rule in rules if rule_matches(rule.match, process))
+
+
+def match_key(process: ProcessInfo) -> MatchKey:
+    return (process.name, process.cmdline, process.exe, process.cgroup, process.user, process.uid)
+
+
+class Verdicts:
+    """The rules each process matched, for one rank(): a process is matched once per distinct
+    match_key(), and never when an earlier ranking with the same rules saw that key.
+
+    Matching is linear in the text (uoomd/dfa.py), but a command line is up to 4 KiB read
+    (16 Ki characters once undecodable bytes become ``\\xNN``), and a scan re-reads the details
+    of every process whose memory moved: the rules' answer moves only with the name, the
+    command line, the exe, the cgroup and the user. Keyed by them and not by (pid, starttime),
+    1,000 identical workers cost one match. Holds the keys of one snapshot's processes only (it
+    is built anew from the previous ranking's at every rank()), so it never outgrows the snapshot."""
+
+    __slots__ = ("_known", "_rules", "found", "matched")
+
+    def __init__(self, rules: tuple[RulePlan, ...], known: Mapping[MatchKey, tuple[RulePlan, ...]]) -> None:
+        self._rules = rules
+        self._known = known
+        self.found: dict[MatchKey, tuple[RulePlan, ...]] = {}
+        self.matched = 0  # processes matched here, not found in ``known``
+
+    def rules_of(self, process: ProcessInfo) -> tuple[RulePlan, ...]:
+        key = match_key(process)
+        found = self.found.get(key)
+        if found is None:
+            found = self._known.get(key)
+            if found is None:
+                found = matching_rules(self._rules, process) if self._rules else ()
+                self.matched += 1
+            self.found[key] = found
+        return found
+
+    def keep(self, process: ProcessInfo) -> None:
+        """Carry a known verdict over for a process scored in an earlier ranking (not matched now)."""
+        key = match_key(process)
+        found = self._known.get(key)
+        if found is not None:
+            self.found[key] = found
 
 
 def check_details(snapshot_details: frozenset[str], plan: Plan) -> None:
@@ -279,11 +331,13 @@ def score_process(
     spared: dict[Pid, str] | None = None,
     members: frozenset[Pid] | None = None,
     guard_rules: tuple[RulePlan, ...] | None = None,
+    verdicts: Verdicts | None = None,
 ) -> Candidate | Exclusion:
     """One process for one guard: a Candidate, or an Exclusion with its reason.
 
     ``spared`` maps PIDs that are never victims (uoomd and its parent) to a reason;
-    ``members`` restricts a cgroup-scoped guard (None: every process).
+    ``members`` restricts a cgroup-scoped guard (None: every process); ``verdicts``
+    answers which rules match (it must hold the guard's rules), else they are matched here.
     """
     if process.kthread:
         return Exclusion(process=process, reason=REASON_KTHREAD)
@@ -295,9 +349,12 @@ def score_process(
         return Exclusion(process=process, reason=spared[process.pid])
     if members is not None and process.pid not in members:
         return Exclusion(process=process, reason=REASON_SCOPE)
-    if guard_rules is None:
-        guard_rules = plan.rules_for(guard.name)
-    rules = matching_rules(guard_rules, process) if guard_rules else ()
+    if verdicts is not None:
+        rules = verdicts.rules_of(process)
+    else:
+        if guard_rules is None:
+            guard_rules = plan.rules_for(guard.name)
+        rules = matching_rules(guard_rules, process) if guard_rules else ()
     labels = tuple(rule.label for rule in rules)
     if process.oom_score_adj == kernel.OOM_SCORE_ADJ_MIN:
         # The admin's or the program's own "never kill me": kernel semantics, no rule overrides it.
@@ -387,6 +444,13 @@ def rank(
         known = {id(r.process): r for r in previous.candidates}
         known.update((id(r.process), r) for r in previous.excluded)
     guard_rules = plan.rules_for(guard.name)
+    same_rules = (
+        previous is not None
+        and previous.inputs is not None
+        and previous.inputs.plan is plan
+        and previous.inputs.guard is guard
+    )
+    verdicts = Verdicts(guard_rules, previous.verdicts if previous is not None and same_rules else {})
     candidates: list[Candidate] = []
     excluded: list[Exclusion] = []
     for process in snapshot.processes:
@@ -402,7 +466,10 @@ def rank(
                 spared=spared,
                 members=members,
                 guard_rules=guard_rules,
+                verdicts=verdicts if guard_rules else None,
             )
+        elif guard_rules:
+            verdicts.keep(process)
         if isinstance(result, Candidate):
             candidates.append(result)
         else:
@@ -414,6 +481,8 @@ def rank(
         excluded=tuple(excluded),
         taken_at=snapshot.taken_at,
         inputs=inputs,
+        verdicts=verdicts.found,
+        rules_matched=verdicts.matched,
     )
 
 

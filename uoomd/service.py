@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import resource
@@ -119,11 +120,46 @@ def protect_self() -> Protection:
     return Protection(oom_score_adj=adj, mlocked=mlocked, mlock_error=mlock_error, nice=nice, nofile=_raise_nofile())
 
 
+# The soft open-file limit uoomd started with, before _raise_nofile: what unprotect_child gives
+# back. None until protect_self ran (the CLI's children keep what they inherit).
+_started_nofile_soft: int | None = None
+
+
+def unprotect_child() -> None:
+    """In a child of the daemon (a hook, the policy checker, a desktop notice), before it execs:
+    give back what protect_self took, and never more than that.
+
+    They used to inherit oom_score_adj -1000, nice -10 and the raised open-file limit (issue 12):
+    a hook that leaks could not be killed by the kernel and competed with the loop for the CPU.
+    Raising oom_score_adj and nice needs no privilege; a value above 0 is left as it is, since
+    lowering it would shield the child. Written while the child still has CAP_SYS_RESOURCE, the
+    0 also becomes its floor (oom_score_adj_min, fs/proc/base.c __set_oom_adj()): inherited at
+    -1000, that floor would let the child go back to -1000 unprivileged. The daemon is
+    single-threaded, so this can run between fork and exec (subprocess's preexec_fn)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/oom_score_adj", "rb") as current:
+            lowered = int(current.read()) < 0
+        if lowered:
+            with open("/proc/self/oom_score_adj", "wb") as handle:
+                handle.write(b"0")
+    with contextlib.suppress(OSError):
+        if os.getpriority(os.PRIO_PROCESS, 0) < 0:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
+    if _started_nofile_soft is not None:
+        with contextlib.suppress(OSError, ValueError):
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            if soft > _started_nofile_soft:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (_started_nofile_soft, hard))
+
+
 def _raise_nofile() -> int | None:
     # The warm scanner keeps two fds per process (procfs.ProcScanner, half the soft limit):
     # systemd's default soft limit of 1024 would cover ~256 processes. The hard limit is ours to take.
+    global _started_nofile_soft  # noqa: PLW0603 -- one record per process, read in its children
     try:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if _started_nofile_soft is None:
+            _started_nofile_soft = soft
         if soft != hard:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         return resource.getrlimit(resource.RLIMIT_NOFILE)[0]

@@ -6,19 +6,24 @@ import contextlib
 import json
 import os
 import time
-from typing import Any, TextIO
+from dataclasses import dataclass
+from typing import Any, TextIO, TypeAlias, TypeVar
 
-from uoomd.errors import ExitCode, SetupError
-from uoomd.logs import Log
+from uoomd.errors import ExitCode, PolicyError, SetupError
+from uoomd.logs import Log, escape
+from uoomd.policy.file import open_regular
+from uoomd.trust import untrusted_reason
 
 WRITE_INTERVAL_S = 1.0  # the file is for people and scripts: once a second is plenty
+_T = TypeVar("_T")
 
 
 class StatusBoard:
     """Writes what the daemon sees to a JSON file, at most once per WRITE_INTERVAL_S.
 
     Atomic (temp file + rename) so a reader never sees half a file; a directory that
-    cannot be written is logged once and the daemon goes on guarding."""
+    cannot be written, or that another user could tamper with, is logged once and the
+    daemon goes on guarding without a state file."""
 
     def __init__(self, path: str, log: Log) -> None:
         self.path = path
@@ -30,35 +35,262 @@ class StatusBoard:
         if self._broken or (not force and now - self._written_at < WRITE_INTERVAL_S):
             return
         self._written_at = now
-        tmp = f"{self.path}.tmp"
+        directory = os.path.dirname(os.path.abspath(self.path))
         try:
-            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-            with open(tmp, "w") as handle:
-                json.dump(data, handle, default=str)
-            os.replace(tmp, self.path)
+            refused = _prepare_directory(directory)
+            if refused:
+                self._broken = True
+                self._log.warning("state_file_refused", path=self.path, reason=refused)
+                return
+            _write_atomically(directory, os.path.basename(self.path), json.dumps(data, default=str).encode())
         except OSError as exc:
             self._broken = True
             self._log.warning("state_file_unwritable", path=self.path, error=exc.strerror or str(exc))
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
 
 
-def read_state(path: str) -> dict[str, Any]:
+def _prepare_directory(directory: str) -> str | None:
+    """Why the state file must not be written into ``directory`` (None: go ahead), creating it
+    when missing, under a parent judged first so root never mkdirs where a user points it."""
+    owners = {0, os.geteuid()}
+    if not os.path.lexists(directory):
+        existing = os.path.dirname(directory)
+        while not os.path.lexists(existing):
+            existing = os.path.dirname(existing)
+        refused = untrusted_reason(existing, owners=owners)
+        if refused:
+            return refused
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+    # Root writes here: a directory another user owns or can write (even a sticky /tmp) lets
+    # them plant a symlink or a file under the name root is about to use (issue 12).
+    return untrusted_reason(directory, owners=owners)
+
+
+def _write_atomically(directory: str, name: str, payload: bytes) -> None:
+    """Write ``payload`` as ``directory/name`` through a fresh temp file renamed over it.
+
+    O_EXCL with a random name never opens something already there (a planted symlink or
+    file); rename(2) replaces whatever sits at the final name, a symlink included, without
+    following it."""
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        with open(path) as handle:
-            data = json.load(handle)
-    except FileNotFoundError:
-        raise SetupError(f"no state file at {path}", hint="is `uoomd run` running with this policy?") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SetupError(f"cannot read the state file {path}: {exc}") from None
+        # os.urandom, not secrets: secrets imports hashlib, hmac and random into the daemon.
+        tmp = f".{name}.{os.urandom(8).hex()}.tmp"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o644, dir_fd=dir_fd)
+        try:
+            try:
+                view = memoryview(payload)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+    finally:
+        os.close(dir_fd)
+
+
+# What the daemon writes is a few KiB (20 recent events and a line per guard): a file far
+# larger is not ours, and is refused before json reads it into memory.
+STATE_LIMIT_BYTES = 1 << 20
+PID_MAX_LIMIT = 1 << 22  # include/linux/threads.h: no PID is above it
+RECENT_SHOWN = 10
+FACTS_SHOWN_CHARS = 200
+# time.localtime() takes no later instant than year 9999: a larger time is no time of ours.
+_LATEST_S = 253402300799.0
+
+Scalar: TypeAlias = str | int | float | bool | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GuardState:
+    """One guard's line in the state file."""
+
+    name: str
+    scope: str
+    scope_gone: bool
+    phase: str
+    victim_pid: int | None
+    victim_name: str | None
+    total_bytes: int | None
+    available_bytes: int | None
+    psi: tuple[str | None, ...]  # each trigger's description; None for one not armed
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecentEvent:
+    event: str
+    at: float
+    facts: tuple[tuple[str, Scalar], ...]  # lists and objects left out
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StateFile:
+    """The state file as the daemon wrote it (uoomd/daemon.py Daemon._status), checked."""
+
+    pid: int
+    policy: str
+    dry_run: bool
+    updated_at: float
+    status: str
+    guards: tuple[GuardState, ...]
+    recent: tuple[RecentEvent, ...]
+
+
+class MalformedStateError(ValueError):
+    """Where the state file departs from what the daemon writes (a key path) and how."""
+
+    def __init__(self, where: str, problem: str) -> None:
+        self.where = where
+        self.problem = problem
+        super().__init__(f"{where}: {problem}" if where else problem)
+
+
+def read_state(path: str) -> tuple[StateFile, dict[str, Any]]:
+    """The checked state file at ``path`` and its JSON; SetupError for anything the daemon
+    did not write: not there, not a regular file (a FIFO never blocks: uoomd/policy/file.py),
+    a symlink (the daemon renames a regular file into place), too large, not JSON, or JSON
+    of another shape."""
+    shown = escape(path)
+    if not os.path.lexists(path):
+        raise SetupError(f"no state file at {shown}", hint="is `uoomd run` running with this policy?")
+    try:
+        fd, _info = open_regular(path, nofollow=True)
+    except PolicyError as exc:
+        reason = "; ".join(issue.message for issue in exc.issues)
+        raise SetupError(f"cannot read the state file {shown}: {reason}") from None
+    try:
+        raw = os.read(fd, STATE_LIMIT_BYTES + 1)
+    except OSError as exc:
+        raise SetupError(f"cannot read the state file {shown}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(raw) > STATE_LIMIT_BYTES:
+        raise SetupError(f"the state file {shown} is over {STATE_LIMIT_BYTES} bytes: not a uoomd state file")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+        return parse_state(data), data
+    except UnicodeDecodeError as exc:
+        problem = f"not UTF-8 text ({exc.reason} at byte {exc.start})"
+    except RecursionError:
+        problem = "nested too deeply"
+    except MalformedStateError as exc:
+        problem = str(exc)  # key paths are ours; the values in it are escaped by _kind
+    except ValueError as exc:  # json.JSONDecodeError
+        problem = f"not JSON ({escape(str(exc))})"
+    raise SetupError(f"the state file {shown} is not a uoomd state file: {problem}")
+
+
+def parse_state(data: object) -> StateFile:
+    """A StateFile from the decoded JSON; MalformedStateError naming the first key that is off."""
+    top = _object(data, "")
+    return StateFile(
+        pid=_pid(top, "pid", ""),
+        policy=_typed(top, "policy", str, ""),
+        dry_run=_typed(top, "dry_run", bool, ""),
+        updated_at=_instant(top, "updated_at", ""),
+        status=_typed(top, "status", str, ""),
+        guards=tuple(_guard(item, f"guards[{i}]") for i, item in enumerate(_typed(top, "guards", list, ""))),
+        recent=tuple(_recent(item, f"recent[{i}]") for i, item in enumerate(_typed(top, "recent", list, ""))),
+    )
+
+
+def _guard(data: object, where: str) -> GuardState:
+    guard = _object(data, where)
+    victim = _optional_object(guard, "victim", where)
+    memory = _optional_object(guard, "memory", where)
+    psi: list[str | None] = []
+    for index, trigger in enumerate(_typed(guard, "psi", list, where)):
+        psi.append(
+            None
+            if trigger is None
+            else _typed(_object(trigger, f"{where}.psi[{index}]"), "describe", str, f"{where}.psi[{index}]")
+        )
+    return GuardState(
+        name=_typed(guard, "name", str, where),
+        scope=_typed(guard, "scope", str, where),
+        scope_gone=_typed(guard, "scope_gone", bool, where),
+        phase=_typed(guard, "phase", str, where),
+        victim_pid=None if victim is None else _pid(victim, "pid", f"{where}.victim"),
+        victim_name=None if victim is None else _typed(victim, "name", str, f"{where}.victim"),
+        total_bytes=None if memory is None else _bytes(memory, "total_bytes", f"{where}.memory"),
+        available_bytes=None if memory is None else _bytes(memory, "available_bytes", f"{where}.memory"),
+        psi=tuple(psi),
+    )
+
+
+def _recent(data: object, where: str) -> RecentEvent:
+    event = _object(data, where)
+    facts: list[tuple[str, Scalar]] = []
+    for key, value in event.items():
+        if key not in {"event", "at"} and (value is None or isinstance(value, str | int | float | bool)):
+            facts.append((key, value))
+    return RecentEvent(event=_typed(event, "event", str, where), at=_instant(event, "at", where), facts=tuple(facts))
+
+
+def _object(data: object, where: str) -> dict[str, Any]:
     if not isinstance(data, dict):
-        raise SetupError(f"{path}: not a uoomd state file")
+        raise MalformedStateError(where, f"an object expected, not {_kind(data)}")
     return data
 
 
-def _alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
+def _optional_object(data: dict[str, Any], key: str, where: str) -> dict[str, Any] | None:
+    value = _value(data, key, where)
+    return None if value is None else _object(value, _join(where, key))
+
+
+def _value(data: dict[str, Any], key: str, where: str) -> object:
+    if key not in data:
+        raise MalformedStateError(_join(where, key), "missing")
+    return data[key]
+
+
+def _typed(data: dict[str, Any], key: str, kind: type[_T], where: str) -> _T:
+    value = _value(data, key, where)
+    # bool is an int to Python, never to the daemon: `"pid": true` is not a PID.
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise MalformedStateError(_join(where, key), f"{kind.__name__} expected, not {_kind(value)}")
+    return value
+
+
+def _pid(data: dict[str, Any], key: str, where: str) -> int:
+    value = _typed(data, key, int, where)
+    if not 0 < value <= PID_MAX_LIMIT:
+        raise MalformedStateError(_join(where, key), f"{value} is not a PID")
+    return value
+
+
+def _bytes(data: dict[str, Any], key: str, where: str) -> int:
+    value = _typed(data, key, int, where)
+    if value < 0:
+        raise MalformedStateError(_join(where, key), f"{value} is not a size")
+    return value
+
+
+def _instant(data: dict[str, Any], key: str, where: str) -> float:
+    value = _value(data, key, where)
+    # json reads NaN and Infinity; time.localtime() refuses them, and years past 9999.
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= _LATEST_S:
+        raise MalformedStateError(_join(where, key), f"a time in seconds expected, not {_kind(value)}")
+    return float(value)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, str):
+        return f"str '{escape(value[:40])}'"
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f"{type(value).__name__} {str(value)[:40]}"
+    return {dict: "an object", list: "an array", bool: "a boolean", type(None): "null"}.get(type(value), "?")
+
+
+def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)  # signal 0: existence check only, nothing is sent
     except ProcessLookupError:
@@ -68,37 +300,32 @@ def _alive(pid: object) -> bool:
     return True
 
 
-def render_status(data: dict[str, Any]) -> str:
-    age = time.time() - float(data.get("updated_at", 0))
-    running = _alive(data.get("pid"))
+def render_status(state: StateFile, now: float | None = None) -> str:
+    """The state for people: every string from the file escaped (the daemon wrote process names
+    into it, and a name with an ESC or a newline must not reach the terminal raw)."""
+    age = (time.time() if now is None else now) - state.updated_at
+    running = "running" if _alive(state.pid) else "NOT running"
+    dry = " (dry-run)" if state.dry_run else ""
     lines = [
-        f"uoomd pid {data.get('pid')} ({'running' if running else 'NOT running'}), "
-        f"policy {data.get('policy')}{' (dry-run)' if data.get('dry_run') else ''}, updated {age:.1f}s ago",
-        f"  {data.get('status', '')}",
+        f"uoomd pid {state.pid} ({running}), policy {escape(state.policy)}{dry}, updated {age:.1f}s ago",
+        f"  {escape(state.status)}",
     ]
-    for guard in data.get("guards", []):
-        memory = guard.get("memory") or {}
-        total = memory.get("total_bytes") or 0
-        avail = memory.get("available_bytes") or 0
+    for guard in state.guards:
+        total, avail = guard.total_bytes or 0, guard.available_bytes or 0
         share = f"{avail / total * 100:.1f}%" if total else "?"
-        line = f"guard {guard.get('name')} [{guard.get('scope')}]: {guard.get('phase')}, available {share}"
-        if guard.get("scope_gone"):
+        line = f"guard {escape(guard.name)} [{escape(guard.scope)}]: {escape(guard.phase)}, available {share}"
+        if guard.scope_gone:
             line += ", cgroup gone (guarded again once it is back)"
-        if guard.get("victim"):
-            line += f", victim {guard['victim'].get('name')!r} ({guard['victim'].get('pid')})"
+        if guard.victim_pid is not None:
+            line += f", victim '{escape(guard.victim_name or '')}' ({guard.victim_pid})"
         lines.append(line)
-        for index, trigger in enumerate(guard.get("psi", [])):
-            if trigger:
-                lines.append(f"  psi[{index}]: {trigger.get('describe')}")
-    recent = data.get("recent", [])
-    if recent:
+        lines += [f"  psi[{i}]: {escape(d)}" for i, d in enumerate(guard.psi) if d is not None]
+    if state.recent:
         lines.append("recent:")
-        for event in recent[-10:]:
-            when = time.strftime("%H:%M:%S", time.localtime(float(event.get("at", 0))))
-            facts = " ".join(
-                f"{k}={v}" for k, v in event.items() if k not in {"event", "at"} and not isinstance(v, list | dict)
-            )
-            lines.append(f"  {when} {event.get('event')} {facts[:200]}")
+        for event in state.recent[-RECENT_SHOWN:]:
+            when = time.strftime("%H:%M:%S", time.localtime(event.at))
+            facts = " ".join(f"{escape(k)}={escape(str(v))}" for k, v in event.facts)
+            lines.append(f"  {when} {escape(event.event)} {facts[:FACTS_SHOWN_CHARS]}")
     return "\n".join(lines) + "\n"
 
 
@@ -109,6 +336,7 @@ def run_status(*, state_file: str | None, policy_path: str | None, as_json: bool
         from uoomd.policy.load import load_plan  # noqa: PLC0415
 
         path = load_plan(policy_path or default_policy_path()).daemon.state_file
-    data = read_state(path)
-    out.write(json.dumps(data, indent=2) + "\n" if as_json else render_status(data))
+    state, data = read_state(path)
+    # json.dumps writes control characters as \uXXXX escapes: the JSON form needs no escaping.
+    out.write(json.dumps(data, indent=2) + "\n" if as_json else render_status(state))
     return ExitCode.OK

@@ -33,7 +33,15 @@ def uoomd_command() -> list[str]:
 class RunningDaemon:
     """``uoomd run`` with a policy written to a temp dir; stopped by PID (SIGTERM, then SIGKILL)."""
 
-    def __init__(self, tmp_path: Path, policy: str, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        policy: str,
+        *args: str,
+        env: dict[str, str] | None = None,
+        command: list[str] | None = None,
+    ) -> None:
+        """``command``: another way to run uoomd than the installed script (e.g. a venv's python -m uoomd)."""
         self.policy_path = tmp_path / "policy.toml"
         self.policy_path.write_text(policy)
         self.policy_path.chmod(0o644)
@@ -44,7 +52,7 @@ class RunningDaemon:
         if env and "NOTIFY_SOCKET" in env:
             full_env["NOTIFY_SOCKET"] = env["NOTIFY_SOCKET"]
         self.process = subprocess.Popen(
-            [*uoomd_command(), "run", "--policy", str(self.policy_path), *args],
+            [*(command or uoomd_command()), "run", "--policy", str(self.policy_path), *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -105,8 +113,10 @@ def hog_argv(record: Path, *extra: str) -> list[str]:
 def daemon_fixture(tmp_path: Path) -> Iterator[Callable[..., RunningDaemon]]:
     started: list[RunningDaemon] = []
 
-    def start(policy: str, *args: str, env: dict[str, str] | None = None) -> RunningDaemon:
-        daemon = RunningDaemon(tmp_path, policy, *args, env=env)
+    def start(
+        policy: str, *args: str, env: dict[str, str] | None = None, command: list[str] | None = None
+    ) -> RunningDaemon:
+        daemon = RunningDaemon(tmp_path, policy, *args, env=env, command=command)
         started.append(daemon)
         return daemon
 

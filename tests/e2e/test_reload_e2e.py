@@ -4,9 +4,11 @@ its policy check is refused (a FIFO) or slow, with a fake NOTIFY_SOCKET counting
 Every daemon guards only a memory cgroup the test created, so it can only signal the test's own
 hogs (oom_score_adj 1000); signals go only to the daemon process the test started.
 
-A slow check without a test hook in uoomd: the checker child is a normal interpreter (only the
-daemon runs with -I -S), so a ``sitecustomize.py`` on PYTHONPATH runs in it first; it sleeps
-while a marker file exists, which the test creates only once the daemon is up.
+A slow check without a test hook in uoomd: the daemon runs from a venv's interpreter, and the
+checker child (python -I, with site-packages: only the daemon runs with -S) imports the
+``sitecustomize.py`` in that venv's site-packages first; it sleeps while a marker file exists,
+which the test creates only once the daemon is up. PYTHONPATH, which this test used before, no
+longer reaches the checker (-I, issue 12); the interpreter's own site-packages is root's.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import itertools
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -99,14 +102,23 @@ def collector() -> Iterator[Collector]:
         sock.close()
 
 
-def slow_site(tmp_path: Path, seconds: float) -> tuple[dict[str, str], Path]:
-    """The env that makes the policy checker sleep ``seconds`` once the returned marker exists."""
-    site = tmp_path / "site"
-    site.mkdir()
+def slow_site(tmp_path: Path, seconds: float) -> tuple[list[str], Path]:
+    """The command whose policy checker sleeps ``seconds`` once the returned marker exists."""
+    venv = tmp_path / "venv"
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)], check=True, timeout=60
+    )
+    python = venv / "bin" / "python"
+    site = subprocess.run(
+        [str(python), "-I", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.strip()
     marker = tmp_path / "slow-check"
-    (site / "sitecustomize.py").write_text(SITECUSTOMIZE.format(marker=str(marker), seconds=seconds))
-    inherited = os.environ.get("PYTHONPATH")
-    return {"PYTHONPATH": os.pathsep.join([str(site), inherited] if inherited else [str(site)])}, marker
+    (Path(site) / "sitecustomize.py").write_text(SITECUSTOMIZE.format(marker=str(marker), seconds=seconds))
+    return [str(python), "-m", "uoomd"], marker
 
 
 def start_hog(cg: TestCgroup, tmp_path: Path) -> tuple[Path, int]:
@@ -149,9 +161,9 @@ def test_a_fifo_at_the_policy_path_is_refused_at_once_and_a_hog_right_after_is_s
 def test_during_a_slow_check_a_hog_is_caught_and_the_watchdog_pings_go_on(
     cgroup: TestCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path, collector: Collector, attempt: int
 ) -> None:
-    env, marker = slow_site(tmp_path, SLOW_CHECK_S)
-    env |= {"NOTIFY_SOCKET": collector.sock.path, "WATCHDOG_USEC": str(WATCHDOG_USEC)}
-    daemon = start_daemon(policy(cgroup, tmp_path), env=env)
+    command, marker = slow_site(tmp_path, SLOW_CHECK_S)
+    env = {"NOTIFY_SOCKET": collector.sock.path, "WATCHDOG_USEC": str(WATCHDOG_USEC)}
+    daemon = start_daemon(policy(cgroup, tmp_path), env=env, command=command)
     daemon.wait_for("started", timeout_s=30)
     assert wait_until(lambda: collector.stamps("WATCHDOG"), 10), "no watchdog ping before the reload"
     daemon.policy_path.write_text(policy(cgroup, tmp_path, term="31%"))
@@ -185,8 +197,8 @@ def test_during_a_slow_check_a_hog_is_caught_and_the_watchdog_pings_go_on(
 def test_sigterm_during_a_slow_check_exits_0_at_once_and_leaves_no_checker(
     cgroup: TestCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
 ) -> None:
-    env, marker = slow_site(tmp_path, 120)
-    daemon = start_daemon(policy(cgroup, tmp_path), env=env)
+    command, marker = slow_site(tmp_path, 120)
+    daemon = start_daemon(policy(cgroup, tmp_path), command=command)
     daemon.wait_for("started", timeout_s=30)
     marker.touch()
     daemon.process.send_signal(signal.SIGHUP)

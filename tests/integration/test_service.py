@@ -36,6 +36,7 @@ from uoomd.desktop import (
     method_call,
 )
 from uoomd.plan import Amount, DaemonPlan, EscalationPlan, GuardPlan, MatchPlan, Plan, RulePlan, Scope, ScopeKind
+from uoomd.policy.automaton import compile_regex
 from uoomd.scoring import REASON_INIT, REASON_PARENT, REASON_SELF, rank
 from uoomd.sources import procfs
 
@@ -382,7 +383,7 @@ def test_system_service_filter_lacks_process_mrelease_here_so_the_unit_names_it(
 
 
 def test_uoomd_never_picks_itself_its_parent_or_pid_1_even_when_a_rule_prefers_everything() -> None:
-    everything = RulePlan(index=0, label="everything", match=MatchPlan(name=re.compile("")), adjust=1000)
+    everything = RulePlan(index=0, label="everything", match=MatchPlan(name=compile_regex("")), adjust=1000)
     guard = GuardPlan(
         name="system",
         scope=Scope(kind=ScopeKind.SYSTEM),

@@ -18,7 +18,8 @@ from tests.helpers_proc import (
     make_snapshot,
     recorded_oom_score,
 )
-from uoomd import kernel
+from uoomd import kernel, scoring
+from uoomd.plan import MatchPlan, Plan
 from uoomd.readings import Pid, ProcessInfo
 from uoomd.scoring import Candidate, Exclusion, MissingDetailError, kernel_choice, rank, score_process
 from uoomd.sources.procfs import read_snapshot
@@ -274,3 +275,89 @@ def test_is_exact_tells_carried_status_from_this_scans() -> None:
     ranking = rank(snap, make_plan(), make_guard(), totalpages=TOTAL)
     assert {c.process.pid: ranking.is_exact(c) for c in ranking.candidates} == {10: True, 11: True, 12: False}
     assert ranking.exact_count == 2
+
+
+# --- the verdict cache: a process whose match key did not change is never matched again ---
+
+
+def _count_matching(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls = [0]
+    real = scoring.rule_matches
+
+    def counting(match: MatchPlan, process: ProcessInfo) -> bool:
+        calls[0] += 1
+        return real(match, process)
+
+    monkeypatch.setattr(scoring, "rule_matches", counting)
+    return calls
+
+
+def _ruled() -> tuple[Plan, tuple[ProcessInfo, ...]]:
+    plan = make_plan(
+        make_rule(0, protect=True, name="^db$"),
+        make_rule(1, adjust=300, cmdline="--type=renderer"),
+        make_rule(2, adjust=-100, cmdline=".*java.*tomcat"),
+    )
+    processes = (
+        make_process(10, name="db", cmdline="db -D /var/lib/db", mm_rss_pages=900),
+        make_process(11, name="chrome", cmdline="chrome --type=renderer", mm_rss_pages=300),
+        make_process(12, name="java", cmdline="java -jar tomcat.jar", mm_rss_pages=500),
+        make_process(13, name="sh", cmdline="sh", mm_rss_pages=5),
+    )
+    return plan, processes
+
+
+def test_a_second_rank_of_unchanged_processes_matches_no_rule_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    plan, processes = _ruled()
+    guard = plan.guards[0]
+    calls = _count_matching(monkeypatch)
+    first = rank(make_snapshot(*processes, details=frozenset({"cmdline"})), plan, guard, totalpages=TOTAL)
+    assert calls[0] == 4 * 3
+    assert first.rules_matched == 4
+    # Every process ran and grew (new ProcessInfo objects, so no verdict is reused by identity),
+    # but none changed its name, command line, exe, cgroup, user or uid.
+    grown = tuple(replace(p, mm_rss_pages=(p.mm_rss_pages or 0) + 1000) for p in processes)
+    snapshot = make_snapshot(*grown, details=frozenset({"cmdline"}))
+    second = rank(snapshot, plan, guard, totalpages=TOTAL, previous=first)
+    assert calls[0] == 4 * 3
+    assert second.rules_matched == 0
+    assert second == rank(snapshot, plan, guard, totalpages=TOTAL)  # the same answer as matching afresh
+
+
+def test_a_changed_command_line_is_matched_again_and_a_gone_process_leaves_the_verdicts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    plan, processes = _ruled()
+    guard = plan.guards[0]
+    first = rank(make_snapshot(*processes, details=frozenset({"cmdline"})), plan, guard, totalpages=TOTAL)
+    calls = _count_matching(monkeypatch)
+    renamed = replace(processes[3], cmdline="sh -c 'java -Dx tomcat'")
+    snapshot = make_snapshot(processes[0], processes[1], renamed, details=frozenset({"cmdline"}))
+    second = rank(snapshot, plan, guard, totalpages=TOTAL, previous=first)
+    assert calls[0] == 3  # the one process whose command line changed, against the three rules
+    assert second.rules_matched == 1
+    results: list[Candidate | Exclusion] = [*second.candidates, *second.excluded]
+    by_pid = {r.process.pid: r.rules for r in results}
+    assert by_pid[Pid(13)] == ("rule[2]",)
+    # Bounded by the snapshot: the java process left, and so did its verdict.
+    assert set(second.verdicts) == {scoring.match_key(p) for p in snapshot.processes}
+
+
+def test_identical_processes_are_matched_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    plan, _ = _ruled()
+    calls = _count_matching(monkeypatch)
+    workers = [make_process(100 + i, name="php-fpm", cmdline="php-fpm: pool www", mm_rss_pages=50) for i in range(500)]
+    ranking = rank(make_snapshot(*workers, details=frozenset({"cmdline"})), plan, plan.guards[0], totalpages=TOTAL)
+    assert calls[0] == 3
+    assert ranking.rules_matched == 1
+    assert len(ranking.candidates) == 500
+
+
+def test_a_reloaded_plan_matches_everything_afresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    plan, processes = _ruled()
+    snapshot = make_snapshot(*processes, details=frozenset({"cmdline"}))
+    first = rank(snapshot, plan, plan.guards[0], totalpages=TOTAL)
+    reloaded, _ = _ruled()  # equal rules, new objects: a reload
+    calls = _count_matching(monkeypatch)
+    rank(snapshot, reloaded, reloaded.guards[0], totalpages=TOTAL, previous=first)
+    assert calls[0] == 4 * 3

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import os
-import re
-import stat
 
+from uoomd.dfa import Dfa
 from uoomd.plan import (
     Amount,
     DaemonPlan,
@@ -23,9 +22,13 @@ from uoomd.plan import (
     ScopeKind,
     VictimKind,
 )
+from uoomd.policy.automaton import RegexBudget, compile_regex
 from uoomd.policy.locate import KeyPath
 from uoomd.policy.model import GuardModel, MatchModel, PolicyModel, duration_s
-from uoomd.units import parse_percent, parse_size_bytes
+from uoomd.policy.regex import RegexRefusedError
+from uoomd.sources.scope import read_scope_memory
+from uoomd.trust import untrusted_reason
+from uoomd.units import format_bytes, parse_percent, parse_size_bytes
 
 Issue = tuple[KeyPath, str]
 
@@ -47,6 +50,7 @@ def compile_policy(model: PolicyModel, *, source: str, check_system: bool) -> tu
             issues.append((("guard", i, "name"), f"guard {name!r} is defined twice: guard names must be unique"))
     guards = tuple(_compile_guard(i, g, issues, check_system=check_system) for i, g in enumerate(model.guard))
     rules: list[RulePlan] = []
+    budget = RegexBudget()  # one for the whole file: see RegexBudget
     for i, rule in enumerate(model.rule):
         for j, guard_name in enumerate(rule.guards):
             if guard_name not in names:
@@ -55,7 +59,7 @@ def compile_policy(model: PolicyModel, *, source: str, check_system: bool) -> tu
             RulePlan(
                 index=i,
                 label=rule.name or f"rule[{i}]",
-                match=_compile_match(rule.match),
+                match=_compile_match(i, rule.match, issues, budget),
                 protect=rule.protect,
                 adjust=rule.adjust,
                 guards=tuple(rule.guards),
@@ -111,9 +115,10 @@ def _compile_guard(index: int, guard: GuardModel, issues: list[Issue], *, check_
             "psi_mem_gate",
         )
     }
-    for term_key, kill_key in (
-        ("mem_available_term", "mem_available_kill"),
-        ("swap_free_term", "swap_free_kill"),
+    totals: tuple[int, int] | None = None  # (memory, swap) of the scope now, read once if needed
+    for term_key, kill_key, which in (
+        ("mem_available_term", "mem_available_kill", 0),
+        ("swap_free_term", "swap_free_kill", 1),
     ):
         term, kill = amounts[term_key], amounts[kill_key]
         if _below(term, kill):
@@ -124,6 +129,24 @@ def _compile_guard(index: int, guard: GuardModel, issues: list[Issue], *, check_
                     "the term level must be at or above the kill level",
                 )
             )
+        elif check_system and (term.fraction is None) != (kill.fraction is None):
+            # A percent against a size (`"1%"` and `"2GiB"` passed; issue 12) is judged on the
+            # scope's total as it is now, the total the daemon starting here would resolve both
+            # against. A file checked without the machine (check_system False) is not judged.
+            if totals is None:
+                totals = _scope_totals(scope)
+            total = totals[which]
+            term_bytes, kill_bytes = term.resolve_bytes(total), kill.resolve_bytes(total)
+            if total > 0 and term_bytes < kill_bytes:
+                issues.append(
+                    (
+                        (*here, term_key),
+                        f"{term_key} ({term.describe()}, {format_bytes(term_bytes)} here) sits below "
+                        f"{kill_key} ({kill.describe()}, {format_bytes(kill_bytes)} here) on this machine's "
+                        f"{'memory' if which == 0 else 'swap'} total of {format_bytes(total)}: "
+                        "the term level must be at or above the kill level",
+                    )
+                )
     triggers = tuple(
         PsiTriggerPlan(
             kind=PsiKind(t.kind),
@@ -149,9 +172,15 @@ def _compile_guard(index: int, guard: GuardModel, issues: list[Issue], *, check_
     )
 
 
+def _scope_totals(scope: Scope) -> tuple[int, int]:
+    """The scope's memory and swap totals now; (0, 0) when they cannot be read."""
+    reading = read_scope_memory(scope)
+    return (0, 0) if reading is None else (reading.total_bytes, reading.swap_total_bytes)
+
+
 def _below(term: Amount, kill: Amount) -> bool:
-    # Mixed units (a percent against a size) depend on the scope's total, known only
-    # at run time: the daemon clamps then, the checker cannot judge here.
+    # Mixed units (a percent against a size) depend on the scope's total: judged by the
+    # caller against the machine's, when the machine is checked.
     if term.fraction is not None and kill.fraction is not None:
         return term.fraction < kill.fraction
     if term.bytes is not None and kill.bytes is not None:
@@ -167,22 +196,8 @@ def hook_program_problem(path: str) -> str | None:
         return f"{path!r} is not an executable file"
     if os.geteuid() != 0:
         return None
-    real = os.path.realpath(path)
-    checked = real
-    while True:
-        info = os.stat(checked)
-        if info.st_uid != 0:
-            return f"{path!r}: {checked} is owned by uid {info.st_uid}, not root (hooks run as root)"
-        writable = info.st_mode & stat.S_IWOTH or (info.st_mode & stat.S_IWGRP and info.st_gid != 0)
-        # A sticky directory (/tmp) lets others add files but not replace ours.
-        sticky_parent = checked != real and os.path.isdir(checked) and info.st_mode & stat.S_ISVTX
-        if writable and not sticky_parent:
-            mode = f"{stat.S_IMODE(info.st_mode):o}"
-            return f"{path!r}: {checked} is writable by others (mode {mode}); hooks run as root"
-        parent = os.path.dirname(checked)
-        if parent == checked:
-            return None
-        checked = parent
+    reason = untrusted_reason(path)
+    return f"{path!r}: {reason} (hooks run as root)" if reason else None
 
 
 def cgroup_scope_problem(path: str) -> str | None:
@@ -199,15 +214,25 @@ def cgroup_scope_problem(path: str) -> str | None:
     return None
 
 
-def _compile_match(match: MatchModel) -> MatchPlan:
-    def rx(value: str | None) -> re.Pattern[str] | None:
-        return re.compile(value) if value is not None else None
+def _compile_match(index: int, match: MatchModel, issues: list[Issue], budget: RegexBudget) -> MatchPlan:
+    # Each regex becomes a DFA here, in the checker, so the daemon searches every process
+    # name, command line, exe and cgroup in one step per character (issue 12: Python's
+    # backtracking `re` took > 20 s on `(a+)+$` and a 31-character command line). A pattern
+    # outside that language is refused with its rule and key named.
+    def rx(key: str, value: str | None) -> Dfa | None:
+        if value is None:
+            return None
+        try:
+            return compile_regex(value, budget)
+        except RegexRefusedError as exc:
+            issues.append((("rule", index, "match", key), f"{value!r}: {exc}"))
+            return None
 
     return MatchPlan(
-        name=rx(match.name),
-        cmdline=rx(match.cmdline),
-        exe=rx(match.exe),
-        cgroup=rx(match.cgroup),
+        name=rx("name", match.name),
+        cmdline=rx("cmdline", match.cmdline),
+        exe=rx("exe", match.exe),
+        cgroup=rx("cgroup", match.cgroup),
         user=match.user,
         uid=match.uid,
     )

@@ -10,6 +10,7 @@ own child writes that memfd, from a policy file we were told to trust.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import pickle
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 from uoomd.errors import PolicyError, PolicyIssue, SetupError
 from uoomd.plan import Plan
 from uoomd.policy.file import refuse_not_regular
+from uoomd.service import unprotect_child
 
 CHILD_TIMEOUT_S = 30.0
 # cancel() waits this long for the killed checker: SIGKILL ends it within milliseconds unless
@@ -33,9 +35,24 @@ ERRORS_TAIL_BYTES = 4096
 CheckResult = Plan | PolicyError | SetupError
 
 
+# The checker runs as root at start and at every SIGHUP, often from a user's directory (`sudo
+# uoomd run`). `-m` put that directory first on sys.path: a pickle.py planted there by uid 65534
+# ran as root (issue 12). -I keeps the working directory, PYTHON* variables and the user site
+# out; uoomd's own directory is handed over explicitly, as cli._reexec_isolated does for the
+# daemon. No -S, unlike the daemon: pydantic lives in site-packages, which root owns.
+_CHECKER_BOOT = (
+    "import json, sys; sys.path[:0] = json.loads(sys.argv[1]); "
+    "from uoomd.policy.isolated import run_checker; raise SystemExit(run_checker(sys.argv[2]))"
+)
+
+
 def checker_argv(path: str) -> list[str]:
     """The child that validates ``path``: this module, in an interpreter that may import pydantic."""
-    return [sys.executable, "-m", "uoomd.policy.isolated", path]
+    import uoomd  # noqa: PLC0415 -- where this very package was found
+
+    assert uoomd.__file__ is not None
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(uoomd.__file__)))
+    return [sys.executable, "-I", "-c", _CHECKER_BOOT, json.dumps([package_parent]), path]
 
 
 class PolicyCheck:
@@ -88,6 +105,7 @@ class PolicyCheck:
                 stdout=answer_fd,
                 stderr=errors_fd,
                 close_fds=True,
+                preexec_fn=unprotect_child,  # noqa: PLW1509 -- the daemon is single-threaded (uoomd/service.py)
             )
         except (OSError, ValueError) as exc:
             for fd in fds:
@@ -182,7 +200,7 @@ class PolicyCheck:
 
 
 def load_plan_isolated(path: str) -> Plan:
-    """Like ``uoomd.policy.load.load_plan``, run in ``python -m uoomd.policy.isolated``.
+    """Like ``uoomd.policy.load.load_plan``, run in a checker child (checker_argv).
 
     Blocking: for the start-up load. A FIFO or device at ``path`` is refused at once."""
     result = PolicyCheck.start(path, time.monotonic()).wait()
@@ -191,7 +209,8 @@ def load_plan_isolated(path: str) -> Plan:
     raise result
 
 
-def _child(path: str) -> int:
+def run_checker(path: str) -> int:
+    """The checker child's entry (see _CHECKER_BOOT): validate ``path``, write the answer to stdout."""
     from uoomd.policy.load import load_plan  # noqa: PLC0415 -- the import this process exists to hold
 
     try:
@@ -201,7 +220,3 @@ def _child(path: str) -> int:
     sys.stdout.buffer.write(pickle.dumps(result))
     sys.stdout.buffer.flush()
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_child(sys.argv[1]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import reprlib
 import stat
 import tomllib
 from importlib import resources
@@ -19,7 +20,12 @@ from uoomd.policy.file import open_regular
 from uoomd.policy.identity import identity_warnings
 from uoomd.policy.locate import KeyPath, find_line, format_path, locate_lines
 from uoomd.policy.model import PolicyModel
+from uoomd.trust import untrusted_reason
 
+# Shipped policies are 2-4 KiB; the cap keeps `uoomd check` of any file within a second.
+MAX_POLICY_BYTES = 256 * 1024
+# Deeper than any policy needs (they nest 3 levels): the line locator for a RecursionError.
+_DEEP_NESTING = 64
 _TOML_LINE_RE = re.compile(r"\(at line (\d+), column (\d+)\)")
 # pydantic appends the tag of the union member or validator to a field's location
 # ("mem_available_term.str", "...function-after[...]"): not keys the user wrote.
@@ -71,6 +77,11 @@ def parse_plan(text: str, path: str = "<policy>", *, check_system: bool = False)
         line = int(match.group(1)) if match else None
         message = _TOML_LINE_RE.sub("", message).strip()
         raise PolicyError(path, [PolicyIssue(key="", message=f"TOML syntax: {message}", line=line)]) from None
+    except RecursionError:
+        # tomllib recurses once per nested array or inline table: 1,000 deep raised
+        # RecursionError, an internal error (issue 12).
+        message = "TOML syntax: arrays or inline tables nested too deep"
+        raise PolicyError(path, [PolicyIssue(key="", message=message, line=_deep_line(text))]) from None
     lines = locate_lines(text)
     try:
         model = PolicyModel.model_validate(data)
@@ -84,6 +95,18 @@ def parse_plan(text: str, path: str = "<policy>", *, check_system: bool = False)
     return plan
 
 
+def _deep_line(text: str) -> int | None:
+    """The first line where brackets and braces open deeper than any policy nests (a linear scan
+    that ignores quoting: it only points at the line, tomllib has already refused the file)."""
+    depth = 0
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        for char in raw:
+            depth += (char in "[{") - (char in "]}")
+            if depth > _DEEP_NESTING:
+                return lineno
+    return None
+
+
 def _read_text(path: str, *, check_owner: bool) -> str:
     as_root = check_owner and os.geteuid() == 0
     # Never a blocking open: a FIFO here hung `uoomd check` and the reload's checker (issue 11).
@@ -92,9 +115,24 @@ def _read_text(path: str, *, check_owner: bool) -> str:
         if as_root:
             _check_owner(path, info)
         with os.fdopen(fd, "rb", closefd=False) as handle:
-            raw = handle.read()
+            # Bounded: a 50 MB policy took 101 s and 3 GB of RSS (issue 12). One byte more
+            # than the cap tells "too big" from "exactly the cap" without trusting st_size,
+            # which /proc files report as 0.
+            raw = handle.read(MAX_POLICY_BYTES + 1)
+    except OSError as exc:
+        # /proc/self/mem is a regular file whose read(2) fails with EIO.
+        raise PolicyError(path, [PolicyIssue(key="", message=f"cannot read: {exc.strerror or exc}")]) from None
     finally:
         os.close(fd)
+    if len(raw) > MAX_POLICY_BYTES:
+        raise PolicyError(
+            path,
+            [
+                PolicyIssue(
+                    key="", message=f"refused: larger than {MAX_POLICY_BYTES // 1024} KiB (a policy is a few KiB)"
+                )
+            ],
+        )
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -118,6 +156,11 @@ def _check_owner(path: str, info: os.stat_result) -> None:
                 )
             ],
         )
+    # A directory above it that another user owns or can write lets them swap the file (issue 12).
+    reason = untrusted_reason(path)
+    if reason:
+        message = f"refused: {reason}; the policy and every directory above it must be root's alone"
+        raise PolicyError(path, [PolicyIssue(key="", message=message)])
 
 
 def _issues_from_validation(exc: ValidationError, data: dict[str, Any], lines: dict[KeyPath, int]) -> list[PolicyIssue]:
@@ -149,7 +192,18 @@ def _message(error: Any, path: KeyPath) -> str:
         message = message.removeprefix(prefix)
     if kind in {"literal_error", "enum"}:
         return f"{message}, got {error.get('input')!r}"
+    if kind == "bool_type":
+        # Strict: `protect = "yes"` and `protect = 1` were once taken as true (issue 12).
+        return f"expected true or false, got {_short(error.get('input'))}"
+    if kind.endswith("_type"):
+        return f"{message}, got {_short(error.get('input'))}"
     return message
+
+
+def _short(value: Any) -> str:
+    # An input may be a 100 KB string or an array nested 500 deep: name its start only.
+    text = reprlib.repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 def _fields_at(path: KeyPath) -> list[str]:

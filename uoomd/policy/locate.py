@@ -12,8 +12,12 @@ import re
 
 KeyPath = tuple[str | int, ...]
 
-_HEADER_RE = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*(\]\]?)\s*(?:#.*)?$")
-_KEY_RE = re.compile(r"^\s*([A-Za-z0-9_.\"' -]+?)\s*=\s*(.*)$")
+# Both are matched on the line with its leading whitespace stripped, and neither has two
+# neighbouring parts that can match the same characters: each runs in time linear in the
+# line. The old `^\s*(...[ ]+?)\s*=` was cubic on a line of spaces (issue 12: 3,000 spaces
+# took 19 s, 8,000 over 300 s, on every valid file); names are stripped after the match.
+_HEADER_RE = re.compile(r"(\[\[?)([^\]]+)(\]\]?)[ \t]*(?:#.*)?")
+_KEY_RE = re.compile(r"([A-Za-z0-9_.\"' -]+)=(.*)")
 _INLINE_KEY_RE = re.compile(r"(?:^|[{,])\s*([A-Za-z0-9_-]+)\s*=")
 
 
@@ -36,19 +40,20 @@ def locate_lines(text: str) -> dict[KeyPath, int]:
         if bracket_depth > 0:
             bracket_depth += raw.count("[") - raw.count("]")
             continue
-        header = _HEADER_RE.match(raw)
-        if header and header.group(1) == header.group(3).replace("]", "[") and not raw.lstrip().startswith("[ "):
-            names = _split_dotted(header.group(2))
+        stripped = raw.lstrip()
+        header = _HEADER_RE.fullmatch(stripped.rstrip())
+        if header and header.group(1) == header.group(3).replace("]", "[") and not stripped.startswith("[ "):
+            names = _split_dotted(header.group(2).strip())
             path = _resolve_header(names, counters, array=header.group(1) == "[[")
             current = path
             lines.setdefault(path, lineno)
             continue
-        key = _KEY_RE.match(raw)
-        if not key or raw.lstrip().startswith("#"):
+        key = _KEY_RE.match(stripped)
+        if not key or not key.group(1).strip() or stripped.startswith("#"):
             continue
-        path = current + tuple(_split_dotted(key.group(1)))
+        path = current + tuple(_split_dotted(key.group(1).strip()))
         lines.setdefault(path, lineno)
-        value = key.group(2)
+        value = key.group(2).lstrip()
         for quote in ('"""', "'''"):
             if value.count(quote) == 1:
                 in_multiline = quote

@@ -7,7 +7,15 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from uoomd.units import parse_duration_s, parse_percent, parse_size_bytes
+from uoomd.policy.regex import MAX_PATTERN_CHARS
+from uoomd.units import (
+    MAX_DURATION_S,
+    MAX_SIZE_BYTES,
+    check_duration_s,
+    parse_duration_s,
+    parse_percent,
+    parse_size_bytes,
+)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -23,6 +31,8 @@ def _check_amount(value: str | int) -> str | int:
     if isinstance(value, int):
         if value < 0:
             raise ValueError("a size cannot be negative")
+        if value > MAX_SIZE_BYTES:
+            raise ValueError(f"a size must be below 2**63 bytes (8 EiB), got an integer of {len(str(value))} digits")
         return value
     if parse_percent(value) is None:
         parse_size_bytes(value)
@@ -32,17 +42,30 @@ def _check_amount(value: str | int) -> str | int:
 def _check_duration(value: str | int | float) -> str | int | float:
     if isinstance(value, bool):
         raise ValueError("expected a duration like '200ms' or '5s', not a boolean")
-    seconds = float(value) if isinstance(value, int | float) else parse_duration_s(value)
-    if seconds < 0:
+    if isinstance(value, str):
+        parse_duration_s(value)
+        return value
+    if value < 0:
         raise ValueError("a duration cannot be negative")
+    # A bare number is seconds: bounded before float() (an integer of 400 digits overflowed
+    # it) and finite (nan passed `< 0` and never escalated; issue 12).
+    check_duration_s(value if isinstance(value, float) else min(value, MAX_DURATION_S * 2), value)
     return value
 
 
 def _check_regex(value: str) -> str:
+    # Python's syntax first (its messages are the ones people know); what uoomd can search
+    # in linear time is checked when the policy is compiled (uoomd/policy/regex.py).
+    if len(value) > MAX_PATTERN_CHARS:
+        raise ValueError(f"a regular expression of {len(value)} characters, over {MAX_PATTERN_CHARS}")
     try:
         re.compile(value)
     except re.error as exc:
         raise ValueError(f"invalid regular expression {value!r}: {exc}") from None
+    except OverflowError:
+        raise ValueError(f"invalid regular expression {value!r}: a count too large") from None
+    except RecursionError:
+        raise ValueError(f"invalid regular expression {value!r}: groups nested too deep") from None
     return value
 
 
@@ -56,7 +79,26 @@ DurationValue = Annotated[
     AfterValidator(_check_duration),
     Field(description="a duration: '200ms', '5s', '1m', or seconds as a number"),
 ]
-RegexValue = Annotated[str, AfterValidator(_check_regex), Field(description="a Python regular expression, searched")]
+RegexValue = Annotated[
+    str,
+    AfterValidator(_check_regex),
+    Field(
+        description="a regular expression, searched in linear time: Python's syntax without backreferences, "
+        "lookarounds, \\b, (?i), possessive or atomic groups"
+    ),
+]
+
+
+def _check_os_text(value: str) -> str:
+    # The kernel ends a path or an argument at its first NUL, and Python refuses one there
+    # (ValueError: embedded null byte): a NUL in state_file or a hook's argv passed check and
+    # then the daemon exited 70 (issue 12). Refused here, so the daemon's start refuses it too.
+    if "\0" in value:
+        raise ValueError(f"a NUL character (at offset {value.index(chr(0))}) cannot be in a path or an argument")
+    return value
+
+
+OsText = Annotated[str, AfterValidator(_check_os_text)]
 
 
 def duration_s(value: str | int | float) -> float:
@@ -65,7 +107,9 @@ def duration_s(value: str | int | float) -> float:
 
 class _Strict(BaseModel):
     # Unknown keys are errors: a typo in a safety policy must never pass silently.
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    # strict: TOML has real types, so `protect = "yes"` or `protect = 1` is a mistake, not true
+    # (pydantic's lax mode took both as true; issue 12).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class DaemonModel(_Strict):
@@ -77,7 +121,7 @@ class DaemonModel(_Strict):
     log_format: Literal["auto", "console", "json"] = Field(
         "auto", description="auto: console lines on a terminal, JSON lines otherwise"
     )
-    state_file: str = Field("/run/uoomd/state.json", description="where `uoomd status` reads what the daemon sees")
+    state_file: OsText = Field("/run/uoomd/state.json", description="where `uoomd status` reads what the daemon sees")
     notify_desktop: bool = Field(False, description="send a desktop notification over D-Bus when a process is killed")
 
     @model_validator(mode="after")
@@ -151,7 +195,7 @@ class GuardModel(_Strict):
             return value
         if not value.startswith("cgroup:"):
             raise ValueError(f"{value!r}: expected 'system' or 'cgroup:/sys/fs/cgroup/...'")
-        path = value.removeprefix("cgroup:")
+        path = _check_os_text(value.removeprefix("cgroup:"))
         if not path.startswith("/"):
             raise ValueError(f"{value!r}: the cgroup must be an absolute directory path")
         return value
@@ -202,7 +246,7 @@ class RuleModel(_Strict):
 class HooksModel(_Strict):
     """[hooks]: programs to run, as argv (never through a shell)."""
 
-    after_kill: list[str] = Field(
+    after_kill: list[OsText] = Field(
         default_factory=list, description="argv run after a victim is signalled; facts in UOOMD_* variables"
     )
     timeout: DurationValue = Field("10s", description="a hook still running after this is killed")
