@@ -315,3 +315,16 @@ def test_str_iterators_can_be_moved_to_an_index() -> None:
         cursor.__setstate__(4)  # type: ignore[attr-defined]
         assert cursor.__length_hint__() == 2  # type: ignore[attr-defined]
         assert next(cursor) == text[4]
+
+
+def test_a_list_of_literal_names_is_a_set_look_up_that_answers_as_re_does() -> None:
+    dfa = compile_regex("^(sshd|systemd|systemd-journal)$")
+    assert dfa.prefixes == ()
+    assert dfa.texts == {"sshd", "systemd", "systemd-journal"}
+    prefix = compile_regex(r"^(ssh|sys)")
+    assert prefix.prefixes == ("ssh", "sys")
+    for pattern in (dfa.pattern, prefix.pattern, r"\A(sshd|ab)\Z"):
+        found = compile_regex(pattern)
+        for text in ("sshd", "sshd\n", "sshd\n\n", "xsshd", "sshdx", "", "\n", "systemd-journal", "syst", "ab"):
+            assert found.search(text) == (re.search(pattern, text) is not None), (pattern, text)
+    assert compile_regex("^(gdm|gdm-.*)$").prefixes is None  # a loop: the table runs
