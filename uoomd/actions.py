@@ -583,6 +583,7 @@ def signal_cgroup_members(
 class Executor(Protocol):
     def execute(self, action: Action) -> ActionResult: ...
     def alive(self, key: ProcessKey) -> bool: ...
+    def keep_only(self, keys: frozenset[ProcessKey]) -> None: ...
     def poll(self, now: float | None = None) -> tuple[ActionResult, ...]: ...
     def victim_fds(self) -> tuple[int, ...]: ...
     def hooks_running(self) -> bool: ...
@@ -784,6 +785,12 @@ class LiveExecutor:
             return False
         return True
 
+    def keep_only(self, keys: frozenset[ProcessKey]) -> None:
+        """Close the pidfds of victims no longer in flight (the core dropped them: left the
+        scope, stuck, a reload): one leaked per victim otherwise, until max_tracked."""
+        for key in [k for k in self._tracked if k not in keys]:
+            self._tracked.pop(key).close()
+
     def tracked(self) -> frozenset[ProcessKey]:
         return frozenset(self._tracked)
 
@@ -828,6 +835,9 @@ class RecordingExecutor:
 
     def alive(self, key: ProcessKey) -> bool:
         return key not in self.exited
+
+    def keep_only(self, keys: frozenset[ProcessKey]) -> None:
+        return None
 
     def poll(self, now: float | None = None) -> tuple[ActionResult, ...]:
         return ()

@@ -437,6 +437,7 @@ class Daemon:
             self.state, actions = decision.step(self.state, obs, self.plan, rankings)
             for action in actions:
                 self._execute(action)
+            self.executor.keep_only(self.state.in_flight())
         for result in self.executor.poll(now):
             self._log_result(result)
         if self.desktop is not None:

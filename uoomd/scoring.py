@@ -344,7 +344,9 @@ def score_process(
     if process.pid == 1:
         return Exclusion(process=process, reason=REASON_INIT)
     if not process.has_mm:
-        return Exclusion(process=process, reason=REASON_NO_MM)
+        # Exiting or a zombie: nothing to free, but not forbidden either (an in-flight victim
+        # that is dying has not "left": it is about to be seen as exited).
+        return Exclusion(process=process, reason=REASON_NO_MM, forbidden=False)
     if spared and process.pid in spared:
         return Exclusion(process=process, reason=spared[process.pid])
     if members is not None and process.pid not in members:

@@ -311,6 +311,9 @@ class HookingRecorder:
     def alive(self, key: ProcessKey) -> bool:
         return self.recorder.alive(key)
 
+    def keep_only(self, keys: frozenset[ProcessKey]) -> None:
+        return None
+
     def poll(self, now: float | None = None) -> tuple[ActionResult, ...]:
         return self.hooks.poll(time.monotonic() if now is None else now)
 

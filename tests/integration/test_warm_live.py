@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -143,3 +144,27 @@ def test_a_process_born_after_a_machine_scan_is_in_the_ranking_at_the_crossing(t
         if child is not None:
             child.kill()
             child.wait()
+
+
+def test_a_victim_that_is_dying_has_not_left(cg: TestCgroup, tmp_path: Path) -> None:
+    # A zombie (exited, not yet reaped) has no mm: it must read as exiting, never as a victim
+    # that left the scope (that skipped the victim_exited path and leaked its pidfd, seen in
+    # the soak test as one fd per victim).
+    import signal
+
+    rec = tmp_path / "dying.rec"
+    victim = cg.spawn(hog_argv(rec, "--max-mib", "20", "--mib-per-step", "20", "--hold"))
+    assert wait_until(lambda: _held(rec), 10)
+    plan = _plan(cg)
+    warm = WarmRanking("/proc", on_error=lambda *a, **k: None)
+    try:
+        warm.rescan(plan, [_reading(cg)], time.monotonic())
+        best = warm.rankings["cg"].best
+        assert best is not None
+        assert best.process.pid == victim.pid
+        os.kill(victim.pid, signal.SIGKILL)  # our own child, by PID; left unreaped: a zombie
+        assert wait_until(lambda: Path(f"/proc/{victim.pid}/stat").read_text().split(")")[-1].split()[0] == "Z", 5)
+        assert warm.ineligible(plan, [("cg", best.key)]) == frozenset()
+    finally:
+        warm.close()
+        victim.wait()
