@@ -42,7 +42,11 @@ AT_ONCE_S = 5.0
 ATTEMPTS = 5
 
 SITECUSTOMIZE = """
-import os, time
+import os, site, time
+# The test's own environment (which may itself be a venv, with uoomd installed editable):
+# --system-site-packages would reach the base interpreter's site-packages only.
+for parent in {parents!r}:
+    site.addsitedir(parent)
 if os.path.exists({marker!r}):
     time.sleep({seconds})
 """
@@ -117,7 +121,9 @@ def slow_site(tmp_path: Path, seconds: float) -> tuple[list[str], Path]:
         timeout=60,
     ).stdout.strip()
     marker = tmp_path / "slow-check"
-    (Path(site) / "sitecustomize.py").write_text(SITECUSTOMIZE.format(marker=str(marker), seconds=seconds))
+    parents = [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and os.path.isdir(p)]
+    text = SITECUSTOMIZE.format(parents=parents, marker=str(marker), seconds=seconds)
+    (Path(site) / "sitecustomize.py").write_text(text)
     return [str(python), "-m", "uoomd"], marker
 
 

@@ -47,7 +47,7 @@ class NotifySocket:
         # are the daemon's, not how late this test got round to reading them on a busy machine
         # (receive-time stamps gave a 0.51 s "gap" between STATUS lines sent 1 s apart, at load).
         self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-        self.messages: list[tuple[float, dict[str, str]]] = []  # (arrival, CLOCK_REALTIME s; message)
+        self.messages: list[tuple[float, dict[str, str]]] = []  # (arrival, monotonic s; message)
 
     def drain(self, wait_s: float = 0.0) -> None:
         """Receive every datagram that arrives within wait_s."""
@@ -60,11 +60,13 @@ class NotifySocket:
                 if time.monotonic() >= deadline:
                     return
                 continue
-            arrived = time.time()
+            # Kept on the monotonic clock, as tests compare stamps with time.monotonic():
+            # the kernel's CLOCK_REALTIME stamp, moved back by how long ago it was.
+            arrived = time.monotonic()
             for level, kind, value in ancdata:
                 if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= 16:
                     sec, nsec = struct.unpack("qq", value[:16])
-                    arrived = sec + nsec / 1e9
+                    arrived -= max(0.0, time.time() - (sec + nsec / 1e9))
             pairs = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
             self.messages.append((arrived, pairs))
 
