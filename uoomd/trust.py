@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 
 def untrusted_reason(path: str, *, owners: Collection[int] = (0,)) -> str | None:
@@ -20,27 +20,22 @@ def untrusted_reason(path: str, *, owners: Collection[int] = (0,)) -> str | None
     is root's). A directory strictly above ``path`` may be sticky (/tmp): others can add to it
     but cannot rename or replace what is ours. A symlink as written must itself be ours."""
     absolute = os.path.abspath(path)
-    for part in _chain(absolute):
+    # As written (a symlink must itself be ours; its target is judged by the resolved chain),
+    # then with every symlink resolved.
+    return _chain_problem(absolute, owners, os.lstat) or _chain_problem(os.path.realpath(absolute), owners, os.stat)
+
+
+def _chain_problem(path: str, owners: Collection[int], stat_of: Callable[[str], os.stat_result]) -> str | None:
+    for part in _chain(path):
         try:
-            info = os.lstat(part)
+            info = stat_of(part)
         except OSError as exc:
             return f"{part}: {exc.strerror}"
         if info.st_uid not in owners:
             return f"{part} is owned by uid {info.st_uid}"
         if stat.S_ISLNK(info.st_mode):
-            continue  # its target is judged by the resolved chain below
-        problem = _writable_problem(part, info, is_target=part == absolute)
-        if problem:
-            return problem
-    real = os.path.realpath(absolute)
-    for part in _chain(real):
-        try:
-            info = os.stat(part)
-        except OSError as exc:
-            return f"{part}: {exc.strerror}"
-        if info.st_uid not in owners:
-            return f"{part} is owned by uid {info.st_uid}"
-        problem = _writable_problem(part, info, is_target=part == real)
+            continue
+        problem = _writable_problem(part, info, is_target=part == path)
         if problem:
             return problem
     return None

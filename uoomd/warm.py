@@ -125,6 +125,7 @@ class _Basis:
     """What a guard's ranking was made from."""
 
     totalpages: int
+    system_totalpages: int  # what /proc/PID/oom_score is computed with
     used_bytes: int
     members: frozenset[Pid] | None
 
@@ -295,6 +296,11 @@ class WarmRanking:
             return
         rankings: dict[str, Ranking] = {}
         basis: dict[str, _Basis] = {}
+        system_totalpages = kernel.system_totalpages(
+            total_ram_bytes=snapshot.total_ram_bytes,
+            total_swap_bytes=snapshot.total_swap_bytes,
+            page_size=snapshot.page_size,
+        )
         for reading in readings:
             guard = plan.guard(reading.guard)
             totalpages = self.totalpages(guard, snapshot)
@@ -307,7 +313,10 @@ class WarmRanking:
                 previous=self.rankings.get(guard.name),
             )
             basis[guard.name] = _Basis(
-                totalpages=totalpages, used_bytes=used_bytes(reading.memory), members=members[guard.name]
+                totalpages=totalpages,
+                system_totalpages=system_totalpages,
+                used_bytes=used_bytes(reading.memory),
+                members=members[guard.name],
             )
         self.rankings, self._basis, self.snapshot = rankings, basis, snapshot
         self._pids = frozenset(p.pid for p in snapshot.processes)
@@ -336,11 +345,7 @@ class WarmRanking:
             guard,
             basis.totalpages,
             page_size=snapshot.page_size,
-            system_totalpages=kernel.system_totalpages(
-                total_ram_bytes=snapshot.total_ram_bytes,
-                total_swap_bytes=snapshot.total_swap_bytes,
-                page_size=snapshot.page_size,
-            ),
+            system_totalpages=basis.system_totalpages,
             spared=self._spared,
             members=members,
         )

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,14 +44,20 @@ def _reading(cg: TestCgroup) -> GuardReading:
         return GuardReading(guard="cg", memory=reader.read())
 
 
+def _holding(cg: TestCgroup, record: Path, mib: int) -> subprocess.Popen[bytes]:
+    """A hog of ``mib`` MiB in the cgroup, once it holds it."""
+    hog = cg.spawn(hog_argv(record, "--max-mib", str(mib), "--mib-per-step", str(mib), "--hold"))
+    assert wait_until(lambda: _held(record), 10)
+    return hog
+
+
 def _held(record: Path, kind: str = "HOLD") -> bool:
     return any(line[0] == kind for line in read_record(record))
 
 
 def test_a_process_born_after_the_scan_is_the_victim_at_the_crossing(cg: TestCgroup, tmp_path: Path) -> None:
     idle_rec, hog_rec = tmp_path / "idle.rec", tmp_path / "hog.rec"
-    cg.spawn(hog_argv(idle_rec, "--max-mib", "30", "--mib-per-step", "30", "--hold"))
-    assert wait_until(lambda: _held(idle_rec), 10)
+    _holding(cg, idle_rec, 30)
     plan = _plan(cg)
     warm = WarmRanking("/proc", on_error=lambda *a, **k: None)
     try:
@@ -100,8 +109,7 @@ def test_a_process_that_left_the_cgroup_is_dropped_at_the_crossing(tmp_path: Pat
         test_cgroup_or_skip(limit_bytes=400 * MIB) as other,
     ):
         rec = tmp_path / "mover.rec"
-        mover = cg.spawn(hog_argv(rec, "--max-mib", "60", "--mib-per-step", "60", "--hold"))
-        assert wait_until(lambda: _held(rec), 10)
+        mover = _holding(cg, rec, 60)
         plan = _plan(cg)
         warm = WarmRanking("/proc", on_error=lambda *a, **k: None)
         try:
@@ -122,7 +130,6 @@ def test_a_process_born_after_a_machine_scan_is_in_the_ranking_at_the_crossing(t
     # The machine scope: what was born since the scan is found from the last PID handed out
     # (/proc/loadavg), or by listing /proc when too many PIDs went by; never missed either way.
     import subprocess
-    import sys
 
     plan = make_plan(guards=(make_guard("system"),))
     ram, swap = read_meminfo_totals()
@@ -150,11 +157,9 @@ def test_a_victim_that_is_dying_has_not_left(cg: TestCgroup, tmp_path: Path) -> 
     # A zombie (exited, not yet reaped) has no mm: it must read as exiting, never as a victim
     # that left the scope (that skipped the victim_exited path and leaked its pidfd, seen in
     # the soak test as one fd per victim).
-    import signal
 
     rec = tmp_path / "dying.rec"
-    victim = cg.spawn(hog_argv(rec, "--max-mib", "20", "--mib-per-step", "20", "--hold"))
-    assert wait_until(lambda: _held(rec), 10)
+    victim = _holding(cg, rec, 20)
     plan = _plan(cg)
     warm = WarmRanking("/proc", on_error=lambda *a, **k: None)
     try:
