@@ -176,7 +176,10 @@ def test_during_a_slow_check_a_hog_is_caught_and_the_watchdog_pings_go_on(
     marker.touch()
     sent_at = time.monotonic()
     daemon.process.send_signal(signal.SIGHUP)
-    assert wait_until(lambda: collector.stamps("RELOADING", since=sent_at), 10), "no RELOADING=1 after SIGHUP"
+    assert wait_until(lambda: collector.stamps("RELOADING", since=sent_at), 10), (
+        f"no RELOADING=1 after SIGHUP at {sent_at:.3f}: notify messages {list(collector.sock.messages)[-8:]}; "
+        f"log: {daemon.log_path.read_text()[-2000:]}"
+    )
     record, hog_pid = start_hog(cgroup, tmp_path)
     assert wait_until(lambda: hog_termed(record), 20), daemon.log_path.read_text()[-3000:]
     assert not daemon.find("policy_reloaded"), "the hog must be caught while the check is still running"
