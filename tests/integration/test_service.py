@@ -317,12 +317,16 @@ def test_the_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed (Debian package systemd)")
-    uoomd = shutil.which("uoomd") or str(Path(sys.executable).parent / "uoomd")
-    assert os.path.exists(uoomd), "the uoomd command is not installed"
+    # The uoomd beside the interpreter running the tests (a venv's), before any on PATH.
+    beside = Path(sys.executable).parent / "uoomd"
+    uoomd = str(beside) if beside.exists() else shutil.which("uoomd")
+    assert uoomd is not None, "the uoomd command is not installed"
     text = (ROOT / "systemd" / "uoomd.service").read_text()
-    assert "/usr/local/bin/uoomd " in text
+    # packaging/install-unit's default prefix; it rewrites these paths for another.
+    assert "/opt/uoomd/bin/uoomd " in text
+    assert "/usr/local/bin" not in text
     unit = tmp_path / "uoomd.service"
-    unit.write_text(text.replace("/usr/local/bin/uoomd ", f"{uoomd} "))
+    unit.write_text(text.replace("/opt/uoomd/bin/uoomd ", f"{uoomd} "))
     result = subprocess.run(
         [analyze, "verify", "--man=no", str(unit)], capture_output=True, text=True, check=False, timeout=60
     )
