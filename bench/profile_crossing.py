@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import peers, scenarios
 from bench.sandbox import Pod
 from uoomd import decision
-from uoomd.actions import RecordingExecutor
 from uoomd.daemon import Daemon
+from uoomd.executor import RecordingExecutor
 from uoomd.logs import configure
 from uoomd.plan import LogFormat
 from uoomd.policy.load import parse_plan
@@ -46,7 +46,7 @@ def inside(repeat: int, top: int) -> int:
         profile = cProfile.Profile()
         for _ in range(repeat):
             now = time.monotonic()
-            readings = [r for r in (daemon._read_guard(w, now) for w in daemon.watches) if r is not None]
+            readings = [r for r in (daemon._read(w, now) for w in daemon.watches) if r is not None]
             daemon.warm.rescan(plan, readings, now)  # the warm ranking, as the loop keeps it near the level
             daemon.state = decision.initial_state(plan)
             started = time.perf_counter()

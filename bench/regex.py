@@ -47,7 +47,8 @@ from uoomd.policy.automaton import SKIP_AFTER, compile_regex
 from uoomd.policy.load import parse_plan
 from uoomd.readings import Snapshot
 from uoomd.scoring import Ranking, rank
-from uoomd.sources.procfs import ProcScanner, read_snapshot
+from uoomd.sources.procfs import read_snapshot
+from uoomd.sources.scanner import ProcScanner
 
 ROOT = Path(__file__).resolve().parent.parent
 CMDLINE_BYTES = 4096  # uoomd/sources/procfs.py _CMDLINE_MAX

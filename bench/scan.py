@@ -28,7 +28,8 @@ import contextlib
 from uoomd import kernel
 from uoomd.plan import Amount, DaemonPlan, EscalationPlan, GuardPlan, Plan, Scope, ScopeKind
 from uoomd.scoring import Ranking, rank
-from uoomd.sources.procfs import ProcScanner, read_snapshot
+from uoomd.sources.procfs import read_snapshot
+from uoomd.sources.scanner import ProcScanner
 
 
 def start_sleepers(n: int, busy: int = 0) -> list[int]:

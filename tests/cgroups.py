@@ -2,7 +2,7 @@
 
 Usage (pytest)::
 
-    with test_cgroup_or_skip(limit_bytes=64 << 20) as cg:
+    with scratch_cgroup(limit_bytes=64 << 20) as cg:
         child = cg.spawn([sys.executable, "-c", "..."])
         ...                      # cg.memory_path, cg.pressure_path, cg.oom_kill_count()
 
@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self
 
@@ -47,6 +48,7 @@ os.execvp(sys.argv[sep + 1], sys.argv[sep + 1:])
 """
 
 MemoryKind = Literal["v1", "v2"]
+CGROUP_LIMIT_BYTES = 512 << 20  # the `cgroup` fixture's (tests/conftest.py)
 
 
 class CgroupUnavailable(Exception):
@@ -108,10 +110,8 @@ def _procs(path: str) -> list[int]:
         return []
 
 
-class TestCgroup:
+class ScratchCgroup:
     """A memory cgroup named ``uoomd-test-<random>`` with a hard limit and no swap."""
-
-    __test__ = False  # not a pytest test class despite the name
 
     def __init__(
         self,
@@ -260,7 +260,7 @@ class TestCgroup:
         a test hog is the kernel's first choice, never someone else's process.
         """
         if not self.memory_path:
-            raise RuntimeError("TestCgroup.spawn() before create()")
+            raise RuntimeError("ScratchCgroup.spawn() before create()")
         launcher = [sys.executable, "-I", "-S", "-c", _LAUNCHER, *self.procs_files(), "--", *argv]
         preexec = None
         if oom_score_adj is not None:
@@ -362,9 +362,10 @@ class TestCgroup:
             raise RuntimeError("; ".join(errors))
 
 
-def _rmdir_when_empty(path: str) -> None:
-    """rmdir, retried for a second while the last member's exit completes (EBUSY); gone is fine."""
-    for _attempt in range(49):
+def _rmdir_when_empty(path: str, timeout_s: float = 1.0) -> None:
+    """rmdir, retried while the last member's exit completes (EBUSY); gone is fine."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
         try:
             os.rmdir(path)
             return
@@ -373,13 +374,13 @@ def _rmdir_when_empty(path: str) -> None:
         except OSError:
             time.sleep(0.02)
     with contextlib.suppress(FileNotFoundError):
-        os.rmdir(path)  # the 50th attempt raises what stops it
+        os.rmdir(path)  # the last attempt raises what stops it
 
 
 @contextlib.contextmanager
-def test_cgroup_or_skip(*, limit_bytes: int, **kwargs: Any) -> Iterator[TestCgroup]:
-    """A created TestCgroup, or pytest.skip() with the reason none can be made here."""
-    cgroup = TestCgroup(limit_bytes=limit_bytes, **kwargs)
+def scratch_cgroup(*, limit_bytes: int, **kwargs: Any) -> Iterator[ScratchCgroup]:
+    """A created ScratchCgroup, or pytest.skip() with the reason none can be made here."""
+    cgroup = ScratchCgroup(limit_bytes=limit_bytes, **kwargs)
     try:
         cgroup.create()
     except CgroupUnavailable as exc:
@@ -390,4 +391,16 @@ def test_cgroup_or_skip(*, limit_bytes: int, **kwargs: Any) -> Iterator[TestCgro
         cgroup.cleanup()
 
 
-test_cgroup_or_skip.__test__ = False  # type: ignore[attr-defined]
+@contextlib.contextmanager
+def bare_cgroup(root: Path) -> Iterator[Path]:
+    """A cgroup of no limit directly below ``root``, one hierarchy's (v1 memory, or v2 where
+    cgroup.kill exists), for a test of how that hierarchy is signalled; the test joins its own
+    children and kills them before the cgroup is removed. Skips where ``root`` is not writable."""
+    if not (root / "cgroup.procs").is_file() or not os.access(root, os.W_OK):
+        pytest.skip(f"{root} is not a writable cgroup hierarchy")
+    path = root / f"uoomd-test-{secrets.token_hex(4)}"
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        _rmdir_when_empty(str(path), timeout_s=10.0)

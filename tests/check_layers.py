@@ -26,7 +26,21 @@ IO_MODULES = (
     "threading",
     "time",
 )
-PURE = ("kernel", "scoring", "decision", "pacing", "plan", "readings", "units", "errors", "dfa")
+PURE = (
+    "kernel",
+    "scoring",
+    "decision",
+    "actions",
+    "results",
+    "pacing",
+    "plan",
+    "readings",
+    "units",
+    "errors",
+    "dfa",
+    "dbus",
+    "rules",
+)
 RULES: dict[str, tuple[str, ...]] = dict.fromkeys(PURE, THIRD_PARTY + IO_MODULES)
 # decision.py names signals by their constants (signal.SIGTERM); it never calls into the module.
 RULES["decision"] = THIRD_PARTY + tuple(m for m in IO_MODULES if m != "signal")

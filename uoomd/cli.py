@@ -11,24 +11,10 @@ from typing import TYPE_CHECKING, TextIO
 
 from uoomd import __version__
 from uoomd.errors import ExitCode, PolicyError, SetupError
+from uoomd.policy.paths import default_policy_path
 
 if TYPE_CHECKING:
     import argparse
-
-DEFAULT_POLICY_PATHS = ("/etc/uoomd/uoomd.toml",)
-
-
-def default_policy_path() -> str:
-    """``$UOOMD_POLICY``, then /etc/uoomd/uoomd.toml, then the copy shipped inside the package."""
-    env = os.environ.get("UOOMD_POLICY")
-    if env:
-        return env
-    for path in DEFAULT_POLICY_PATHS:
-        if os.path.exists(path):
-            return path
-    from uoomd.policy.load import packaged_policy_path  # noqa: PLC0415
-
-    return packaged_policy_path("uoomd.toml")
 
 
 def _build_parser() -> argparse.ArgumentParser:

@@ -4,8 +4,9 @@ Modelled on h11: phases and events are closed sets, the transitions are data
 (:data:`TABLE` and :data:`DRY_RUN_TABLE`) that tests and docs enumerate, and
 :func:`step` is a function of its inputs.  It reads no file and no clock: ``obs.now``
 is the daemon's ``time.monotonic()``, ``obs.alive`` says which in-flight victims the
-daemon still found alive through their pidfds.  What to do comes back as frozen
-:data:`Action` values; ``actions.py`` executes them, a test asserts on them.
+daemon still found alive through their pidfds.  What to do comes back as frozen values
+(:data:`uoomd.actions.Output`): the executor carries out the actions, the daemon sends the
+notices and logs the records, a test asserts on them.
 
 Every decision, acted on or not, is exactly one :class:`Record` with the trigger, the
 reading, the victim with its badness terms, the runner-up and the ``action`` taken.
@@ -20,6 +21,7 @@ from enum import StrEnum
 from typing import assert_never
 
 from uoomd import pacing
+from uoomd.actions import Action, KillCgroup, Notify, Output, Record, ReleaseMemory, RunHook, SendSignal
 from uoomd.plan import GuardPlan, Plan, PsiAction, PsiTriggerPlan, VictimKind
 from uoomd.readings import GuardReading, MemoryReading, Observation, ProcessInfo, ProcessKey, Snapshot
 from uoomd.scoring import Candidate, Ranking
@@ -56,8 +58,9 @@ class Event(StrEnum):
     HOLD_EXPIRED = "hold_expired"  # dry-run: term_timeout after a would_term/would_kill
 
 
-class Outcome(StrEnum):
-    """What a transition does; the ``action`` field of its Record."""
+class Response(StrEnum):
+    """What a transition does; the ``action`` field of its Record. (What an executed action
+    came to is a :class:`uoomd.results.Response`.)"""
 
     TERM = "term"
     KILL = "kill"
@@ -71,139 +74,64 @@ class Outcome(StrEnum):
 @dataclass(frozen=True, slots=True)
 class Transition:
     next: Phase
-    outcome: Outcome
+    response: Response
 
 
 _COMMON: dict[tuple[Phase, Event], Transition] = {
-    (Phase.IDLE, Event.PSI_WARN): Transition(Phase.IDLE, Outcome.WARN),
-    (Phase.TERM_SENT, Event.VICTIM_EXITED): Transition(Phase.RECOVERING, Outcome.NONE),
+    (Phase.IDLE, Event.PSI_WARN): Transition(Phase.IDLE, Response.WARN),
+    (Phase.TERM_SENT, Event.VICTIM_EXITED): Transition(Phase.RECOVERING, Response.NONE),
     # Escalate the same victim; never a second SIGTERM (earlyoom#373: a process that
     # ignores SIGTERM was sent SIGTERM again and again while memory ran out).
-    (Phase.TERM_SENT, Event.TERM_TIMEOUT): Transition(Phase.KILL_SENT, Outcome.KILL),
-    (Phase.TERM_SENT, Event.KILL_LEVEL): Transition(Phase.KILL_SENT, Outcome.KILL),
-    (Phase.KILL_SENT, Event.VICTIM_EXITED): Transition(Phase.RECOVERING, Outcome.NONE),
+    (Phase.TERM_SENT, Event.TERM_TIMEOUT): Transition(Phase.KILL_SENT, Response.KILL),
+    (Phase.TERM_SENT, Event.KILL_LEVEL): Transition(Phase.KILL_SENT, Response.KILL),
+    (Phase.KILL_SENT, Event.VICTIM_EXITED): Transition(Phase.RECOVERING, Response.NONE),
     # Never SIGKILL what is no longer ours to kill: drop it, and decide afresh next poll.
-    (Phase.TERM_SENT, Event.VICTIM_LEFT): Transition(Phase.IDLE, Outcome.NONE),
-    (Phase.KILL_SENT, Event.VICTIM_LEFT): Transition(Phase.IDLE, Outcome.NONE),
-    (Phase.AUDIT_HOLD, Event.VICTIM_LEFT): Transition(Phase.IDLE, Outcome.NONE),
+    (Phase.TERM_SENT, Event.VICTIM_LEFT): Transition(Phase.IDLE, Response.NONE),
+    (Phase.KILL_SENT, Event.VICTIM_LEFT): Transition(Phase.IDLE, Response.NONE),
+    (Phase.AUDIT_HOLD, Event.VICTIM_LEFT): Transition(Phase.IDLE, Response.NONE),
     # A SIGKILLed process that does not exit is stuck in the kernel (D state, a frozen
     # cgroup): give up on it, never pick it again for this guard, and move on.
-    (Phase.KILL_SENT, Event.KILL_TIMEOUT): Transition(Phase.IDLE, Outcome.MARK_STUCK),
-    (Phase.RECOVERING, Event.MEMORY_BACK): Transition(Phase.IDLE, Outcome.NONE),
-    (Phase.RECOVERING, Event.RECOVERY_TIMEOUT): Transition(Phase.IDLE, Outcome.NONE),
+    (Phase.KILL_SENT, Event.KILL_TIMEOUT): Transition(Phase.IDLE, Response.MARK_STUCK),
+    (Phase.RECOVERING, Event.MEMORY_BACK): Transition(Phase.IDLE, Response.NONE),
+    (Phase.RECOVERING, Event.RECOVERY_TIMEOUT): Transition(Phase.IDLE, Response.NONE),
     # Present in both tables so that a reload switching dry_run never strands a guard.
-    (Phase.AUDIT_HOLD, Event.HOLD_EXPIRED): Transition(Phase.IDLE, Outcome.NONE),
-    (Phase.AUDIT_HOLD, Event.MEMORY_BACK): Transition(Phase.IDLE, Outcome.NONE),
+    (Phase.AUDIT_HOLD, Event.HOLD_EXPIRED): Transition(Phase.IDLE, Response.NONE),
+    (Phase.AUDIT_HOLD, Event.MEMORY_BACK): Transition(Phase.IDLE, Response.NONE),
 }
 
 TABLE: Mapping[tuple[Phase, Event], Transition] = {
-    (Phase.IDLE, Event.TERM_LEVEL): Transition(Phase.TERM_SENT, Outcome.TERM),
-    (Phase.IDLE, Event.PSI_TERM): Transition(Phase.TERM_SENT, Outcome.TERM),
-    (Phase.IDLE, Event.KILL_LEVEL): Transition(Phase.KILL_SENT, Outcome.KILL),
-    (Phase.IDLE, Event.PSI_KILL): Transition(Phase.KILL_SENT, Outcome.KILL),
+    (Phase.IDLE, Event.TERM_LEVEL): Transition(Phase.TERM_SENT, Response.TERM),
+    (Phase.IDLE, Event.PSI_TERM): Transition(Phase.TERM_SENT, Response.TERM),
+    (Phase.IDLE, Event.KILL_LEVEL): Transition(Phase.KILL_SENT, Response.KILL),
+    (Phase.IDLE, Event.PSI_KILL): Transition(Phase.KILL_SENT, Response.KILL),
     # Recovery is not blind: the victim is gone, yet a reading taken since (the next poll: the
     # exit is seen after this poll's reading) is still past a level. Its memory was not what
     # ran out (a second grower, a forking hog), so the next victim is chosen now. A victim's
     # memory is freed before its pidfd polls readable (kernel/exit.c do_exit(): exit_mm()
     # before exit_notify(), Linux 6.18), so waiting longer would only let the grower win.
-    (Phase.RECOVERING, Event.TERM_LEVEL): Transition(Phase.TERM_SENT, Outcome.TERM),
-    (Phase.RECOVERING, Event.PSI_TERM): Transition(Phase.TERM_SENT, Outcome.TERM),
-    (Phase.RECOVERING, Event.KILL_LEVEL): Transition(Phase.KILL_SENT, Outcome.KILL),
-    (Phase.RECOVERING, Event.PSI_KILL): Transition(Phase.KILL_SENT, Outcome.KILL),
+    (Phase.RECOVERING, Event.TERM_LEVEL): Transition(Phase.TERM_SENT, Response.TERM),
+    (Phase.RECOVERING, Event.PSI_TERM): Transition(Phase.TERM_SENT, Response.TERM),
+    (Phase.RECOVERING, Event.KILL_LEVEL): Transition(Phase.KILL_SENT, Response.KILL),
+    (Phase.RECOVERING, Event.PSI_KILL): Transition(Phase.KILL_SENT, Response.KILL),
     **_COMMON,
 }
-"""The live escalation table: (phase, event) -> (next phase, outcome). A pair that is
+"""The live escalation table: (phase, event) -> (next phase, response). A pair that is
 not in the table leaves the guard where it is."""
 
 DRY_RUN_TABLE: Mapping[tuple[Phase, Event], Transition] = {
     # The victim will not exit (nothing is sent), so hold for term_timeout and then
     # decide afresh: each decision is logged again, and no victim is ever marked stuck.
-    (Phase.IDLE, Event.TERM_LEVEL): Transition(Phase.AUDIT_HOLD, Outcome.WOULD_TERM),
-    (Phase.IDLE, Event.PSI_TERM): Transition(Phase.AUDIT_HOLD, Outcome.WOULD_TERM),
-    (Phase.IDLE, Event.KILL_LEVEL): Transition(Phase.AUDIT_HOLD, Outcome.WOULD_KILL),
-    (Phase.IDLE, Event.PSI_KILL): Transition(Phase.AUDIT_HOLD, Outcome.WOULD_KILL),
+    (Phase.IDLE, Event.TERM_LEVEL): Transition(Phase.AUDIT_HOLD, Response.WOULD_TERM),
+    (Phase.IDLE, Event.PSI_TERM): Transition(Phase.AUDIT_HOLD, Response.WOULD_TERM),
+    (Phase.IDLE, Event.KILL_LEVEL): Transition(Phase.AUDIT_HOLD, Response.WOULD_KILL),
+    (Phase.IDLE, Event.PSI_KILL): Transition(Phase.AUDIT_HOLD, Response.WOULD_KILL),
     **_COMMON,
 }
 """The dry-run table: the same decisions, parked in ``audit_hold`` instead of waiting for an exit."""
 
-_CHOOSING = frozenset({Outcome.TERM, Outcome.KILL, Outcome.WOULD_TERM, Outcome.WOULD_KILL})
+_CHOOSING = frozenset({Response.TERM, Response.KILL, Response.WOULD_TERM, Response.WOULD_KILL})
 _HOLDING = frozenset({Phase.TERM_SENT, Phase.KILL_SENT, Phase.AUDIT_HOLD})  # phases with an in-flight victim
 CHOOSERS = frozenset({Phase.IDLE, Phase.RECOVERING})  # phases with no victim in flight: a crossing picks one
-
-
-# --- actions ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SendSignal:
-    """Signal a victim. ``victim_kind`` says how: the process alone, or each process of
-    ``group`` (its process group ``pgid`` or its ``cgroup``, inside the scope), every one
-    through its own verified pidfd."""
-
-    guard: str
-    target: ProcessKey
-    signal: int
-    victim_kind: VictimKind
-    pgid: int
-    cgroup: str | None
-    dry_run: bool
-    # For a process-group or cgroup victim: the processes it may signal, the target first:
-    # the group's members in the guard's scope that no protect rule covers (Ranking.group_of).
-    # Nothing outside it is ever signalled (never killpg(), which reaches every member).
-    group: tuple[ProcessKey, ...] = ()
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ReleaseMemory:
-    """process_mrelease() the SIGKILLed target: reap its memory before it finishes exiting.
-
-    The kernel refuses a process that is not already dying (mm/oom_kill.c
-    process_mrelease(), Linux 6.18, -EINVAL unless task_will_free_mem()), so this only
-    ever follows a SIGKILL (earlyoom#354)."""
-
-    guard: str
-    target: ProcessKey
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class KillCgroup:
-    """Write 1 to the victim's ``cgroup.kill`` (or the executor's fallback where it does not exist)."""
-
-    guard: str
-    path: str
-    dry_run: bool
-    # The members that may be killed (see SendSignal.group): cgroup.kill only when the
-    # cgroup holds nothing else, else each of these through its pidfd.
-    group: tuple[ProcessKey, ...] = ()
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RunHook:
-    """Run ``plan.hooks.after_kill`` with the facts as UOOMD_* environment variables, never through a shell."""
-
-    guard: str
-    argv: tuple[str, ...]
-    env: tuple[tuple[str, str], ...]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Record:
-    """A structured log event: a snake_case name and its facts as key/values."""
-
-    event: str
-    fields: tuple[tuple[str, object], ...]
-
-    def get(self, key: str) -> object:
-        for name, value in self.fields:
-            if name == key:
-                return value
-        raise KeyError(key)
-
-    def as_dict(self) -> dict[str, object]:
-        return dict(self.fields)
-
-
-Action = SendSignal | ReleaseMemory | KillCgroup | RunHook | Record
 
 
 # --- state --------------------------------------------------------------------------------
@@ -435,7 +363,7 @@ def _detect_idle(gs: GuardState, ctx: _Ctx) -> _Detected:
     return _Detected(event=None, trigger="")
 
 
-def step(state: State, obs: Observation, plan: Plan, rankings: Mapping[str, Ranking]) -> tuple[State, list[Action]]:
+def step(state: State, obs: Observation, plan: Plan, rankings: Mapping[str, Ranking]) -> tuple[State, list[Output]]:
     """Advance every guard by one poll; return the new state and what to do, in order."""
     readings = {r.guard: r for r in obs.guards}
     kill_times = tuple(t for t in state.kill_times if obs.now - t < RATE_WINDOW_S)
@@ -444,7 +372,7 @@ def step(state: State, obs: Observation, plan: Plan, rankings: Mapping[str, Rank
     stuck_any: set[ProcessKey] = set().union(*(gs.stuck for gs in state.guards))
     table = DRY_RUN_TABLE if plan.daemon.dry_run else TABLE
     new_states: list[GuardState] = []
-    actions: list[Action] = []
+    actions: list[Output] = []
     for guard in plan.guards:
         gs = old.get(guard.name) or _fresh_guard_state(guard)
         reading = readings.get(guard.name)
@@ -541,10 +469,10 @@ def needs(state: State, obs: Observation, plan: Plan) -> dict[str, Need]:
         )
         detected = _detect(gs, ctx)
         transition = table.get((gs.phase, detected.event)) if detected.event is not None else None
-        outcome = transition.outcome if transition is not None else Outcome.NONE
-        choosing = gs.phase in CHOOSERS and outcome in _CHOOSING
+        response = transition.response if transition is not None else Response.NONE
+        choosing = gs.phase in CHOOSERS and response in _CHOOSING
         chooses_now = choosing and len(kill_times) < plan.escalation.max_kills_per_minute
-        escalates_group = outcome in (Outcome.KILL, Outcome.WOULD_KILL) and guard.victim is not VictimKind.PROCESS
+        escalates_group = response in (Response.KILL, Response.WOULD_KILL) and guard.victim is not VictimKind.PROCESS
         gated = reading.memory.available_bytes < guard.psi_mem_gate.resolve_bytes(reading.memory.total_bytes)
         if chooses_now or escalates_group:
             out[guard.name] = Need.NOW
@@ -568,7 +496,7 @@ def _prune_stuck(gs: GuardState, snapshot: Snapshot | None) -> GuardState:
     return replace(gs, stuck=gs.stuck & present)
 
 
-def _step_guard(gs: GuardState, ctx: _Ctx) -> tuple[GuardState, list[Action], bool]:
+def _step_guard(gs: GuardState, ctx: _Ctx) -> tuple[GuardState, list[Output], bool]:
     """One guard, one poll: (new guard state, actions, whether a new victim was chosen)."""
     detected = _detect(gs, ctx)
     if detected.event is None:
@@ -580,44 +508,44 @@ def _step_guard(gs: GuardState, ctx: _Ctx) -> tuple[GuardState, list[Action], bo
         return gs, [], False
     now = ctx.obs.now
     after_s = now - gs.phase_since
-    outcome = transition.outcome
-    if gs.phase in CHOOSERS and outcome in _CHOOSING:
+    response = transition.response
+    if gs.phase in CHOOSERS and response in _CHOOSING:
         return _choose(gs, ctx, transition, detected.trigger)
-    match outcome:
-        case Outcome.WARN:
+    match response:
+        case Response.WARN:
             if "psi_warn" in gs.noted:
                 return gs, [], False
-            rec = Record(event="psi_warn", fields=_decision_fields(ctx, detected.trigger, None, Outcome.WARN))
+            rec = Record(event="psi_warn", fields=_decision_fields(ctx, detected.trigger, None, Response.WARN))
             return replace(gs, noted=gs.noted | {"psi_warn"}), [rec], False
-        case Outcome.KILL | Outcome.WOULD_KILL:  # escalation of the in-flight victim
+        case Response.KILL | Response.WOULD_KILL:  # escalation of the in-flight victim
             assert gs.victim is not None
-            outcome = Outcome.WOULD_KILL if ctx.plan.daemon.dry_run else Outcome.KILL
+            response = Response.WOULD_KILL if ctx.plan.daemon.dry_run else Response.KILL
             rest = (ctx.ranking or _empty_ranking(ctx.guard.name)).top(
                 1, gs.stuck | ctx.stuck_elsewhere | ctx.others | {gs.victim.key}
             )
-            fields = _decision_fields(ctx, detected.trigger, gs.victim, outcome, runner_up=rest[0] if rest else None)
+            fields = _decision_fields(ctx, detected.trigger, gs.victim, response, runner_up=rest[0] if rest else None)
             rec = Record(event="victim_escalated", fields=(*fields, ("after_s", after_s)))
-            signal_acts, group = _signal_actions(ctx, gs.victim, SIGKILL, gs.trigger)
+            signal_act, follow, group = _signal_actions(ctx, gs.victim, SIGKILL, gs.trigger)
             new = replace(gs, phase=transition.next, phase_since=now, signalled=gs.signalled | group)
-            return new, [rec, *signal_acts], False
-        case Outcome.MARK_STUCK:
+            return new, [rec, signal_act, *follow], False
+        case Response.MARK_STUCK:
             assert gs.victim is not None
             rec = Record(event="victim_stuck", fields=(*_guard_victim_fields(ctx, gs.victim), ("after_s", after_s)))
             new = replace(gs, phase=transition.next, phase_since=now, victim=None, stuck=gs.stuck | {gs.victim.key})
             return replace(new, trigger="", noted=frozenset(), signalled=frozenset()), [rec], False
-        case Outcome.NONE:
+        case Response.NONE:
             return _quiet_transition(gs, ctx, transition, detected.event, after_s)
-        case Outcome.TERM | Outcome.WOULD_TERM:
-            raise AssertionError(f"{outcome} outside idle: table row ({gs.phase}, {detected.event})")
+        case Response.TERM | Response.WOULD_TERM:
+            raise AssertionError(f"{response} outside idle: table row ({gs.phase}, {detected.event})")
         case _:
-            assert_never(outcome)
+            assert_never(response)
 
 
 def _quiet_transition(
     gs: GuardState, ctx: _Ctx, transition: Transition, event: Event, after_s: float
-) -> tuple[GuardState, list[Action], bool]:
+) -> tuple[GuardState, list[Output], bool]:
     now = ctx.obs.now
-    records: list[Action] = []
+    records: list[Output] = []
     match event:
         case Event.VICTIM_EXITED:
             assert gs.victim is not None
@@ -670,7 +598,7 @@ def _choose(
     ctx: _Ctx,
     transition: Transition,
     trigger: str,
-) -> tuple[GuardState, list[Action], bool]:
+) -> tuple[GuardState, list[Output], bool]:
     """Idle -> a victim: the guard conditions (rate limit, a candidate left) and the signal."""
     others, kill_times = ctx.others, ctx.kill_times
     limit = ctx.plan.escalation.max_kills_per_minute
@@ -680,7 +608,7 @@ def _choose(
         rec = Record(
             event="rate_limited",
             fields=(
-                *_decision_fields(ctx, trigger, None, Outcome.NONE),
+                *_decision_fields(ctx, trigger, None, Response.NONE),
                 ("victims_last_minute", len(kill_times)),
                 ("max_kills_per_minute", limit),
             ),
@@ -699,7 +627,7 @@ def _choose(
         rec = Record(
             event="no_candidate",
             fields=(
-                *_decision_fields(ctx, trigger, None, Outcome.NONE),
+                *_decision_fields(ctx, trigger, None, Response.NONE),
                 ("ranking", "missing" if ctx.ranking is None else "empty"),
                 ("excluded", len(ctx.ranking.excluded) if ctx.ranking else 0),
                 ("stuck", len(gs.stuck | ctx.stuck_elsewhere)),
@@ -707,16 +635,20 @@ def _choose(
             ),
         )
         return replace(gs, noted=gs.noted | {"no_candidate"}), [rec], False
-    outcome = transition.outcome
+    response = transition.response
     rec = Record(
         event="victim_chosen",
         fields=(
-            *_decision_fields(ctx, trigger, victim, outcome, runner_up=best[1] if len(best) > 1 else None),
+            *_decision_fields(ctx, trigger, victim, response, runner_up=best[1] if len(best) > 1 else None),
             ("after_victim", gs.phase is Phase.RECOVERING),  # the episode's previous victim was not enough
         ),
     )
-    sig = SIGKILL if outcome in (Outcome.KILL, Outcome.WOULD_KILL) else SIGTERM
-    signal_acts, group = _signal_actions(ctx, victim, sig, trigger)
+    sig = SIGKILL if response in (Response.KILL, Response.WOULD_KILL) else SIGTERM
+    signal_act, follow, group = _signal_actions(ctx, victim, sig, trigger)
+    # A notice tells of a kill: never in a dry run, and the daemon sends it only once
+    # signal_act was delivered (a victim already gone was killed by nobody).
+    notify = ctx.plan.daemon.notify_desktop and not ctx.plan.daemon.dry_run
+    notices = [Notify(guard=ctx.guard.name, after=signal_act, record=rec)] if notify else []
     new = replace(
         gs,
         phase=transition.next,
@@ -726,7 +658,7 @@ def _choose(
         noted=frozenset(),
         signalled=gs.signalled | group,
     )
-    return new, [rec, *signal_acts], True
+    return new, [rec, signal_act, *notices, *follow], True
 
 
 def _empty_ranking(guard: str) -> Ranking:
@@ -744,8 +676,10 @@ def _cgroup_target(victim: Candidate) -> str | None:
     return path
 
 
-def _signal_actions(ctx: _Ctx, victim: Candidate, sig: int, trigger: str) -> tuple[list[Action], frozenset[ProcessKey]]:
-    """The actions that signal a victim, and every process they may signal."""
+def _signal_actions(
+    ctx: _Ctx, victim: Candidate, sig: int, trigger: str
+) -> tuple[SendSignal | KillCgroup, list[Action], frozenset[ProcessKey]]:
+    """The action that signals a victim, the ones that follow it (release, hook), and every process they may signal."""
     dry_run = ctx.plan.daemon.dry_run
     kind = ctx.guard.victim
     proc = victim.process
@@ -766,31 +700,30 @@ def _signal_actions(ctx: _Ctx, victim: Candidate, sig: int, trigger: str) -> tup
             group = ranking.group_of(victim, cgroup=cgroup)
         case _:
             assert_never(kind)
-    acts: list[Action] = []
+    signal_act: SendSignal | KillCgroup
     if kind is VictimKind.CGROUP and sig == SIGKILL:
         assert cgroup is not None
-        acts.append(KillCgroup(guard=ctx.guard.name, path=cgroup, dry_run=dry_run, group=group))
+        signal_act = KillCgroup(guard=ctx.guard.name, path=cgroup, dry_run=dry_run, group=group)
     else:
-        acts.append(
-            SendSignal(
-                guard=ctx.guard.name,
-                target=victim.key,
-                signal=sig,
-                victim_kind=kind,
-                pgid=proc.pgid,
-                cgroup=cgroup,
-                dry_run=dry_run,
-                group=group,
-            )
+        signal_act = SendSignal(
+            guard=ctx.guard.name,
+            target=victim.key,
+            signal=sig,
+            victim_kind=kind,
+            pgid=proc.pgid,
+            cgroup=cgroup,
+            dry_run=dry_run,
+            group=group,
         )
     signalled = frozenset(group) | {victim.key}
+    follow: list[Action] = []
     if dry_run:
-        return acts, signalled
+        return signal_act, follow, signalled
     if sig == SIGKILL:
-        acts.append(ReleaseMemory(guard=ctx.guard.name, target=victim.key))
+        follow.append(ReleaseMemory(guard=ctx.guard.name, target=victim.key))
     if ctx.plan.hooks.after_kill:
-        acts.append(_hook(ctx, victim, sig, trigger, kind))
-    return acts, signalled
+        follow.append(_hook(ctx, victim, sig, trigger, kind))
+    return signal_act, follow, signalled
 
 
 def _hook(ctx: _Ctx, victim: Candidate, sig: int, trigger: str, kind: VictimKind) -> RunHook:
@@ -861,7 +794,7 @@ def _kernel_kill_fields(proc: ProcessInfo) -> tuple[tuple[str, object], ...]:
 
 
 def _decision_fields(
-    ctx: _Ctx, trigger: str, victim: Candidate | None, outcome: Outcome, runner_up: Candidate | None = None
+    ctx: _Ctx, trigger: str, victim: Candidate | None, response: Response, runner_up: Candidate | None = None
 ) -> tuple[tuple[str, object], ...]:
     fields: list[tuple[str, object]] = [("guard", ctx.guard.name), ("trigger", trigger), *_reading_fields(ctx)]
     if victim is not None:
@@ -888,5 +821,5 @@ def _decision_fields(
             ("runner_up_name", runner_up.process.name if runner_up else None),
             ("runner_up_badness", runner_up.badness.points if runner_up else None),
         ]
-    fields.append(("action", str(outcome)))
+    fields.append(("action", str(response)))
     return tuple(fields)

@@ -144,6 +144,28 @@ class PipelineLogger:
         self._emit("error", event, facts)
 
 
+OnError = Callable[..., None]
+"""``(key, event=..., **facts)``: a warning about a failing source, one per key per interval (Throttle.warning)."""
+
+
+class Throttle:
+    """Warns about a failing source at most once per key every ``interval_s``: a source that
+    fails at every poll says so once in a while, not at every poll."""
+
+    def __init__(self, log: Log, clock: Callable[[], float], interval_s: float) -> None:
+        self._log = log
+        self._clock = clock
+        self._interval_s = interval_s
+        self._logged_at: dict[str, float] = {}
+
+    def warning(self, key: str, event: str = "source_error", **facts: Any) -> None:
+        now = self._clock()
+        last = self._logged_at.get(key)
+        if last is None or now - last >= self._interval_s:
+            self._logged_at[key] = now
+            self._log.warning(event, **facts)
+
+
 def configure(fmt: LogFormat, stream: TextIO | None = None, *, debug: bool = False) -> PipelineLogger:
     """JSON lines unless ``auto`` finds a terminal. Debug events (every ranking refresh) only with ``debug``."""
     stream = stream or sys.stderr

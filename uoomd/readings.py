@@ -81,7 +81,7 @@ class ProcessInfo:
     kernel_oom_score: int | None = None  # /proc/PID/oom_score when read (tests, explain)
     # The Snapshot.taken_at of the scan that read /proc/PID/status, where uid, rss_*_bytes,
     # swap_bytes and pgtables_bytes come from. None: read in the same pass as stat. An
-    # incremental scan (sources/procfs.py ProcScanner) carries an unchanged process's
+    # incremental scan (sources/scanner.py ProcScanner) carries an unchanged process's
     # status over from an earlier scan: then it is older than the snapshot (not exact).
     status_read_at: float | None = None
     # Expensive details, read only when a rule or a report needs them:

@@ -10,33 +10,25 @@ from typing import TextIO
 
 from uoomd import kernel
 from uoomd.errors import ExitCode, SetupError
+from uoomd.logs import escape
 from uoomd.plan import GuardPlan, Plan, ScopeKind
 from uoomd.readings import Pid, ProcessInfo, Snapshot
+from uoomd.rules import matching_rules
 from uoomd.scoring import (
     Candidate,
     Exclusion,
     Ranking,
     kernel_badness,
     kernel_choice,
-    matching_rules,
     rank,
     rss_pages,
 )
-from uoomd.sources.cgroup import read_oom_totalpages
-from uoomd.sources.procfs import (
-    read_cgroup_procs,
-    read_oom_score,
-    read_snapshot,
-)
+from uoomd.sources.cgroup import read_members, read_totalpages
+from uoomd.sources.procfs import read_oom_score, read_snapshot
 from uoomd.units import format_bytes
 
 # Reports show who a process is: read these even when no rule needs them.
 _REPORT_DETAILS = frozenset({"cmdline", "user"})
-
-
-def escape_text(text: str) -> str:
-    """Control characters as ``\\xNN``: a process name cannot move the cursor or fake a row."""
-    return "".join(f"\\x{ord(ch):02x}" if ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 else ch for ch in text)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -72,24 +64,17 @@ def _scene(plan: Plan, guard: GuardPlan, proc_root: str) -> _Scene:
                 f"guard {guard.name!r}: cgroup {guard.scope.cgroup_path} does not exist",
                 hint="create the cgroup or fix the guard's scope",
             )
-        members = frozenset(Pid(p) for p in read_cgroup_procs(guard.scope.cgroup_path))
+        members = frozenset(Pid(p) for p in read_members(guard.scope.cgroup_path))
     try:
         snapshot = read_snapshot(proc_root, details=plan.needed_details() | _REPORT_DETAILS, self_pid=os.getpid())
     except FileNotFoundError as exc:
         raise SetupError(f"cannot read {exc.filename or proc_root}", hint="is /proc mounted?") from None
-    page_size = snapshot.page_size
     system_totalpages = kernel.system_totalpages(
-        total_ram_bytes=snapshot.total_ram_bytes, total_swap_bytes=snapshot.total_swap_bytes, page_size=page_size
+        total_ram_bytes=snapshot.total_ram_bytes,
+        total_swap_bytes=snapshot.total_swap_bytes,
+        page_size=snapshot.page_size,
     )
-    totalpages = system_totalpages
-    if guard.scope.kind is ScopeKind.CGROUP:
-        assert guard.scope.cgroup_path is not None
-        totalpages = read_oom_totalpages(
-            guard.scope.cgroup_path,
-            page_size=page_size,
-            total_swap_pages=snapshot.total_swap_bytes // page_size,
-            fallback=system_totalpages,
-        )
+    totalpages = read_totalpages(guard.scope, snapshot)
     ranking = rank(snapshot, plan, guard, totalpages=totalpages, members=members)
     return _Scene(
         guard=guard,
@@ -183,15 +168,15 @@ def run_candidates(
             [
                 str(i),
                 str(p.pid),
-                escape_text(p.user or str(p.uid)),
-                escape_text(p.name),
+                escape(p.user or str(p.uid)),
+                escape(p.name),
                 format_bytes(p.rss_bytes),
                 format_bytes(p.swap_bytes),
                 str(p.oom_score_adj),
                 str(c.effective_adj),
                 str(c.badness.points),
                 str(c.oom_score),
-                escape_text(",".join(c.rules)) or "-",
+                escape(",".join(c.rules)) or "-",
             ]
         )
     out.write(f"# guard {guard.name} ({guard.scope.describe()}), totalpages {scene.totalpages}\n")
@@ -219,9 +204,9 @@ def run_explain(plan: Plan, *, pid: int, guard_name: str | None, proc_root: str,
         return ExitCode.NOT_FOUND
     page_size = scene.snapshot.page_size
     w = out.write
-    w(f"process {process.pid} ({escape_text(process.name)}), user {escape_text(process.user or str(process.uid))}\n")
+    w(f"process {process.pid} ({escape(process.name)}), user {escape(process.user or str(process.uid))}\n")
     if process.cmdline:
-        cmdline = escape_text(process.cmdline)
+        cmdline = escape(process.cmdline)
         w(f"  cmdline: {cmdline[:200]}{'...' if len(cmdline) > 200 else ''}\n")
     w(f"guard {guard.name} ({guard.scope.describe()}): totalpages {scene.totalpages} (pages of {page_size} B)\n")
 
@@ -267,7 +252,7 @@ def _explain_rules(plan: Plan, guard: GuardPlan, process: ProcessInfo, w: Callab
         w("rules that match:\n")
         for rule in rules:
             what = "protect" if rule.protect else f"adjust {rule.adjust:+d}"
-            w(f"  {escape_text(rule.label)}: {what}\n")
+            w(f"  {escape(rule.label)}: {what}\n")
     else:
         w("rules that match: none\n")
 
@@ -287,7 +272,7 @@ def _explain_picks(process: ProcessInfo, scene: _Scene, w: Callable[[str], objec
     if kernel_pick is not None and kernel_pick.pid == pid:
         w("the kernel would pick it: yes\n")
     else:
-        other = f"{kernel_pick.pid} ({escape_text(kernel_pick.name)})" if kernel_pick else "nothing"
+        other = f"{kernel_pick.pid} ({escape(kernel_pick.name)})" if kernel_pick else "nothing"
         if kernel_pick is not None and kernel_pick.pid == scene.snapshot.self_pid:
             other += ", this uoomd command itself"
         w(f"the kernel would pick it: no, it would pick {other}\n")
@@ -295,9 +280,9 @@ def _explain_picks(process: ProcessInfo, scene: _Scene, w: Callable[[str], objec
         w(f"uoomd: effective oom_score_adj {verdict.effective_adj}, points {verdict.badness.points}, ")
         w(f"rank {position} of {len(scene.ranking.candidates)}\n")
     elif isinstance(verdict, Exclusion):
-        w(f"uoomd: excluded: {escape_text(verdict.reason)}\n")
+        w(f"uoomd: excluded: {escape(verdict.reason)}\n")
     if best is not None and best.process.pid == pid:
         w("uoomd would pick it: yes\n")
     else:
-        other = f"{best.process.pid} ({escape_text(best.process.name)})" if best else "nothing"
+        other = f"{best.process.pid} ({escape(best.process.name)})" if best else "nothing"
         w(f"uoomd would pick it: no, it would pick {other}\n")

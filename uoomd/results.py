@@ -21,7 +21,6 @@ class Outcome(StrEnum):
     STARTED = "started"  # a hook was started; its result comes from Executor.poll()
     COMPLETED = "completed"  # a hook exited 0
     TIMED_OUT = "timed_out"  # a hook outlived its timeout; its process group was killed
-    RECORDED = "recorded"  # a Record action: nothing to execute, the daemon logs it
 
 
 class ActionKind(StrEnum):
@@ -29,7 +28,6 @@ class ActionKind(StrEnum):
     RELEASE = "release"
     CGROUP_KILL = "cgroup_kill"
     HOOK = "hook"
-    RECORD = "record"
 
 
 Scalar = str | int | float | bool | None

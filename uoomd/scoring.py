@@ -1,6 +1,8 @@
 """Rank a snapshot's processes as victims for one guard: kernel badness plus the policy's rules (pure).
 
-CONTRACT (filled in by the scoring work; the types below are what decision.py and report.py use).
+Each process is a :class:`Candidate` with its badness terms and the rules that matched, or an
+:class:`Exclusion` with the reason; a :class:`Ranking` holds them best first for the decision
+core (uoomd/decision.py) and the reports (uoomd/report.py). Which rules match is uoomd/rules.py's.
 """
 
 from __future__ import annotations
@@ -9,9 +11,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from uoomd import kernel
-from uoomd.dfa import Dfa
-from uoomd.plan import GuardPlan, MatchPlan, Plan, RulePlan
+from uoomd.plan import GuardPlan, Plan, RulePlan
 from uoomd.readings import Pid, ProcessInfo, ProcessKey, Snapshot
+from uoomd.rules import MatchKey, Verdicts, check_details, matching_rules
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -82,7 +84,6 @@ class RankInputs:
 
 
 # Everything rule_matches() reads: (name, cmdline, exe, cgroup, user, uid).
-MatchKey = tuple[str, str | None, str | None, str | None, str | None, int]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -169,14 +170,6 @@ def _within(path: str, top: str) -> bool:
     return path == top or path.startswith(top + "/")
 
 
-_ = Pid  # re-exported for callers
-
-
-class MissingDetailError(RuntimeError):
-    """A programming error: the snapshot lacks a process detail the plan's rules match on,
-    so a protect rule could silently miss. Read the snapshot with plan.needed_details()."""
-
-
 # Exclusion reasons, also shown by `uoomd candidates --json`.
 REASON_KTHREAD = "kernel thread"
 REASON_INIT = "init"
@@ -185,80 +178,6 @@ REASON_ADJ_MIN = "oom_score_adj -1000"
 REASON_SELF = "self"
 REASON_PARENT = "uoomd's parent"
 REASON_SCOPE = "outside the guard's scope"
-
-
-def _search(pattern: Dfa | None, value: str | None) -> bool:
-    if pattern is None:
-        return True
-    return value is not None and pattern.search(value)
-
-
-def rule_matches(match: MatchPlan, process: ProcessInfo) -> bool:
-    """All given keys must match; a detail that was not read (None) does not match."""
-    return (
-        _search(match.name, process.name)
-        and _search(match.cmdline, process.cmdline)
-        and _search(match.exe, process.exe)
-        and _search(match.cgroup, process.cgroup)
-        and (match.user is None or process.user == match.user)
-        and (match.uid is None or process.uid == match.uid)
-    )
-
-
-def matching_rules(rules: Iterable[RulePlan], process: ProcessInfo) -> tuple[RulePlan, ...]:
-    return tuple(rule for rule in rules if rule_matches(rule.match, process))
-
-
-def match_key(process: ProcessInfo) -> MatchKey:
-    return (process.name, process.cmdline, process.exe, process.cgroup, process.user, process.uid)
-
-
-class Verdicts:
-    """The rules each process matched, for one rank(): a process is matched once per distinct
-    match_key(), and never when an earlier ranking with the same rules saw that key.
-
-    Matching is linear in the text (uoomd/dfa.py), but a command line is up to 4 KiB read
-    (16 Ki characters once undecodable bytes become ``\\xNN``), and a scan re-reads the details
-    of every process whose memory moved: the rules' answer moves only with the name, the
-    command line, the exe, the cgroup and the user. Keyed by them and not by (pid, starttime),
-    1,000 identical workers cost one match. Holds the keys of one snapshot's processes only (it
-    is built anew from the previous ranking's at every rank()), so it never outgrows the snapshot."""
-
-    __slots__ = ("_known", "_rules", "found", "matched")
-
-    def __init__(self, rules: tuple[RulePlan, ...], known: Mapping[MatchKey, tuple[RulePlan, ...]]) -> None:
-        self._rules = rules
-        self._known = known
-        self.found: dict[MatchKey, tuple[RulePlan, ...]] = {}
-        self.matched = 0  # processes matched here, not found in ``known``
-
-    def rules_of(self, process: ProcessInfo) -> tuple[RulePlan, ...]:
-        key = match_key(process)
-        found = self.found.get(key)
-        if found is None:
-            found = self._known.get(key)
-            if found is None:
-                found = matching_rules(self._rules, process) if self._rules else ()
-                self.matched += 1
-            self.found[key] = found
-        return found
-
-    def keep(self, process: ProcessInfo) -> None:
-        """Carry a known verdict over for a process scored in an earlier ranking (not matched now)."""
-        key = match_key(process)
-        found = self._known.get(key)
-        if found is not None:
-            self.found[key] = found
-
-
-def check_details(snapshot_details: frozenset[str], plan: Plan) -> None:
-    """Raise MissingDetailError if the plan's rules need details the snapshot did not read."""
-    missing = plan.needed_details() - snapshot_details
-    if missing:
-        raise MissingDetailError(
-            f"the snapshot lacks {sorted(missing)} that the policy's rules match on; "
-            f"read it with details=plan.needed_details()"
-        )
 
 
 def effective_adj(own_adj: int, rules: Iterable[RulePlan], *, ignore_positive_adj: bool) -> int:

@@ -153,7 +153,7 @@ def unprotect_child() -> None:
 
 
 def _raise_nofile() -> int | None:
-    # The warm scanner keeps two fds per process (procfs.ProcScanner, half the soft limit):
+    # The warm scanner keeps two fds per process (sources/scanner.py ProcScanner, half the soft limit):
     # systemd's default soft limit of 1024 would cover ~256 processes. The hard limit is ours to take.
     global _started_nofile_soft  # noqa: PLW0603 -- one record per process, read in its children
     try:

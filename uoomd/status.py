@@ -1,4 +1,5 @@
-"""The daemon's state file: written atomically by the loop, read by ``uoomd status``."""
+"""What the daemon sees and did, as a document: built by the loop (and its STATUS= line), written
+atomically to the state file, read back and rendered by ``uoomd status``."""
 
 from __future__ import annotations
 
@@ -6,16 +7,110 @@ import contextlib
 import json
 import os
 import time
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TextIO, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, TextIO, TypeAlias, TypeVar
 
 from uoomd.errors import ExitCode, PolicyError, SetupError
 from uoomd.logs import Log, escape
 from uoomd.policy.file import open_regular
+from uoomd.policy.paths import default_policy_path
 from uoomd.trust import untrusted_reason
 
+if TYPE_CHECKING:
+    from uoomd.decision import State
+    from uoomd.plan import Plan
+    from uoomd.sources.watch import GuardWatch
+
 WRITE_INTERVAL_S = 1.0  # the file is for people and scripts: once a second is plenty
+RECENT_KEPT = 20  # decisions and action results the document lists (`uoomd status` shows RECENT_SHOWN)
 _T = TypeVar("_T")
+
+# --- the document, as the daemon builds it --------------------------------------------------
+
+
+class Recent:
+    """The latest decisions and action results, JSON-ready, as the document lists them."""
+
+    def __init__(self) -> None:
+        self._events: deque[dict[str, Any]] = deque(maxlen=RECENT_KEPT)
+        self.added = 0  # how many were ever added: a new one is written at once, quiet or not
+
+    def add(self, event: str, facts: Mapping[str, Any]) -> None:
+        self._events.append({"event": event, "at": time.time(), **_jsonable(facts)})
+        self.added += 1
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self._events)
+
+
+def _jsonable(facts: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in facts.items():
+        out[key] = value if isinstance(value, str | int | float | bool | type(None)) else str(value)
+    return out
+
+
+def status_line(watches: Sequence[GuardWatch], recent: Recent) -> str:
+    """One line for systemd's STATUS=: what the daemon sees now, e.g.
+    "mem 41% avail, swap 90% free, psi full 0.0, last kill: none" (guards named when several)."""
+    parts: list[str] = []
+    for watch in watches:
+        m = watch.last
+        if m is None:
+            continue
+        part = f"mem {m.available_fraction * 100:.0f}% avail"
+        part += f", swap {m.swap_free_fraction * 100:.0f}% free" if m.swap_total_bytes else ", no swap"
+        if watch.last_pressure is not None:
+            part += f", psi full {watch.last_pressure.full_avg10:.1f}"
+        parts.append(f"{watch.guard.name}: {part}" if len(watches) > 1 else part)
+    kills = [r for r in recent if r.get("event") in {"victim_chosen", "victim_escalated"}]
+    last = "last kill: none"
+    if kills:
+        # escape(): a name is attacker-controlled, and a newline in it would start a new
+        # sd_notify assignment (a process named "x\nREADY=1" must not speak for us).
+        dry = " (dry-run)" if str(kills[-1].get("action", "")).startswith("would") else ""
+        last = f"last kill{dry}: {escape(str(kills[-1].get('name', '?')))} ({kills[-1].get('pid', '?')})"
+    return "; ".join([*parts, last]) if len(watches) > 1 else ", ".join([*parts, last])
+
+
+def status_document(*, plan: Plan, state: State, watches: Sequence[GuardWatch], recent: Recent) -> dict[str, Any]:
+    """The state file's content; :func:`parse_state` reads it back."""
+    guards: list[dict[str, Any]] = []
+    for watch in watches:
+        gs = state.guard(watch.guard.name)
+        m = watch.last
+        guards.append(
+            {
+                "name": watch.guard.name,
+                "scope": watch.guard.scope.describe(),
+                "scope_gone": watch.gone_at is not None,
+                "phase": str(gs.phase),
+                "victim": None if gs.victim is None else {"pid": gs.victim.process.pid, "name": gs.victim.process.name},
+                "memory": None
+                if m is None
+                else {
+                    "total_bytes": m.total_bytes,
+                    "available_bytes": m.available_bytes,
+                    "swap_total_bytes": m.swap_total_bytes,
+                    "swap_free_bytes": m.swap_free_bytes,
+                },
+                "psi": [None if t is None else {"mode": str(t.mode), "describe": t.describe()} for t in watch.triggers],
+            }
+        )
+    return {
+        "pid": os.getpid(),
+        "policy": plan.source,
+        "dry_run": plan.daemon.dry_run,
+        "updated_at": time.time(),
+        "status": status_line(watches, recent),
+        "guards": guards,
+        "recent": list(recent),
+    }
+
+
+# --- written by the daemon -------------------------------------------------------------------
 
 
 class StatusBoard:
@@ -93,6 +188,8 @@ def _write_atomically(directory: str, name: str, payload: bytes) -> None:
         os.close(dir_fd)
 
 
+# --- read back by `uoomd status` ------------------------------------------------------------
+
 # What the daemon writes is a few KiB (20 recent events and a line per guard): a file far
 # larger is not ours, and is refused before json reads it into memory.
 STATE_LIMIT_BYTES = 1 << 20
@@ -129,7 +226,7 @@ class RecentEvent:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StateFile:
-    """The state file as the daemon wrote it (uoomd/daemon.py Daemon._status), checked."""
+    """The state file as the daemon wrote it (:func:`status_document`), checked."""
 
     pid: int
     policy: str
@@ -332,7 +429,6 @@ def render_status(state: StateFile, now: float | None = None) -> str:
 def run_status(*, state_file: str | None, policy_path: str | None, as_json: bool, out: TextIO) -> int:
     path = state_file
     if path is None:
-        from uoomd.cli import default_policy_path  # noqa: PLC0415
         from uoomd.policy.load import load_plan  # noqa: PLC0415
 
         path = load_plan(policy_path or default_policy_path()).daemon.state_file

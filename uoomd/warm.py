@@ -28,11 +28,13 @@ from dataclasses import dataclass, field, replace
 
 from uoomd import kernel
 from uoomd.decision import Need
+from uoomd.logs import OnError
 from uoomd.plan import GuardPlan, Plan, ScopeKind
 from uoomd.readings import GuardReading, MemoryReading, Pid, ProcessInfo, ProcessKey, Snapshot
 from uoomd.scoring import Candidate, Exclusion, Ranking, rank, score_process, uoomd_pids, victim_order
 from uoomd.sources import cgroup as cgroup_source
 from uoomd.sources import procfs
+from uoomd.sources.scanner import ProcScanner
 
 # The warm ranking may cost at most this share of one core: a rescan that took
 # 50 ms is not repeated within 50 ms / SCAN_CPU_SHARE.
@@ -46,8 +48,6 @@ REFRESH_MAX_READS = 150
 # MiB each, on a machine whose use moves by a few MiB between polls, were all "contenders"
 # (bench/profile_crossing.py). It also covers what processes that shrank let others grow by.
 TOLERANCE_BYTES = 8 << 20
-
-OnError = Callable[..., None]  # (key, event=..., **facts): the daemon's rate-limited warning
 
 
 def used_bytes(memory: MemoryReading) -> int:
@@ -146,7 +146,7 @@ class WarmRanking:
 
     proc_root: str
     on_error: OnError
-    scanner: procfs.ProcScanner = field(init=False)
+    scanner: ProcScanner = field(init=False)
     rankings: dict[str, Ranking] = field(default_factory=dict)
     snapshot: Snapshot | None = None
     scanned_at: float = float("-inf")
@@ -159,7 +159,7 @@ class WarmRanking:
     _last_pid: int | None = None  # /proc/loadavg's last PID before the scan: newer PIDs are new
 
     def __post_init__(self) -> None:
-        self.scanner = procfs.ProcScanner(self.proc_root)
+        self.scanner = ProcScanner(self.proc_root)
 
     # -- the API the loop uses
 
@@ -233,27 +233,7 @@ class WarmRanking:
     def active(self) -> bool:
         return bool(self.rankings)
 
-    # -- totalpages and members: one owner each
-
-    def totalpages(self, guard: GuardPlan, snapshot: Snapshot) -> int:
-        """oom_badness()'s totalpages for the guard: the machine's, or the cgroup's memcg limit."""
-        system = kernel.system_totalpages(
-            total_ram_bytes=snapshot.total_ram_bytes,
-            total_swap_bytes=snapshot.total_swap_bytes,
-            page_size=snapshot.page_size,
-        )
-        if guard.scope.kind is ScopeKind.SYSTEM:
-            return system
-        assert guard.scope.cgroup_path is not None
-        try:
-            return cgroup_source.read_oom_totalpages(
-                guard.scope.cgroup_path,
-                page_size=snapshot.page_size,
-                total_swap_pages=snapshot.total_swap_bytes // snapshot.page_size,
-                fallback=system,
-            )
-        except (OSError, ValueError):
-            return system  # the cgroup went away mid-read: its reading fails too, and says so
+    # -- members
 
     def _members(self, guard: GuardPlan) -> frozenset[Pid] | None:
         if guard.scope.kind is ScopeKind.SYSTEM:
@@ -303,7 +283,7 @@ class WarmRanking:
         )
         for reading in readings:
             guard = plan.guard(reading.guard)
-            totalpages = self.totalpages(guard, snapshot)
+            totalpages = cgroup_source.read_totalpages(guard.scope, snapshot)
             rankings[guard.name] = rank(
                 snapshot,
                 plan,

@@ -1,4 +1,4 @@
-"""Fixtures shared by the end-to-end tests: a 512 MiB test memory cgroup and `uoomd run` launchers."""
+"""Fixtures of the end-to-end tests: `uoomd run` launchers (the test cgroup is tests/conftest.py's)."""
 
 from __future__ import annotations
 
@@ -7,18 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cgroups import TestCgroup, test_cgroup_or_skip
 from tests.e2e.daemon_runner import RunningDaemon, daemon_fixture
-
-MIB = 1 << 20
-LIMIT = 512 * MIB
-
-
-@pytest.fixture
-def cgroup() -> Iterator[TestCgroup]:
-    """A memory cgroup of LIMIT bytes, removed with its members after the test (skips with the reason)."""
-    with test_cgroup_or_skip(limit_bytes=LIMIT) as cg:
-        yield cg
 
 
 @pytest.fixture

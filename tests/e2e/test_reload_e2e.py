@@ -25,15 +25,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.cgroups import TestCgroup
+from tests.builders import cgroup_policy
+from tests.cgroups import ScratchCgroup
 from tests.e2e.daemon_runner import RunningDaemon, hog_argv, read_record, uoomd_command, wait_until
 from tests.e2e.test_service_e2e import NotifySocket
 from uoomd.errors import ExitCode
 
 pytestmark = pytest.mark.e2e
 
-MIB = 1 << 20
-LIMIT = 512 * MIB
 WATCHDOG_USEC = 2_000_000  # systemd's WatchdogSec=2s: the daemon pings every 1 s
 SLOW_CHECK_S = 6.0
 # The checker's own timeout (uoomd.policy.isolated.CHILD_TIMEOUT_S) is 30 s: "at once" is far
@@ -49,27 +48,6 @@ for parent in {parents!r}:
     site.addsitedir(parent)
 if os.path.exists({marker!r}):
     time.sleep({seconds})
-"""
-
-
-def policy(cg: TestCgroup, tmp_path: Path, *, term: str = "30%") -> str:
-    return f"""
-[daemon]
-poll_min = "10ms"
-poll_max = "200ms"
-log_format = "json"
-state_file = "{tmp_path}/state.json"
-
-[escalation]
-term_timeout = "2s"
-kill_timeout = "3s"
-max_kills_per_minute = 20
-
-[[guard]]
-name = "test"
-scope = "cgroup:{cg.memory_path}"
-mem_available_term = "{term}"
-mem_available_kill = "10%"
 """
 
 
@@ -127,7 +105,7 @@ def slow_site(tmp_path: Path, seconds: float) -> tuple[list[str], Path]:
     return [str(python), "-m", "uoomd"], marker
 
 
-def start_hog(cg: TestCgroup, tmp_path: Path) -> tuple[Path, int]:
+def start_hog(cg: ScratchCgroup, tmp_path: Path) -> tuple[Path, int]:
     """A hog that would grow past the cgroup's limit (the kernel's OOM killer would act) unless signalled."""
     record = tmp_path / "hog.rec"
     hog = cg.spawn(
@@ -142,9 +120,9 @@ def hog_termed(record: Path) -> bool:
 
 @pytest.mark.parametrize("attempt", range(ATTEMPTS))
 def test_a_fifo_at_the_policy_path_is_refused_at_once_and_a_hog_right_after_is_still_caught(
-    cgroup: TestCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path, attempt: int
+    cgroup: ScratchCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path, attempt: int
 ) -> None:
-    daemon = start_daemon(policy(cgroup, tmp_path))
+    daemon = start_daemon(cgroup_policy(cgroup, tmp_path))
     daemon.wait_for("started")
     daemon.policy_path.unlink()
     os.mkfifo(daemon.policy_path)
@@ -165,14 +143,18 @@ def test_a_fifo_at_the_policy_path_is_refused_at_once_and_a_hog_right_after_is_s
 
 @pytest.mark.parametrize("attempt", range(ATTEMPTS))
 def test_during_a_slow_check_a_hog_is_caught_and_the_watchdog_pings_go_on(
-    cgroup: TestCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path, collector: Collector, attempt: int
+    cgroup: ScratchCgroup,
+    start_daemon: Callable[..., RunningDaemon],
+    tmp_path: Path,
+    collector: Collector,
+    attempt: int,
 ) -> None:
     command, marker = slow_site(tmp_path, SLOW_CHECK_S)
     env = {"NOTIFY_SOCKET": collector.sock.path, "WATCHDOG_USEC": str(WATCHDOG_USEC)}
-    daemon = start_daemon(policy(cgroup, tmp_path), env=env, command=command)
+    daemon = start_daemon(cgroup_policy(cgroup, tmp_path), env=env, command=command)
     daemon.wait_for("started", timeout_s=30)
     assert wait_until(lambda: collector.stamps("WATCHDOG"), 10), "no watchdog ping before the reload"
-    daemon.policy_path.write_text(policy(cgroup, tmp_path, term="31%"))
+    daemon.policy_path.write_text(cgroup_policy(cgroup, tmp_path, term="31%"))
     marker.touch()
     sent_at = time.monotonic()
     daemon.process.send_signal(signal.SIGHUP)
@@ -194,8 +176,9 @@ def test_during_a_slow_check_a_hog_is_caught_and_the_watchdog_pings_go_on(
     assert gaps, pings
     # What systemd checks: no silence as long as WatchdogSec across the whole reload.
     assert max(gaps) < WATCHDOG_USEC / 1e6, f"a {max(gaps):.3f}s gap would have let systemd kill the daemon"
+    # READY=1 is sent just after policy_reloaded is logged: wait for the datagram, do not race it.
+    assert wait_until(lambda: collector.stamps("READY", since=sent_at), 5), "no READY=1 after the reload"
     ready = collector.stamps("READY", since=sent_at)
-    assert ready, "no READY=1 after the reload"
     assert ready[0] >= sent_at + SLOW_CHECK_S, "READY=1 before the check ended"
     print(
         f"\nattempt {attempt}: reload took {reloaded_at - sent_at:.3f}s, {len(pings)} pings, "
@@ -204,10 +187,10 @@ def test_during_a_slow_check_a_hog_is_caught_and_the_watchdog_pings_go_on(
 
 
 def test_sigterm_during_a_slow_check_exits_0_at_once_and_leaves_no_checker(
-    cgroup: TestCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
+    cgroup: ScratchCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
 ) -> None:
     command, marker = slow_site(tmp_path, 120)
-    daemon = start_daemon(policy(cgroup, tmp_path), command=command)
+    daemon = start_daemon(cgroup_policy(cgroup, tmp_path), command=command)
     daemon.wait_for("started", timeout_s=30)
     marker.touch()
     daemon.process.send_signal(signal.SIGHUP)

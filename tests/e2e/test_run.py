@@ -16,49 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.cgroups import TestCgroup, test_cgroup_or_skip
+from tests.builders import cgroup_policy
+from tests.cgroups import CGROUP_LIMIT_BYTES, ScratchCgroup, scratch_cgroup
 from tests.e2e.daemon_runner import HOGS, RunningDaemon, hog_argv, read_record, wait_until
 from tests.thrash import THRASH_PROGRAM, thrash_file
 
 pytestmark = pytest.mark.e2e
 
 MIB = 1 << 20
-LIMIT = 512 * MIB
-
-
-def policy(
-    cg: TestCgroup,
-    tmp_path: Path,
-    *,
-    term: str = "30%",
-    kill: str = "10%",
-    term_timeout: str = "2s",
-    kill_timeout: str = "3s",
-    extra: str = "",
-    guard_extra: str = "",
-    dry_run: bool = False,
-) -> str:
-    return f"""
-[daemon]
-dry_run = {str(dry_run).lower()}
-poll_min = "10ms"
-poll_max = "200ms"
-log_format = "json"
-state_file = "{tmp_path}/state.json"
-
-[escalation]
-term_timeout = "{term_timeout}"
-kill_timeout = "{kill_timeout}"
-max_kills_per_minute = 20
-
-[[guard]]
-name = "test"
-scope = "cgroup:{cg.memory_path}"
-mem_available_term = "{term}"
-mem_available_kill = "{kill}"
-{guard_extra}
-{extra}
-"""
 
 
 def hog_events(path: Path, kind: str) -> list[list[str]]:
@@ -66,16 +31,16 @@ def hog_events(path: Path, kind: str) -> list[list[str]]:
 
 
 def test_hog_gets_sigterm_before_the_kernel_oom_killer_acts(
-    cgroup: TestCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
+    cgroup: ScratchCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
 ) -> None:
-    daemon = start_daemon(policy(cgroup, tmp_path))
+    daemon = start_daemon(cgroup_policy(cgroup, tmp_path))
     daemon.wait_for("started")
     record = tmp_path / "hog.rec"
     hog = cgroup.spawn(hog_argv(record, "--mib-per-step", "32", "--interval-ms", "5", "--max-mib", "900", "--hold"))
     assert wait_until(lambda: hog_events(record, "SIGTERM"), 20), daemon.log_path.read_text()[-3000:]
     hog.wait(10)
     term_mib = int(hog_events(record, "SIGTERM")[0][2])
-    assert term_mib * MIB < LIMIT, "the hog got past the cgroup's limit before SIGTERM"
+    assert term_mib * MIB < CGROUP_LIMIT_BYTES, "the hog got past the cgroup's limit before SIGTERM"
     assert not hog_events(record, "HOLD"), "the hog reached its target: nothing stopped it"
     chosen = daemon.wait_for("victim_chosen", action="term")
     assert chosen["pid"] == hog.pid
@@ -85,10 +50,10 @@ def test_hog_gets_sigterm_before_the_kernel_oom_killer_acts(
 
 
 def test_hog_that_ignores_sigterm_gets_sigkill_after_term_timeout(
-    cgroup: TestCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
+    cgroup: ScratchCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
 ) -> None:
     # Holds at 400 MiB: below the term level (30% of 512 MiB available), above the kill level.
-    daemon = start_daemon(policy(cgroup, tmp_path, term_timeout="1s"))
+    daemon = start_daemon(cgroup_policy(cgroup, tmp_path, term_timeout="1s"))
     daemon.wait_for("started")
     record = tmp_path / "stubborn.rec"
     hog = cgroup.spawn(hog_argv(record, "--mib-per-step", "32", "--max-mib", "400", "--hold", "--ignore-term"))
@@ -103,7 +68,7 @@ def test_hog_that_ignores_sigterm_gets_sigkill_after_term_timeout(
 
 
 def test_protected_hog_is_spared_and_the_other_one_is_chosen(
-    cgroup: TestCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
+    cgroup: ScratchCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
 ) -> None:
     rules = """
 [[rule]]
@@ -116,7 +81,7 @@ name = "prefer-it"
 match = { name = "^spillhog$" }
 adjust = 500
 """
-    daemon = start_daemon(policy(cgroup, tmp_path, extra=rules))
+    daemon = start_daemon(cgroup_policy(cgroup, tmp_path, extra=rules))
     daemon.wait_for("started")
     keep_rec, spill_rec = tmp_path / "keep.rec", tmp_path / "spill.rec"
     # The protected hog is the bigger one: the kernel alone would pick it.
@@ -136,9 +101,9 @@ adjust = 500
 
 
 def test_dry_run_sends_nothing_and_logs_would_term(
-    cgroup: TestCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
+    cgroup: ScratchCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
 ) -> None:
-    daemon = start_daemon(policy(cgroup, tmp_path), "--dry-run")
+    daemon = start_daemon(cgroup_policy(cgroup, tmp_path), "--dry-run")
     daemon.wait_for("started", dry_run=True)
     record = tmp_path / "hog.rec"
     hog = cgroup.spawn(hog_argv(record, "--max-mib", "400", "--hold"))
@@ -153,9 +118,9 @@ def test_dry_run_sends_nothing_and_logs_would_term(
 
 
 def test_two_hogs_in_a_row_are_handled_one_after_the_other(
-    cgroup: TestCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
+    cgroup: ScratchCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
 ) -> None:
-    daemon = start_daemon(policy(cgroup, tmp_path, kill_timeout="2s"))
+    daemon = start_daemon(cgroup_policy(cgroup, tmp_path, kill_timeout="2s"))
     daemon.wait_for("started")
     pids = []
     for n in range(2):
@@ -175,7 +140,7 @@ def test_psi_trigger_on_page_cache_thrash_fires_and_the_guard_acts(
 ) -> None:
     # A 64 MiB cgroup whose member re-reads a 48 MiB file beside 40 MiB of its own memory:
     # the cache is reclaimed and re-read all the time, a real memory stall, never an OOM.
-    with test_cgroup_or_skip(limit_bytes=64 * MIB, prefer="v1") as cg:
+    with scratch_cgroup(limit_bytes=64 * MIB, prefer="v1") as cg:
         if cg.pressure_path is None:
             pytest.skip("no cgroup2 memory.pressure for the test cgroup: PSI cannot be observed here")
         psi = """
@@ -187,7 +152,7 @@ psi_mem_gate = "100%"
   sustain = "0s"
   action = "term"
 """
-        text = policy(cg, tmp_path, term="1%", kill="0.5%", guard_extra=psi)
+        text = cgroup_policy(cg, tmp_path, term="1%", kill="0.5%", guard_extra=psi)
         with thrash_file(tmp_path) as data:
             daemon = start_daemon(text)
             daemon.wait_for("started")
@@ -205,7 +170,7 @@ psi_mem_gate = "100%"
 
 
 def test_after_kill_hook_runs_with_the_victims_facts(
-    cgroup: TestCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
+    cgroup: ScratchCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
 ) -> None:
     out = tmp_path / "hook.env"
     # The hook program is the admin's choice (here a shell); uoomd itself never uses one.
@@ -214,7 +179,7 @@ def test_after_kill_hook_runs_with_the_victims_facts(
 after_kill = ["/bin/sh", "-c", "env | grep ^UOOMD_ | sort > \\"$0\\"", "{out}"]
 timeout = "5s"
 """
-    daemon = start_daemon(policy(cgroup, tmp_path, extra=hooks))
+    daemon = start_daemon(cgroup_policy(cgroup, tmp_path, extra=hooks))
     daemon.wait_for("started")
     record = tmp_path / "hog.rec"
     hog = cgroup.spawn(
@@ -232,11 +197,11 @@ timeout = "5s"
 
 
 def test_the_running_daemon_stays_small(
-    cgroup: TestCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
+    cgroup: ScratchCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
 ) -> None:
     # Like earlyoom's suite: pin the footprint. nohang 0.2 idles at ~17 MiB here (BENCHMARKS.md);
     # uoomd's loop runs in an isolated interpreter without pydantic, psutil or structlog (~16 MiB).
-    daemon = start_daemon(policy(cgroup, tmp_path))
+    daemon = start_daemon(cgroup_policy(cgroup, tmp_path))
     daemon.wait_for("started")
     time.sleep(1.5)
     pid = daemon.process.pid
@@ -262,9 +227,9 @@ os.execv(sys.executable, [sys.executable, hogs, "--record", rec_parent, "--mib-p
 
 
 def test_process_group_victim_signals_the_whole_group(
-    cgroup: TestCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
+    cgroup: ScratchCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
 ) -> None:
-    daemon = start_daemon(policy(cgroup, tmp_path, guard_extra='victim = "process-group"'))
+    daemon = start_daemon(cgroup_policy(cgroup, tmp_path, guard_extra='victim = "process-group"'))
     daemon.wait_for("started")
     parent_rec, child_rec = tmp_path / "parent.rec", tmp_path / "child.rec"
     # Its own session: the group is the hog's, never the test's or the daemon's.
@@ -281,9 +246,9 @@ def test_process_group_victim_signals_the_whole_group(
 
 
 def test_cgroup_victim_signals_every_member_of_the_victims_cgroup(
-    cgroup: TestCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
+    cgroup: ScratchCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
 ) -> None:
-    daemon = start_daemon(policy(cgroup, tmp_path, guard_extra='victim = "cgroup"'))
+    daemon = start_daemon(cgroup_policy(cgroup, tmp_path, guard_extra='victim = "cgroup"'))
     daemon.wait_for("started")
     idle_rec, grow_rec = tmp_path / "idle.rec", tmp_path / "grow.rec"
     idle = cgroup.spawn(hog_argv(idle_rec, "--max-mib", "0", "--hold"))

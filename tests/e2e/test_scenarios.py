@@ -40,8 +40,8 @@ from typing import Any, NoReturn
 
 import pytest
 
-from tests.cgroups import TestCgroup, test_cgroup_or_skip
-from tests.e2e.conftest import LIMIT
+from tests.builders import cgroup_policy
+from tests.cgroups import CGROUP_LIMIT_BYTES, ScratchCgroup, scratch_cgroup
 from tests.e2e.daemon_runner import RunningDaemon, hog_argv, read_record, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -52,7 +52,7 @@ KILL_FRACTION = 0.15
 TERM_TIMEOUT_S = 1.0
 KILL_TIMEOUT_S = 2.0
 # Cgroup usage above which the guard is past its term level (available = limit - usage).
-TERM_USAGE_BYTES = int(LIMIT * (1 - TERM_FRACTION))
+TERM_USAGE_BYTES = int(CGROUP_LIMIT_BYTES * (1 - TERM_FRACTION))
 
 # Waits that end as soon as their condition holds: generous, so load cannot break them.
 SETTLE_TIMEOUT_S = 30.0
@@ -91,27 +91,19 @@ def trial_ids(trials: int) -> list[Any]:
     return [pytest.param(n, id=f"trial{n:02d}") for n in range(trials)]
 
 
-def scenario_policy(cg: TestCgroup, tmp_path: Path, *, guard_extra: str = "", rules: str = "") -> str:
-    return f"""
-[daemon]
-poll_min = "10ms"
-poll_max = "200ms"
-log_format = "json"
-state_file = "{tmp_path}/state.json"
-
-[escalation]
-term_timeout = "{TERM_TIMEOUT_S}s"
-kill_timeout = "{KILL_TIMEOUT_S}s"
-max_kills_per_minute = 100
-
-[[guard]]
-name = "scenario"
-scope = "cgroup:{cg.memory_path}"
-mem_available_term = "{TERM_FRACTION:.0%}"
-mem_available_kill = "{KILL_FRACTION:.0%}"
-{guard_extra}
-{rules}
-"""
+def scenario_policy(cg: ScratchCgroup, tmp_path: Path, *, guard_extra: str = "", rules: str = "") -> str:
+    return cgroup_policy(
+        cg,
+        tmp_path,
+        name="scenario",
+        term=f"{TERM_FRACTION:.0%}",
+        kill=f"{KILL_FRACTION:.0%}",
+        term_timeout=f"{TERM_TIMEOUT_S}s",
+        kill_timeout=f"{KILL_TIMEOUT_S}s",
+        max_kills=100,
+        guard_extra=guard_extra,
+        extra=rules,
+    )
 
 
 def less_preferred(name: str) -> str:
@@ -262,7 +254,7 @@ class Scene:
     """One trial: its cgroups, its daemon, its processes, and the problems found so far."""
 
     def __init__(
-        self, title: str, cgroup: TestCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
+        self, title: str, cgroup: ScratchCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
     ) -> None:
         self.title = title
         self.cgroup = cgroup
@@ -287,14 +279,14 @@ class Scene:
         return self.tmp_path / f"{label}.rec"
 
     def spawn(
-        self, label: str, role: Role, options: Sequence[str], *, cgroup: TestCgroup | None = None, **popen: Any
+        self, label: str, role: Role, options: Sequence[str], *, cgroup: ScratchCgroup | None = None, **popen: Any
     ) -> Proc:
         """Start tests/hogs.py (inside ``cgroup``, default the guarded one), recording to ``label.rec``."""
         record = self.record_path(label)
         return self.spawn_argv(label, role, record, hog_argv(record, *options), cgroup or self.cgroup, **popen)
 
     def spawn_argv(
-        self, label: str, role: Role, record: Path, argv: list[str], cgroup: TestCgroup, **popen: Any
+        self, label: str, role: Role, record: Path, argv: list[str], cgroup: ScratchCgroup, **popen: Any
     ) -> Proc:
         """Start ``argv`` in ``cgroup``; its stderr (and its children's) goes to ``label.err`` for the report."""
         self.mark(f"spawn {label}")
@@ -312,7 +304,7 @@ class Scene:
         self.procs.append(proc)
         return proc
 
-    def add_cgroup(self, cg: TestCgroup) -> None:
+    def add_cgroup(self, cg: ScratchCgroup) -> None:
         self.cgroups.append(cg)
 
     def note(self, text: str) -> None:
@@ -485,7 +477,7 @@ def subreaper() -> Iterator[None]:
 def scene(
     request: pytest.FixtureRequest,
     subreaper: None,
-    cgroup: TestCgroup,
+    cgroup: ScratchCgroup,
     start_daemon: Callable[..., RunningDaemon],
     tmp_path: Path,
 ) -> Iterator[Scene]:
@@ -760,7 +752,7 @@ os.execv(first[0], first)
 GROUP_TRIALS = 3
 
 
-def join_opts(cg: TestCgroup) -> list[str]:
+def join_opts(cg: ScratchCgroup) -> list[str]:
     return hog_opts(join_cgroup=cg.procs_files())
 
 
@@ -769,7 +761,7 @@ def join_opts(cg: TestCgroup) -> list[str]:
 def test_a_process_group_member_outside_the_guarded_cgroup_gets_no_signal(
     scene: Scene, layout: str, trial: int
 ) -> None:
-    with test_cgroup_or_skip(limit_bytes=256 * MIB, prefix="uoomd-test-b", prefer="v1") as other:
+    with scratch_cgroup(limit_bytes=256 * MIB, prefix="uoomd-test-b", prefer="v1") as other:
         scene.add_cgroup(other)
         scene.start(scenario_policy(scene.cgroup, scene.tmp_path, guard_extra='victim = "process-group"'))
         offset_s = spread(trial, GROUP_TRIALS, 0.2, 1.2)
@@ -819,7 +811,7 @@ LEAVER_WATCH_S = 3 * TERM_TIMEOUT_S
 
 @pytest.mark.parametrize("trial", trial_ids(LEAVER_TRIALS))
 def test_a_victim_that_left_the_guarded_cgroup_gets_no_sigkill(scene: Scene, trial: int) -> None:
-    with test_cgroup_or_skip(limit_bytes=LIMIT, prefix="uoomd-test-b", prefer="v1") as other:
+    with scratch_cgroup(limit_bytes=CGROUP_LIMIT_BYTES, prefix="uoomd-test-b", prefer="v1") as other:
         scene.add_cgroup(other)
         daemon = scene.start(scenario_policy(scene.cgroup, scene.tmp_path))
         offset_s = spread(trial, LEAVER_TRIALS, 0.2, 1.2)

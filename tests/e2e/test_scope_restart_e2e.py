@@ -12,17 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.cgroups import TestCgroup
+from tests.builders import cgroup_policy
+from tests.cgroups import CGROUP_LIMIT_BYTES, ScratchCgroup
 from tests.e2e.daemon_runner import RunningDaemon, hog_argv, read_record, wait_until
 
 pytestmark = pytest.mark.e2e
 
 MIB = 1 << 20
-LIMIT = 512 * MIB  # the cgroup fixture's (tests/e2e/conftest.py)
 RUNS = 5
 
 
-def policy(cg: TestCgroup, tmp_path: Path) -> str:
+def policy(cg: ScratchCgroup, tmp_path: Path) -> str:
     # A warn-only PSI trigger where the cgroup has a pressure file: it is re-armed on the
     # recreated cgroup (scope_back says how) and can never be the reason the hog is stopped.
     psi = ""
@@ -35,29 +35,12 @@ def policy(cg: TestCgroup, tmp_path: Path) -> str:
   sustain = "0s"
   action = "warn"
 """
-    return f"""
-[daemon]
-poll_min = "10ms"
-poll_max = "200ms"
-log_format = "json"
-state_file = "{tmp_path}/state.json"
-
-[escalation]
-term_timeout = "2s"
-kill_timeout = "3s"
-
-[[guard]]
-name = "svc"
-scope = "cgroup:{cg.memory_path}"
-mem_available_term = "30%"
-mem_available_kill = "10%"
-{psi}
-"""
+    return cgroup_policy(cg, tmp_path, name="svc", max_kills=None, guard_extra=psi)
 
 
 @pytest.mark.parametrize("run", range(RUNS))
 def test_a_hog_in_a_recreated_cgroup_gets_sigterm_before_the_kernel_oom_killer(
-    run: int, cgroup: TestCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
+    run: int, cgroup: ScratchCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
 ) -> None:
     daemon = start_daemon(policy(cgroup, tmp_path))
     daemon.wait_for("started")
@@ -73,7 +56,7 @@ def test_a_hog_in_a_recreated_cgroup_gets_sigterm_before_the_kernel_oom_killer(
     sigterm = wait_until(lambda: [line for line in read_record(record) if line[0] == "SIGTERM"], 20)
     assert sigterm, daemon.log_path.read_text()[-3000:]
     hog.wait(10)
-    assert int(sigterm[0][2]) * MIB < LIMIT, "the hog got past the cgroup's limit before SIGTERM"
+    assert int(sigterm[0][2]) * MIB < CGROUP_LIMIT_BYTES, "the hog got past the cgroup's limit before SIGTERM"
     assert not [line for line in read_record(record) if line[0] == "HOLD"], "nothing stopped the hog"
     chosen = daemon.wait_for("victim_chosen", action="term")
     assert chosen["pid"] == hog.pid

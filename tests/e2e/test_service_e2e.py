@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.cgroups import TestCgroup
+from tests.builders import cgroup_policy
+from tests.cgroups import CGROUP_LIMIT_BYTES, ScratchCgroup
 from tests.e2e.daemon_runner import RunningDaemon, hog_argv, read_record, uoomd_command, wait_until
 
 pytestmark = pytest.mark.e2e
 
 MIB = 1 << 20
-LIMIT = 512 * MIB
 WATCHDOG_USEC = 200_000  # pings every 0.1 s (half the interval, sd_watchdog_enabled(3))
 
 
@@ -98,32 +98,18 @@ def notify() -> Iterator[NotifySocket]:
         sock.close()
 
 
-def policy(cg: TestCgroup, tmp_path: Path, *, term: str = "1%", kill: str = "0.5%", extra: str = "") -> str:
-    return f"""
-[daemon]
-poll_min = "10ms"
-poll_max = "500ms"
-log_format = "json"
-state_file = "{tmp_path}/state.json"
-
-[escalation]
-term_timeout = "30s"
-kill_timeout = "3s"
-
-[[guard]]
-name = "test"
-scope = "cgroup:{cg.memory_path}"
-mem_available_term = "{term}"
-mem_available_kill = "{kill}"
-{extra}
-"""
+def policy(cg: ScratchCgroup, tmp_path: Path, *, term: str = "1%", kill: str = "0.5%", extra: str = "") -> str:
+    """Levels below any hog's reach unless a test raises them: these tests are about the service."""
+    return cgroup_policy(
+        cg, tmp_path, term=term, kill=kill, term_timeout="30s", max_kills=None, poll_max="500ms", guard_extra=extra
+    )
 
 
 def notify_env(sock: NotifySocket) -> dict[str, str]:
     return {"NOTIFY_SOCKET": sock.path, "WATCHDOG_USEC": str(WATCHDOG_USEC)}
 
 
-def start_holding_hog(cg: TestCgroup, tmp_path: Path, mib: int, *extra: str) -> tuple[subprocess.Popen[bytes], Path]:
+def start_holding_hog(cg: ScratchCgroup, tmp_path: Path, mib: int, *extra: str) -> tuple[subprocess.Popen[bytes], Path]:
     record = tmp_path / f"hog{mib}.rec"
     hog = cg.spawn(hog_argv(record, "--name", "svchog", "--max-mib", str(mib), "--hold", *extra))
     assert wait_until(lambda: [r for r in read_record(record) if r[0] == "HOLD"], 20), "the hog never reached its size"
@@ -134,7 +120,7 @@ def start_holding_hog(cg: TestCgroup, tmp_path: Path, mib: int, *extra: str) -> 
 
 
 def test_ready_comes_once_with_a_status_line_after_the_first_readings_then_watchdog_pings(
-    cgroup: TestCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path, notify: NotifySocket
+    cgroup: ScratchCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path, notify: NotifySocket
 ) -> None:
     daemon = start_daemon(policy(cgroup, tmp_path), env=notify_env(notify))
     ready = notify.wait_for("READY")
@@ -153,7 +139,7 @@ def test_ready_comes_once_with_a_status_line_after_the_first_readings_then_watch
 
 
 def test_status_follows_what_the_daemon_sees_at_most_once_a_second(
-    cgroup: TestCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path, notify: NotifySocket
+    cgroup: ScratchCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path, notify: NotifySocket
 ) -> None:
     start_daemon(policy(cgroup, tmp_path), env=notify_env(notify))
     ready = notify.wait_for("READY")
@@ -171,7 +157,7 @@ def test_status_follows_what_the_daemon_sees_at_most_once_a_second(
 
 
 def test_sighup_sends_reloading_then_ready_in_that_order(
-    cgroup: TestCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path, notify: NotifySocket
+    cgroup: ScratchCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path, notify: NotifySocket
 ) -> None:
     daemon = start_daemon(policy(cgroup, tmp_path), env=notify_env(notify))
     ready = notify.wait_for("READY")
@@ -184,7 +170,7 @@ def test_sighup_sends_reloading_then_ready_in_that_order(
 
 
 def test_a_stalled_loop_stops_the_watchdog_pings(
-    cgroup: TestCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path, notify: NotifySocket
+    cgroup: ScratchCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path, notify: NotifySocket
 ) -> None:
     daemon = start_daemon(policy(cgroup, tmp_path), env=notify_env(notify))
     notify.wait_for("READY")
@@ -206,7 +192,7 @@ def test_a_stalled_loop_stops_the_watchdog_pings(
 
 
 def test_bad_reload_keeps_the_old_policy_and_a_good_one_takes_effect(
-    cgroup: TestCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
+    cgroup: ScratchCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
 ) -> None:
     daemon = start_daemon(policy(cgroup, tmp_path, term="1%"))
     daemon.wait_for("started")
@@ -231,12 +217,12 @@ def test_bad_reload_keeps_the_old_policy_and_a_good_one_takes_effect(
     daemon.wait_for("policy_reloaded")
     chosen = daemon.wait_for("victim_chosen", action="term")
     assert chosen["pid"] == hog.pid
-    assert chosen["term_threshold_bytes"] == int(LIMIT * 0.6)
+    assert chosen["term_threshold_bytes"] == int(CGROUP_LIMIT_BYTES * 0.6)
     assert wait_until(lambda: [r for r in read_record(record) if r[0] == "SIGTERM"], 10)
 
 
 def test_sigterm_during_an_escalation_logs_the_guard_in_flight_and_exits_0(
-    cgroup: TestCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
+    cgroup: ScratchCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
 ) -> None:
     daemon = start_daemon(policy(cgroup, tmp_path, term="60%"))
     daemon.wait_for("started")
@@ -253,7 +239,7 @@ def test_sigterm_during_an_escalation_logs_the_guard_in_flight_and_exits_0(
 
 
 def test_the_kill_line_carries_the_facts_the_kernel_prints_for_a_real_hog(
-    cgroup: TestCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
+    cgroup: ScratchCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
 ) -> None:
     daemon = start_daemon(policy(cgroup, tmp_path, term="1%"))
     daemon.wait_for("started")
@@ -281,7 +267,7 @@ def test_the_kill_line_carries_the_facts_the_kernel_prints_for_a_real_hog(
 
 
 def test_a_kill_with_notify_desktop_sends_one_notice_and_a_missing_bus_is_a_log_line(
-    cgroup: TestCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
+    cgroup: ScratchCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
 ) -> None:
     def with_notices(term: str) -> str:
         return policy(cgroup, tmp_path, term=term).replace(

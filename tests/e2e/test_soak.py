@@ -18,13 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.cgroups import TestCgroup
+from tests.builders import cgroup_policy
+from tests.cgroups import ScratchCgroup
 from tests.e2e.daemon_runner import RunningDaemon, hog_argv, read_record, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.soak]
 
-MIB = 1 << 20
-LIMIT = 512 * MIB
 SOAK_S = float(os.environ.get("UOOMD_SOAK_S", "60"))
 RSS_GROWTH_MAX_KIB = 1024  # between the first and the last third, after warm-up
 
@@ -51,31 +50,12 @@ def guards_idle(state_file: Path) -> bool:
     return all(guard["phase"] == "idle" for guard in guards)
 
 
-def policy(cg: TestCgroup, tmp_path: Path) -> str:
-    return f"""
-[daemon]
-poll_min = "10ms"
-poll_max = "200ms"
-log_format = "json"
-state_file = "{tmp_path}/state.json"
-
-[escalation]
-term_timeout = "500ms"
-kill_timeout = "2s"
-max_kills_per_minute = 1000
-
-[[guard]]
-name = "soak"
-scope = "cgroup:{cg.memory_path}"
-mem_available_term = "30%"
-mem_available_kill = "10%"
-"""
-
-
 def test_soak_hogs_again_and_again_no_oom_kill_flat_rss_no_fd_leak(
-    cgroup: TestCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
+    cgroup: ScratchCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
 ) -> None:
-    daemon = start_daemon(policy(cgroup, tmp_path))
+    daemon = start_daemon(
+        cgroup_policy(cgroup, tmp_path, name="soak", term_timeout="500ms", kill_timeout="2s", max_kills=1000)
+    )
     daemon.wait_for("started")
     pid = daemon.process.pid
     with open(f"/proc/{pid}/cmdline", "rb") as f:

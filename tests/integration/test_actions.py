@@ -13,19 +13,21 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from uoomd.actions import LiveExecutor, open_victim, read_stat_identity
-from uoomd.decision import KillCgroup, ReleaseMemory, RunHook, SendSignal
+from tests.cgroups import bare_cgroup
+from uoomd.actions import KillCgroup, ReleaseMemory, RunHook, SendSignal
+from uoomd.executor import LiveExecutor
 from uoomd.hooks import run_hook
+from uoomd.kill import open_victim
 from uoomd.plan import VictimKind
 from uoomd.readings import Pid, ProcessKey
 from uoomd.results import Outcome
+from uoomd.sources.procfs import read_stat
 
 pytestmark = pytest.mark.integration
 
@@ -48,7 +50,7 @@ class Hog:
 
     @property
     def key(self) -> ProcessKey:
-        ident = read_stat_identity("/proc", self.pid)
+        ident = read_stat("/proc", self.pid)
         assert ident is not None
         return ProcessKey(pid=Pid(self.pid), starttime_ticks=ident.starttime_ticks)
 
@@ -56,6 +58,13 @@ class Hog:
         if not self.record.exists():
             return []
         return [line.split()[0] for line in self.record.read_text().splitlines()]
+
+    def wait_for_count(self, event: str, count: int, timeout_s: float = 10.0) -> None:
+        end = time.monotonic() + timeout_s
+        while self.events().count(event) < count:
+            assert time.monotonic() < end, f"hog recorded {event} fewer than {count} times: {self.events()}"
+            time.sleep(0.01)
+        assert self.events().count(event) == count, self.events()
 
     def wait_for(self, event: str, timeout_s: float = 10.0) -> None:
         end = time.monotonic() + timeout_s
@@ -180,7 +189,7 @@ def test_a_key_with_another_starttime_is_recycled_and_nothing_is_sent(hogs: HogF
 
 def test_an_exited_and_reaped_process_is_gone(executor: LiveExecutor) -> None:
     proc = subprocess.Popen(["sleep", "0"])
-    ident = read_stat_identity("/proc", proc.pid)
+    ident = read_stat("/proc", proc.pid)
     proc.wait()
     starttime = ident.starttime_ticks if ident is not None else 0
     key = ProcessKey(pid=Pid(proc.pid), starttime_ticks=starttime)
@@ -261,7 +270,7 @@ def test_pid_reuse_stress_never_signals_the_newcomer(executor: LiveExecutor) -> 
         pid = spawn_blocked_child(r, devnull)
         children += 1
         try:
-            ident = read_stat_identity("/proc", pid)
+            ident = read_stat("/proc", pid)
             assert ident is not None
             stale = old.get(pid)
             if stale is not None and stale.starttime_ticks != ident.starttime_ticks:
@@ -381,7 +390,7 @@ def _rss_kib(pid: int) -> int:
 
 
 def test_release_of_a_live_process_such_as_ourselves_is_refused_not_raised(executor: LiveExecutor) -> None:
-    ident = read_stat_identity("/proc", os.getpid())
+    ident = read_stat("/proc", os.getpid())
     assert ident is not None
     me = ProcessKey(pid=Pid(os.getpid()), starttime_ticks=ident.starttime_ticks)
     result = executor.execute(ReleaseMemory(guard="test", target=me))
@@ -397,7 +406,7 @@ def test_process_group_victim_signals_only_the_keys_of_its_group(hogs: HogFactor
     leader = hogs.start(process_group=0)
     inside = hogs.start(process_group=leader.pid)
     outside = hogs.start(process_group=leader.pid)
-    with test_cgroup(V1_MEMORY) as cg:
+    with bare_cgroup(V1_MEMORY) as cg:
         try:
             join_cgroup(cg, leader.pid)
             join_cgroup(cg, inside.pid)
@@ -473,7 +482,7 @@ def test_a_recycled_or_exited_group_victim_signals_nobody_in_its_group(
     member = hogs.start(process_group=leader.pid)
     stale = ProcessKey(pid=member.key.pid, starttime_ticks=member.key.starttime_ticks - 1)
     exited = subprocess.Popen(["sleep", "0"], process_group=leader.pid)
-    ident = read_stat_identity("/proc", exited.pid)
+    ident = read_stat("/proc", exited.pid)
     exited.wait()
     dead = ProcessKey(pid=Pid(exited.pid), starttime_ticks=ident.starttime_ticks if ident is not None else 0)
     for target in (stale, dead):
@@ -494,30 +503,6 @@ def test_a_recycled_or_exited_group_victim_signals_nobody_in_its_group(
 # --- cgroups --------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def test_cgroup(root: Path) -> Iterator[Path]:
-    if not (root / "cgroup.procs").is_file() or not os.access(root, os.W_OK):
-        pytest.skip(f"{root} is not a writable cgroup hierarchy")
-    path = root / f"uoomd-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    path.mkdir()
-    try:
-        yield path
-    finally:
-        # The test kills its own members first (the hogs fixture); rmdir fails while any remain.
-        end = time.monotonic() + 10
-        while True:
-            try:
-                path.rmdir()
-                break
-            except OSError:
-                if time.monotonic() > end:
-                    raise
-                time.sleep(0.05)
-
-
-test_cgroup.__test__ = False  # type: ignore[attr-defined]  # a context manager, not a test
-
-
 def join_cgroup(cgroup: Path, pid: int) -> None:
     (cgroup / "cgroup.procs").write_text(f"{pid}\n")
 
@@ -526,7 +511,7 @@ def test_v1_cgroup_kill_signals_every_member_through_pidfds(hogs: HogFactory) ->
     a = hogs.start()
     b = hogs.start()
     bystander = hogs.start("--ignore-term")
-    with test_cgroup(V1_MEMORY) as cg:
+    with bare_cgroup(V1_MEMORY) as cg:
         try:
             join_cgroup(cg, a.pid)
             join_cgroup(cg, b.pid)
@@ -547,7 +532,7 @@ def test_v1_cgroup_kill_signals_every_member_through_pidfds(hogs: HogFactory) ->
 def test_v1_cgroup_victim_with_sigterm_reaches_every_member_of_its_group(hogs: HogFactory) -> None:
     a = hogs.start()
     b = hogs.start()
-    with test_cgroup(V1_MEMORY) as cg:
+    with bare_cgroup(V1_MEMORY) as cg:
         try:
             join_cgroup(cg, a.pid)
             join_cgroup(cg, b.pid)
@@ -568,7 +553,7 @@ def test_v1_cgroup_victim_with_sigterm_reaches_every_member_of_its_group(hogs: H
 def test_v2_cgroup_kill_writes_cgroup_kill_when_every_member_is_in_the_group(hogs: HogFactory) -> None:
     a = hogs.start()
     b = hogs.start()
-    with test_cgroup(V2_UNIFIED) as cg:
+    with bare_cgroup(V2_UNIFIED) as cg:
         try:
             if not (cg / "cgroup.kill").exists():
                 pytest.skip("no cgroup.kill (Linux < 5.14)")
@@ -590,7 +575,7 @@ def test_cgroup_kill_spares_a_member_outside_the_group(hogs: HogFactory, root: P
     # exists (v2) it is not used, since it would take everyone; each group key gets its pidfd.
     victim = hogs.start()
     spared = hogs.start("--ignore-term")
-    with test_cgroup(root) as cg:
+    with bare_cgroup(root) as cg:
         try:
             join_cgroup(cg, victim.pid)
             join_cgroup(cg, spared.pid)
@@ -608,20 +593,20 @@ def test_cgroup_kill_spares_a_member_outside_the_group(hogs: HogFactory, root: P
 def test_cgroup_victim_sigterm_spares_a_member_outside_the_group(hogs: HogFactory) -> None:
     victim = hogs.start()
     spared = hogs.start()
-    with test_cgroup(V1_MEMORY) as cg:
+    with bare_cgroup(V1_MEMORY) as cg:
         try:
             join_cgroup(cg, victim.pid)
             join_cgroup(cg, spared.pid)
             ex = LiveExecutor(cgroup_roots=(str(V1_MEMORY),))
-            for group in ((victim.key,), ()):  # an empty group means the victim alone, never the cgroup
+            for sent, group in enumerate(((victim.key,), ()), 1):  # empty: the victim alone, never the cgroup
                 action = signal_action(victim.key, signal.SIGUSR1, kind=VictimKind.CGROUP, cgroup=str(cg), group=group)
                 result = ex.execute(action)
                 assert result.outcome is Outcome.SENT, result.fields()
                 assert (result.detail("sent"), result.detail("skipped")) == (1, 1)
+                # Two SIGUSR1s pending at once merge into one (a standard signal): wait for each.
+                victim.wait_for_count("SIGUSR1", sent)
             assert victim.key in ex.tracked()
             ex.close()
-            time.sleep(0.2)
-            assert victim.events().count("SIGUSR1") == 2
             assert "SIGUSR1" not in spared.events()
             assert spared.proc.poll() is None
         finally:
@@ -631,7 +616,7 @@ def test_cgroup_victim_sigterm_spares_a_member_outside_the_group(hogs: HogFactor
 def test_a_recycled_cgroup_victim_signals_nobody(hogs: HogFactory) -> None:
     a = hogs.start()
     b = hogs.start()
-    with test_cgroup(V2_UNIFIED) as cg:
+    with bare_cgroup(V2_UNIFIED) as cg:
         try:
             join_cgroup(cg, a.pid)
             join_cgroup(cg, b.pid)
@@ -695,7 +680,7 @@ def test_hanging_hook_is_killed_with_its_process_group_after_the_timeout(tmp_pat
     grandchild = int(pidfile.read_text())
     end = time.monotonic() + 5
     while True:  # gone, or a zombie waiting for init: either way killed, not sleeping
-        ident = read_stat_identity("/proc", grandchild)
+        ident = read_stat("/proc", grandchild)
         if ident is None or ident.state in {"Z", "X"} or ident.pgid != handle.pid:
             break
         assert time.monotonic() < end, "the hook's grandchild survived the timeout"

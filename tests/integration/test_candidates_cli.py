@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers_proc import start_children, stop_children
+from tests.children import start_children, stop_children
 from uoomd.errors import ExitCode
 
 pytestmark = pytest.mark.integration

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.cgroups import test_cgroup_or_skip
+from tests.cgroups import scratch_cgroup
 from uoomd.plan import Scope, ScopeKind
 from uoomd.sources.cgroup import (
     CgroupError,
@@ -57,7 +57,7 @@ def test_real_meminfo_agrees_with_sysconf() -> None:
 def test_cgroup_usage_grows_and_available_shrinks_when_a_child_allocates() -> None:
     machine_total, machine_swap = _machine()
     with (
-        test_cgroup_or_skip(limit_bytes=256 * MIB) as cg,
+        scratch_cgroup(limit_bytes=256 * MIB) as cg,
         CgroupMemoryReader(cg.memory_path, machine_total, machine_swap) as reader,
     ):
         child = cg.spawn(
@@ -86,7 +86,7 @@ def test_cgroup_usage_grows_and_available_shrinks_when_a_child_allocates() -> No
 
 def test_baseline_reading_before_allocation_is_near_the_limit() -> None:
     machine_total, machine_swap = _machine()
-    with test_cgroup_or_skip(limit_bytes=256 * MIB) as cg:
+    with scratch_cgroup(limit_bytes=256 * MIB) as cg:
         with CgroupMemoryReader(cg.memory_path, machine_total, machine_swap) as reader:
             empty = reader.read()
         assert empty.total_bytes == 256 * MIB
@@ -94,7 +94,7 @@ def test_baseline_reading_before_allocation_is_near_the_limit() -> None:
 
 
 def test_kernel_oom_kill_in_the_test_cgroup_is_counted() -> None:
-    with test_cgroup_or_skip(limit_bytes=64 * MIB) as cg:
+    with scratch_cgroup(limit_bytes=64 * MIB) as cg:
         assert read_oom_kill_count(cg.memory_path) == 0
         # 128 MiB in a 64 MiB cgroup without swap: the memcg OOM killer can only pick this child.
         child = cg.spawn([sys.executable, "-c", _ALLOCATE, "128"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -107,7 +107,7 @@ def test_kernel_oom_kill_in_the_test_cgroup_is_counted() -> None:
 
 
 def test_cgroup_helpers_on_the_live_tree() -> None:
-    with test_cgroup_or_skip(limit_bytes=64 * MIB) as cg:
+    with scratch_cgroup(limit_bytes=64 * MIB) as cg:
         assert cgroup_exists(cg.memory_path)
         child = cg.spawn(["sleep", "30"])
         assert read_members(cg.memory_path) == frozenset({child.pid})
@@ -126,7 +126,7 @@ def test_cgroup_helpers_on_the_live_tree() -> None:
 
 def test_reader_of_a_removed_cgroup_raises_cgroup_error() -> None:
     machine_total, machine_swap = _machine()
-    with test_cgroup_or_skip(limit_bytes=64 * MIB) as cg:
+    with scratch_cgroup(limit_bytes=64 * MIB) as cg:
         reader = CgroupMemoryReader(cg.memory_path, machine_total, machine_swap)
         assert reader.read().total_bytes == 64 * MIB
     try:

@@ -24,12 +24,13 @@ from typing import Any
 
 import pytest
 
-from tests.cgroups import test_cgroup_or_skip
+from tests.builders import CHILDREN, cgroup_policy, make_guard, make_plan
+from tests.cgroups import scratch_cgroup
 from tests.e2e.daemon_runner import hog_argv, read_record, uoomd_command, wait_until
-from tests.helpers_proc import CHILDREN, make_guard, make_plan
-from uoomd.actions import Action, RecordingExecutor
+from tests.harness import Clock
+from uoomd.actions import Action, RunHook, SendSignal
 from uoomd.daemon import Daemon
-from uoomd.decision import RunHook, SendSignal
+from uoomd.executor import RecordingExecutor
 from uoomd.hooks import HookRunner
 from uoomd.logs import PipelineLogger, configure
 from uoomd.plan import Amount, HooksPlan, LogFormat, Plan, PsiAction, PsiKind, PsiTriggerPlan, Scope, ScopeKind
@@ -125,21 +126,13 @@ def harness(tmp_path: Path) -> Iterator[Callable[..., Harness]]:
             daemon.close()
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 # --- /proc/meminfo faults -------------------------------------------------------------------
 
 
 def test_meminfo_unreadable_for_a_while_is_logged_and_guarding_resumes(
     proc: FakeProc, harness: Callable[..., Harness]
 ) -> None:
-    clock = FakeClock()
+    clock = Clock()
     h = harness(make_plan(), str(proc.root), clock=clock)
     proc.write_meminfo("")  # a read that returns nothing usable
     for _ in range(3):
@@ -160,7 +153,7 @@ def test_meminfo_unreadable_for_a_while_is_logged_and_guarding_resumes(
 def test_nonsense_reading_mem_available_above_total_is_logged_and_skipped(
     proc: FakeProc, harness: Callable[..., Harness]
 ) -> None:
-    clock = FakeClock()
+    clock = Clock()
     h = harness(make_plan(), str(proc.root), clock=clock)
     # MemAvailable above MemTotal, with MemTotal tiny: taken at face value, 0.1 % would be
     # "available" and the guard would kill. It must be refused instead.
@@ -180,7 +173,7 @@ def test_nonsense_reading_mem_available_above_total_is_logged_and_skipped(
 def test_meminfo_gone_during_a_process_scan_is_logged_and_the_daemon_keeps_guarding(
     proc: FakeProc, harness: Callable[..., Harness]
 ) -> None:
-    clock = FakeClock()
+    clock = Clock()
     h = harness(make_plan(), str(proc.root), clock=clock)
     proc.meminfo(LOW_KIB)  # the kept fd reads this; the scan opens the path afresh
     os.unlink(proc.root / "meminfo")
@@ -202,7 +195,7 @@ def test_meminfo_gone_during_a_process_scan_is_logged_and_the_daemon_keeps_guard
 def test_cgroup_removed_under_an_armed_psi_trigger_is_logged_and_the_loop_does_not_spin(
     harness: Callable[..., Harness],
 ) -> None:
-    with test_cgroup_or_skip(limit_bytes=64 * MIB, prefer="v1") as cg:
+    with scratch_cgroup(limit_bytes=64 * MIB, prefer="v1") as cg:
         if cg.pressure_path is None:
             pytest.skip("no cgroup2 memory.pressure for the test cgroup")
         trigger = PsiTriggerPlan(
@@ -232,7 +225,7 @@ def test_cgroup_removed_under_an_armed_psi_trigger_is_logged_and_the_loop_does_n
 
 
 def test_a_removed_cgroup_scope_is_logged_gone_once_not_a_crash(harness: Callable[..., Harness]) -> None:
-    with test_cgroup_or_skip(limit_bytes=64 * MIB) as cg:
+    with scratch_cgroup(limit_bytes=64 * MIB) as cg:
         guard = make_guard("cg", scope=Scope(kind=ScopeKind.CGROUP, cgroup_path=cg.memory_path))
         h = harness(make_plan(guards=(guard,)), "/proc")
         h.daemon.tick(time.monotonic())
@@ -271,7 +264,7 @@ def test_refused_psi_trigger_falls_back_to_polled_and_still_fires(
         kind=PsiKind.SOME, stall_us=100_000, window_us=2_000_000, sustain_s=0, action=PsiAction.TERM
     )
     guard = make_guard(psi=(trigger,), psi_mem_gate=Amount(fraction=1.0))
-    clock = FakeClock()
+    clock = Clock()
     h = harness(make_plan(guards=(guard,)), str(proc.root), clock=clock)
     armed = h.events("psi_trigger_armed")
     assert len(armed) == 1
@@ -386,23 +379,10 @@ def test_log_stream_and_notify_socket_gone_the_daemon_keeps_guarding(
 
 @pytest.mark.e2e
 def test_uoomd_run_with_its_output_closed_still_stops_a_hog(tmp_path: Path) -> None:
-    with test_cgroup_or_skip(limit_bytes=512 * MIB) as cg:
+    with scratch_cgroup(limit_bytes=512 * MIB) as cg:
         policy = tmp_path / "policy.toml"
-        policy.write_text(
-            f"""
-[daemon]
-poll_min = "10ms"
-poll_max = "200ms"
-log_format = "json"
-state_file = "{tmp_path}/state.json"
-
-[[guard]]
-name = "test"
-scope = "cgroup:{cg.memory_path}"
-mem_available_term = "30%"
-mem_available_kill = "10%"
-"""
-        )
+        # The policy's default escalation: SIGKILL after 5 s, 10 victims a minute.
+        policy.write_text(cgroup_policy(cg, tmp_path, term_timeout="5s", kill_timeout="3s", max_kills=None))
         daemon = subprocess.Popen(
             [*uoomd_command(), "run", "--policy", str(policy)],
             stdout=subprocess.PIPE,
@@ -452,7 +432,7 @@ def test_a_quiet_daemon_skips_the_step_far_from_trouble_and_acts_on_the_first_lo
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(uoomd.decision, "step", counting_step)  # the daemon calls decision.step
-    clock = FakeClock()
+    clock = Clock()
     h = harness(make_plan(), str(proc.root), clock=clock)
     # A big machine far from its levels: a 4 GiB/s allocator needs seconds to get near them.
     proc.meminfo(BIG_PLENTY_KIB, total_kib=BIG_TOTAL_KIB)
@@ -480,7 +460,7 @@ def test_a_quiet_daemon_still_does_a_full_tick_now_and_then(
         return real_full(self, now)
 
     monkeypatch.setattr(uoomd.daemon.Daemon, "_full_tick", counting_full)
-    clock = FakeClock()
+    clock = Clock()
     proc.meminfo(BIG_PLENTY_KIB, total_kib=BIG_TOTAL_KIB)
     h = harness(make_plan(), str(proc.root), clock=clock)
     for _ in range(int(uoomd.daemon.QUIET_FULL_TICK_S) + 5):

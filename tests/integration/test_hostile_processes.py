@@ -23,14 +23,14 @@ from typing import NoReturn
 
 import pytest
 
-from tests.cgroups import TestCgroup, test_cgroup_or_skip
+from tests.builders import cgroup_policy, make_guard, make_plan, make_rule
+from tests.cgroups import scratch_cgroup
 from tests.e2e.daemon_runner import RunningDaemon, daemon_fixture, hog_argv, read_record, wait_until
-from tests.helpers_proc import make_guard, make_plan, make_rule
 from tests.integration.test_actions import frozen
 from uoomd import logs
-from uoomd.actions import RecordingExecutor
+from uoomd.actions import RunHook
 from uoomd.daemon import Daemon
-from uoomd.decision import RunHook
+from uoomd.executor import RecordingExecutor
 from uoomd.hooks import run_hook
 from uoomd.plan import Amount, HooksPlan, LogFormat, Scope, ScopeKind
 from uoomd.readings import Pid
@@ -175,7 +175,7 @@ def test_candidates_json_escapes_hostile_children_and_ranks_the_impostor_sshd(
 
 @pytest.mark.parametrize("key", list(HOSTILE))
 def test_daemon_log_lines_escape_the_hostile_victim_and_hooks_get_it_only_as_env(key: str, tmp_path: Path) -> None:
-    with test_cgroup_or_skip(limit_bytes=256 * MIB) as cg:
+    with scratch_cgroup(limit_bytes=256 * MIB) as cg:
         comm, arg = HOSTILE[key]
         start_child(comm, arg, mib=32, spawn=cg.spawn)
         start_child(b"runner-up", b"x", mib=8, spawn=cg.spawn)
@@ -251,7 +251,7 @@ def test_a_child_that_dies_between_its_stat_and_status_reads_is_skipped_or_a_zom
 ) -> None:
     child = start_child(b"midread", b"x", mib=1)
     try:
-        real_read = procfs._read  # the seam where the race happens
+        real_read = procfs.read_file  # the seam where the race happens
 
         def read_and_kill(path: bytes, size: int = 65536) -> bytes | None:
             data = real_read(path, size)
@@ -261,7 +261,7 @@ def test_a_child_that_dies_between_its_stat_and_status_reads_is_skipped_or_a_zom
                     time.sleep(0.001)
             return data
 
-        monkeypatch.setattr(procfs, "_read", read_and_kill)
+        monkeypatch.setattr(procfs, "read_file", read_and_kill)
         snap = procfs.read_snapshot(pids=[child.pid])
         infos = [p for p in snap.processes if p.pid == child.pid]
         assert all(not p.has_mm for p in infos), "read as a zombie (no mm), or skipped"
@@ -317,12 +317,12 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., RunningDaemon]]:
 def test_a_victim_that_survives_sigkill_is_released_marked_stuck_and_the_next_hog_is_chosen(
     start_daemon: Callable[..., RunningDaemon], tmp_path: Path
 ) -> None:
-    with test_cgroup_or_skip(limit_bytes=512 * MIB) as cg:
+    with scratch_cgroup(limit_bytes=512 * MIB) as cg:
         first_rec, second_rec = tmp_path / "first.rec", tmp_path / "second.rec"
         first = cg.spawn(hog_argv(first_rec, "--max-mib", "400", "--hold", "--name", "stuckhog"))
         assert wait_until(lambda: [r for r in read_record(first_rec) if r[0] == "HOLD"], 20)
         with frozen(first.pid):  # D state: it cannot act on SIGTERM or finish a SIGKILL
-            daemon = start_daemon(_policy(cg, tmp_path))
+            daemon = start_daemon(cgroup_policy(cg, tmp_path, term_timeout="1s", kill_timeout="2s"))
             daemon.wait_for("started")
             daemon.wait_for("victim_chosen", pid=first.pid, action="term")
             daemon.wait_for("victim_escalated", pid=first.pid, action="kill")
@@ -345,24 +345,3 @@ def test_a_victim_that_survives_sigkill_is_released_marked_stuck_and_the_next_ho
         with contextlib.suppress(subprocess.TimeoutExpired):
             first.wait(10)  # thawed: the pending SIGKILL finishes it
         assert first.returncode == -signal.SIGKILL
-
-
-def _policy(cg: TestCgroup, tmp_path: Path) -> str:
-    return f"""
-[daemon]
-poll_min = "10ms"
-poll_max = "200ms"
-log_format = "json"
-state_file = "{tmp_path}/state.json"
-
-[escalation]
-term_timeout = "1s"
-kill_timeout = "2s"
-max_kills_per_minute = 20
-
-[[guard]]
-name = "test"
-scope = "cgroup:{cg.memory_path}"
-mem_available_term = "30%"
-mem_available_kill = "10%"
-"""

@@ -250,10 +250,12 @@ def test_a_prefix_it_did_not_make_is_refused(tmp_path: Path) -> None:
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["opt", "opt/uoomd", "opt/uoomd/data"]
 
 
-def test_the_script_is_posix_sh() -> None:
+@pytest.mark.parametrize(("script", "shell"), [(INSTALL, "sh"), (ROOT / ".ci" / "run", "bash")])
+def test_the_scripts_pass_shellcheck(script: Path, shell: str) -> None:
+    # install-unit as POSIX sh (no bashisms: it runs under dash, busybox, ...); .ci/run is bash.
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed (Debian package shellcheck)")
     result = subprocess.run(
-        ["shellcheck", "--shell=sh", str(INSTALL)], capture_output=True, text=True, check=False, timeout=60
+        ["shellcheck", f"--shell={shell}", str(script)], capture_output=True, text=True, check=False, timeout=60
     )
     assert result.returncode == 0, result.stdout

@@ -9,11 +9,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers_proc import make_plan, start_children, stop_children
+from tests.builders import make_plan
+from tests.children import start_children, stop_children
 from uoomd import kernel
 from uoomd.readings import ProcessInfo, Snapshot
 from uoomd.scoring import kernel_badness, kernel_choice, rank
-from uoomd.sources.procfs import ProcScanner, read_oom_score, read_process, read_snapshot
+from uoomd.sources.procfs import read_oom_score, read_process, read_snapshot
+from uoomd.sources.scanner import ProcScanner
 
 pytestmark = pytest.mark.integration
 

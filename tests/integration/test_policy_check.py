@@ -21,11 +21,11 @@ from typing import Any
 
 import pytest
 
+from tests.builders import CHILDREN, make_guard, make_plan
 from tests.e2e.daemon_runner import uoomd_command
-from tests.helpers_proc import CHILDREN, make_guard, make_plan
-from uoomd.actions import RecordingExecutor
 from uoomd.daemon import Daemon
 from uoomd.errors import ExitCode, PolicyError, SetupError
+from uoomd.executor import RecordingExecutor
 from uoomd.logs import configure
 from uoomd.plan import LogFormat, Plan
 from uoomd.policy.file import open_regular, refuse_not_regular
@@ -256,7 +256,7 @@ class Harness:
                 return False
             self.daemon.wait(self.daemon.tick(self.daemon.clock()))
             self.daemon._handle_signals()
-            self.daemon._poll_check(self.daemon.clock())
+            self.daemon.reloads.poll(self.daemon.clock())
             self.ticks += 1
         return True
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cgroups import TestCgroup, test_cgroup_or_skip
+from tests.cgroups import ScratchCgroup, scratch_cgroup
 from tests.thrash import THRASH_PROGRAM, thrash_file
 from uoomd.sources.psi import (
     PressureFileGone,
@@ -57,8 +57,8 @@ def disk_file(tmp_path: Path) -> Iterator[str]:
         yield path
 
 
-def _stall_cgroup() -> TestCgroup:
-    return TestCgroup(limit_bytes=64 * MIB, prefer="v1")
+def _stall_cgroup() -> ScratchCgroup:
+    return ScratchCgroup(limit_bytes=64 * MIB, prefer="v1")
 
 
 def test_unprivileged_window_is_rounded_to_two_seconds() -> None:
@@ -114,7 +114,7 @@ def test_pressure_reader_rereads_the_kept_fd() -> None:
 
 
 def test_pressure_reader_on_a_removed_cgroup_reports_it_gone() -> None:
-    with test_cgroup_or_skip(limit_bytes=64 * MIB) as cg:
+    with scratch_cgroup(limit_bytes=64 * MIB) as cg:
         if cg.pressure_path is None:
             pytest.skip("no v2 cgroup with memory.pressure here")
         reader = PressureReader(cg.pressure_path)
@@ -127,7 +127,7 @@ def test_pressure_reader_on_a_removed_cgroup_reports_it_gone() -> None:
 
 
 def test_trigger_on_a_removed_cgroup_reports_it_gone() -> None:
-    with test_cgroup_or_skip(limit_bytes=64 * MIB) as cg:
+    with scratch_cgroup(limit_bytes=64 * MIB) as cg:
         if cg.pressure_path is None:
             pytest.skip("no v2 cgroup with memory.pressure here")
         trigger = PsiTrigger.arm(cg.pressure_path, "some", 50_000, 2_000_000, now=time.monotonic())
@@ -140,7 +140,7 @@ def test_trigger_on_a_removed_cgroup_reports_it_gone() -> None:
 
 
 def test_page_cache_thrash_in_a_small_cgroup_fires_kernel_and_polled_triggers(disk_file: str) -> None:
-    with test_cgroup_or_skip(limit_bytes=64 * MIB, prefer="v1") as cg:
+    with scratch_cgroup(limit_bytes=64 * MIB, prefer="v1") as cg:
         if cg.pressure_path is None:
             pytest.skip("no v2 cgroup for the child, so no memory.pressure for its stalls")
         pressure_path = cg.pressure_path
@@ -200,7 +200,7 @@ def test_history_leaking_into_an_unprivileged_triggers_first_window_is_not_repor
             pytest.skip(f"the system has only {history_us} µs of stall history; the quirk needs more")
         # Far above what the thrash stalls in 2 s (~0.3 s), far below the history.
         stall_us = min(history_us // 2, 1_900_000)
-        with test_cgroup_or_skip(limit_bytes=64 * MIB, prefer="v1") as cg:
+        with scratch_cgroup(limit_bytes=64 * MIB, prefer="v1") as cg:
             if cg.pressure_path is None:
                 pytest.skip("no v2 cgroup for the child")
             start = time.monotonic()

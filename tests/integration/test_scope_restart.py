@@ -19,12 +19,13 @@ from typing import Any
 
 import pytest
 
-from tests.cgroups import TestCgroup, test_cgroup_or_skip
-from tests.helpers_proc import make_guard, make_plan
-from uoomd.actions import RecordingExecutor
-from uoomd.daemon import SCOPE_RETRY_S, Daemon
+from tests.builders import make_guard, make_plan
+from tests.cgroups import ScratchCgroup, scratch_cgroup
+from uoomd.daemon import Daemon
+from uoomd.executor import RecordingExecutor
 from uoomd.logs import configure
 from uoomd.plan import LogFormat, PsiAction, PsiKind, PsiTriggerPlan, Scope, ScopeKind
+from uoomd.sources.watch import SCOPE_RETRY_S
 
 pytestmark = pytest.mark.integration
 
@@ -60,10 +61,10 @@ class Loop:
 
 
 @pytest.fixture
-def loop_on(tmp_path: Path) -> Iterator[Callable[[TestCgroup], Loop]]:
+def loop_on(tmp_path: Path) -> Iterator[Callable[[ScratchCgroup], Loop]]:
     made: list[Daemon] = []
 
-    def make(cg: TestCgroup) -> Loop:
+    def make(cg: ScratchCgroup) -> Loop:
         psi: tuple[PsiTriggerPlan, ...] = ()
         if cg.pressure_path is not None:
             psi = (
@@ -98,9 +99,9 @@ def cgroup_fds() -> int:
 
 
 def test_a_cgroup_removed_and_recreated_five_times_is_guarded_again_each_time(
-    loop_on: Callable[[TestCgroup], Loop],
+    loop_on: Callable[[ScratchCgroup], Loop],
 ) -> None:
-    with test_cgroup_or_skip(limit_bytes=64 * MIB, prefer="v1") as cg:
+    with scratch_cgroup(limit_bytes=64 * MIB, prefer="v1") as cg:
         loop = loop_on(cg)
         [watch] = loop.daemon.watches
         with_psi = bool(watch.guard.psi)
@@ -114,7 +115,7 @@ def test_a_cgroup_removed_and_recreated_five_times_is_guarded_again_each_time(
             assert loop.run_until_logged("scope_gone", k), f"restart {k}: no scope_gone"
             assert watch.last is None, "no stale reading of the removed cgroup"
             assert cgroup_fds() == 0, "every file of the removed cgroup is closed"
-            assert not loop.daemon._polled, "a gone scope's trigger fds are out of the poll set"
+            assert not loop.daemon.wakeup.polled, "a gone scope's trigger fds are out of the poll set"
             iterations = loop.iterations
             cpu = time.process_time()
             loop.run_for(1.0)  # gone for a while: ~5 polls at poll_max and 2 retries, nothing logged
@@ -133,7 +134,7 @@ def test_a_cgroup_removed_and_recreated_five_times_is_guarded_again_each_time(
                 assert trigger is not None
                 assert trigger.path == cg.pressure_path
                 if trigger.pollable:
-                    assert trigger.fileno() in loop.daemon._polled, "the re-armed trigger is polled"
+                    assert trigger.fileno() in loop.daemon.wakeup.polled, "the re-armed trigger is polled"
             assert len(loop.events("scope_gone")) == k
             assert len(loop.events("scope_back")) == k
         assert cgroup_fds() == fds_guarded, "no fd leaks across restarts"
@@ -147,11 +148,11 @@ def test_a_cgroup_removed_and_recreated_five_times_is_guarded_again_each_time(
 
 
 def test_a_cgroup_removed_and_recreated_between_two_polls_is_seen_and_reopened(
-    loop_on: Callable[[TestCgroup], Loop],
+    loop_on: Callable[[ScratchCgroup], Loop],
 ) -> None:
     # The old fds fail with ENODEV even though a cgroup of that name exists again (measured on
     # Linux 6.18: pread of memory.usage_in_bytes and of memory.pressure), so the swap is seen.
-    with test_cgroup_or_skip(limit_bytes=64 * MIB, prefer="v1") as cg:
+    with scratch_cgroup(limit_bytes=64 * MIB, prefer="v1") as cg:
         loop = loop_on(cg)
         [watch] = loop.daemon.watches
         loop.run_for(0.2)
@@ -166,13 +167,13 @@ def test_a_cgroup_removed_and_recreated_between_two_polls_is_seen_and_reopened(
 
 
 def test_a_v2_twin_removed_before_its_v1_memory_cgroup_logs_one_scope_gone(
-    loop_on: Callable[[TestCgroup], Loop],
+    loop_on: Callable[[ScratchCgroup], Loop],
 ) -> None:
     # systemd removes a unit's v2 cgroup first, then the v1 ones (cg_trim_everywhere()): a
     # daemon woken in between (POLLERR on the trigger) must still say scope_gone once, not
     # psi_trigger_gone, reading_failed and scope_gone. The v1 cgroup alone, if it stays, is
     # guarded again without PSI.
-    with test_cgroup_or_skip(limit_bytes=64 * MIB, prefer="v1") as cg:
+    with scratch_cgroup(limit_bytes=64 * MIB, prefer="v1") as cg:
         if cg.pressure_cgroup_path is None or cg.pressure_cgroup_path == cg.memory_path or cg.pressure_path is None:
             pytest.skip("needs a v1 memory cgroup with a separate v2 twin (a hybrid machine)")
         loop = loop_on(cg)

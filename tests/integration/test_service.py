@@ -23,18 +23,17 @@ from typing import Any
 
 import pytest
 
-from uoomd import desktop
-from uoomd.desktop import (
+from uoomd import dbus, desktop
+from uoomd.dbus import (
     METHOD_CALL,
     METHOD_RETURN,
-    DesktopNotices,
     Message,
     Variant,
     auth_external,
     encode_message,
-    kill_notice,
     method_call,
 )
+from uoomd.desktop import DesktopNotices, kill_notice
 from uoomd.plan import Amount, DaemonPlan, EscalationPlan, GuardPlan, MatchPlan, Plan, RulePlan, Scope, ScopeKind
 from uoomd.policy.automaton import compile_regex
 from uoomd.scoring import REASON_INIT, REASON_PARENT, REASON_SELF, rank
@@ -159,16 +158,16 @@ class FakeNotificationServer:
         while True:
             try:
                 message = desktop._read_message(self.sock, self.buffer, time.monotonic() + 30)
-            except (OSError, desktop.DbusError):
+            except (OSError, dbus.DbusError):
                 return
-            if message.type == METHOD_CALL and message.field(desktop.F_MEMBER) == "Notify":
+            if message.type == METHOD_CALL and message.field(dbus.F_MEMBER) == "Notify":
                 self.calls.append(message)
-                sender = message.field(desktop.F_SENDER)
+                sender = message.field(dbus.F_SENDER)
                 assert sender is not None
                 serial += 1
                 fields = {
-                    desktop.F_REPLY_SERIAL: Variant("u", message.serial),
-                    desktop.F_DESTINATION: Variant("s", sender),
+                    dbus.F_REPLY_SERIAL: Variant("u", message.serial),
+                    dbus.F_DESTINATION: Variant("s", sender),
                 }
                 reply = encode_message(
                     type=METHOD_RETURN, serial=serial, fields=fields, signature="u", body=[self.notification_id]
@@ -205,7 +204,7 @@ def test_notify_call_arrives_with_summary_body_and_critical_urgency(run_user: st
         assert got_summary == "Low memory: killed chromium"
         assert isinstance(got_body, str)
         assert got_body.startswith("Killed chromium (pid 4711, 2048 MiB)")
-        assert hints == {"urgency": Variant("y", desktop.URGENCY_CRITICAL)}
+        assert hints == {"urgency": Variant("y", dbus.URGENCY_CRITICAL)}
         (sent,) = log.named("desktop_notice_sent")
         assert sent["notification_id"] == server.notification_id
         assert sent["uid"] == bus.uid
@@ -270,7 +269,7 @@ def test_root_is_not_accepted_on_another_users_bus(run_user: str, buses: list[Se
         pytest.skip("needs root")
     bus = start_bus(run_user, NOBODY)
     buses.append(bus)
-    with pytest.raises(desktop.DbusError, match="closed the connection"):
+    with pytest.raises(dbus.DbusError, match="closed the connection"):
         desktop.send_notice(bus.path, summary="s", body="b", urgency=1, timeout_s=3)
 
 

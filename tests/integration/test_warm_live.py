@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.cgroups import TestCgroup, test_cgroup_or_skip
+from tests.builders import make_guard, make_plan
+from tests.cgroups import ScratchCgroup, scratch_cgroup
 from tests.e2e.daemon_runner import hog_argv, read_record, wait_until
-from tests.helpers_proc import make_guard, make_plan
 from uoomd.decision import Need
 from uoomd.plan import Plan, Scope, ScopeKind
 from uoomd.readings import GuardReading, MemoryReading
 from uoomd.sources.cgroup import CgroupMemoryReader
-from uoomd.sources.procfs import read_meminfo_totals
+from uoomd.sources.meminfo import read_meminfo_totals
 from uoomd.warm import WarmRanking
 
 pytestmark = pytest.mark.integration
@@ -28,23 +28,23 @@ MIB = 1 << 20
 
 
 @pytest.fixture
-def cg() -> Iterator[TestCgroup]:
-    with test_cgroup_or_skip(limit_bytes=400 * MIB) as group:
+def cg() -> Iterator[ScratchCgroup]:
+    with scratch_cgroup(limit_bytes=400 * MIB) as group:
         yield group
 
 
-def _plan(cg: TestCgroup) -> Plan:
+def _plan(cg: ScratchCgroup) -> Plan:
     guard = make_guard("cg", scope=Scope(kind=ScopeKind.CGROUP, cgroup_path=cg.memory_path))
     return make_plan(guards=(guard,))
 
 
-def _reading(cg: TestCgroup) -> GuardReading:
+def _reading(cg: ScratchCgroup) -> GuardReading:
     ram, swap = read_meminfo_totals()
     with CgroupMemoryReader(cg.memory_path, ram, swap) as reader:
         return GuardReading(guard="cg", memory=reader.read())
 
 
-def _holding(cg: TestCgroup, record: Path, mib: int) -> subprocess.Popen[bytes]:
+def _holding(cg: ScratchCgroup, record: Path, mib: int) -> subprocess.Popen[bytes]:
     """A hog of ``mib`` MiB in the cgroup, once it holds it."""
     hog = cg.spawn(hog_argv(record, "--max-mib", str(mib), "--mib-per-step", str(mib), "--hold"))
     assert wait_until(lambda: _held(record), 10)
@@ -55,7 +55,7 @@ def _held(record: Path, kind: str = "HOLD") -> bool:
     return any(line[0] == kind for line in read_record(record))
 
 
-def test_a_process_born_after_the_scan_is_the_victim_at_the_crossing(cg: TestCgroup, tmp_path: Path) -> None:
+def test_a_process_born_after_the_scan_is_the_victim_at_the_crossing(cg: ScratchCgroup, tmp_path: Path) -> None:
     idle_rec, hog_rec = tmp_path / "idle.rec", tmp_path / "hog.rec"
     _holding(cg, idle_rec, 30)
     plan = _plan(cg)
@@ -79,7 +79,7 @@ def test_a_process_born_after_the_scan_is_the_victim_at_the_crossing(cg: TestCgr
         warm.close()
 
 
-def test_a_process_small_at_the_scan_that_grew_since_is_the_victim(cg: TestCgroup, tmp_path: Path) -> None:
+def test_a_process_small_at_the_scan_that_grew_since_is_the_victim(cg: ScratchCgroup, tmp_path: Path) -> None:
     idle_rec, grow_rec = tmp_path / "idle.rec", tmp_path / "grow.rec"
     cg.spawn(hog_argv(idle_rec, "--max-mib", "30", "--mib-per-step", "30", "--hold"))
     grower = cg.spawn(
@@ -105,8 +105,8 @@ def test_a_process_small_at_the_scan_that_grew_since_is_the_victim(cg: TestCgrou
 
 def test_a_process_that_left_the_cgroup_is_dropped_at_the_crossing(tmp_path: Path) -> None:
     with (
-        test_cgroup_or_skip(limit_bytes=400 * MIB) as cg,
-        test_cgroup_or_skip(limit_bytes=400 * MIB) as other,
+        scratch_cgroup(limit_bytes=400 * MIB) as cg,
+        scratch_cgroup(limit_bytes=400 * MIB) as other,
     ):
         rec = tmp_path / "mover.rec"
         mover = _holding(cg, rec, 60)
@@ -153,7 +153,7 @@ def test_a_process_born_after_a_machine_scan_is_in_the_ranking_at_the_crossing(t
             child.wait()
 
 
-def test_a_victim_that_is_dying_has_not_left(cg: TestCgroup, tmp_path: Path) -> None:
+def test_a_victim_that_is_dying_has_not_left(cg: ScratchCgroup, tmp_path: Path) -> None:
     # A zombie (exited, not yet reaped) has no mm: it must read as exiting, never as a victim
     # that left the scope (that skipped the victim_exited path and leaked its pidfd, seen in
     # the soak test as one fd per victim).

@@ -8,18 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from uoomd.actions import (
-    Action,
-    LiveExecutor,
+from uoomd.actions import Action, KillCgroup, ReleaseMemory, RunHook, SendSignal
+from uoomd.executor import LiveExecutor, RecordingExecutor, action_kind
+from uoomd.hooks import HOOK_PATH, hook_environment
+from uoomd.kill import (
     MemberCounts,
     PidFd,
-    RecordingExecutor,
-    action_kind,
     cgroup_refusal_reason,
-    parse_stat_identity,
     pgid_refusal_reason,
     process_mrelease_nr,
-    read_cgroup_pids,
     refusal_reason,
     release_memory,
     resolve_cgroup_dir,
@@ -27,11 +24,11 @@ from uoomd.actions import (
     send_to_members,
     signal_cgroup,
 )
-from uoomd.decision import KillCgroup, Record, ReleaseMemory, RunHook, SendSignal
-from uoomd.hooks import HOOK_PATH, hook_environment
 from uoomd.plan import VictimKind
 from uoomd.readings import Pid, ProcessKey
 from uoomd.results import ActionKind, ActionResult, Outcome
+from uoomd.sources.cgroup import read_members
+from uoomd.sources.procfs import parse_stat
 
 pytestmark = pytest.mark.unit
 
@@ -119,11 +116,11 @@ def test_release_of_a_closed_pidfd_is_gone() -> None:
 # --- parsing and tables ---------------------------------------------------------------------
 
 
-def test_parse_stat_identity_survives_a_hostile_comm() -> None:
+def test_parse_stat_survives_a_hostile_comm() -> None:
     # comm "a) R 1 1 1 (x" would shift every field if parsed by splitting from the left.
-    fields = ["S", "1", "777", "777", "0", "-1", str(0x00200000 | 0x40), *["0"] * 12, "98765", "0"]
+    fields = ["S", "1", "777", "777", "0", "-1", str(0x00200000 | 0x40), *["0"] * 12, "98765", "0", "0"]
     stat = "4242 (a) R 1 1 1 (x) " + " ".join(fields)
-    ident = parse_stat_identity(stat)
+    ident = parse_stat(stat)
     assert ident.state == "S"
     assert ident.pgid == 777
     assert ident.kthread is True
@@ -141,9 +138,6 @@ def test_action_kind_tells_every_decision_action_apart() -> None:
     assert action_kind(ReleaseMemory(guard="g", target=key(4242))) is ActionKind.RELEASE
     assert action_kind(KillCgroup(guard="g", path="/a", dry_run=False)) is ActionKind.CGROUP_KILL
     assert action_kind(RunHook(guard="g", argv=("x",), env=())) is ActionKind.HOOK
-    assert action_kind(Record(event="e", fields=())) is ActionKind.RECORD
-    with pytest.raises(TypeError):
-        action_kind(object())
 
 
 def test_result_fields_are_flat_key_values() -> None:
@@ -195,19 +189,6 @@ def test_recording_executor_reports_alive_until_marked_exited() -> None:
     assert not executor.alive(key(4242))
 
 
-def test_record_action_becomes_a_recorded_result_with_its_fields() -> None:
-    result = LiveExecutor().execute(Record(event="victim_chosen", fields=(("pid", 7), ("name", "x"), ("obj", 1.5))))
-    assert result.outcome is Outcome.RECORDED
-    assert result.fields() == {
-        "action": "record",
-        "outcome": "recorded",
-        "event": "victim_chosen",
-        "pid": 7,
-        "name": "x",
-        "obj": 1.5,
-    }
-
-
 # --- cgroups on fixture trees ---------------------------------------------------------------
 
 
@@ -233,7 +214,7 @@ def test_resolve_cgroup_dir_accepts_hierarchy_paths_and_directories_below_a_root
 def test_cgroup_containing_uoomd_is_refused_even_in_a_child_cgroup(tmp_path: Path) -> None:
     app = make_cgroup(tmp_path, "app", [], v2=True)
     make_cgroup(tmp_path, "app/inner", [os.getpid()], v2=True)
-    assert read_cgroup_pids(str(app)) == [os.getpid()]
+    assert read_members(str(app)) == frozenset({os.getpid()})
     result = signal_cgroup("/proc", str(app), signal.SIGKILL, [str(tmp_path)], group=(key(os.getpid()),))
     assert result.outcome is Outcome.REFUSED
     assert result.detail("reason") == "contains uoomd"
@@ -257,8 +238,8 @@ A, B, C = 5_000_001, 5_000_002, 5_000_003
 
 
 def make_proc(root: Path, pid: int, *, starttime: int = 1, pgid: int | None = None) -> None:
-    """A /proc/PID/stat with the fields the executor reads: state, pgid, flags, starttime."""
-    fields = ["S", "1", str(pgid or pid), str(pgid or pid), "0", "-1", "0", *["0"] * 12, str(starttime), "0"]
+    """A /proc/PID/stat with the fields the executor reads (state, pgid, flags, starttime), up to rss (field 24)."""
+    fields = ["S", "1", str(pgid or pid), str(pgid or pid), "0", "-1", "0", *["0"] * 12, str(starttime), "0", "0"]
     (root / str(pid)).mkdir(parents=True)
     (root / str(pid) / "stat").write_text(f"{pid} (sleep) " + " ".join(fields) + "\n")
 

@@ -7,23 +7,29 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 
+from tests.builders import (
+    make_candidate,
+    make_guard,
+    make_key,
+    make_memory,
+    make_plan,
+    make_process,
+    make_psi_trigger,
+    make_ranking,
+    make_snapshot,
+)
+from uoomd.actions import KillCgroup, Notify, Output, Record, ReleaseMemory, RunHook, SendSignal
 from uoomd.decision import (
     DRY_RUN_TABLE,
     SIGKILL,
     SIGTERM,
     TABLE,
-    Action,
     Event,
     GuardState,
-    KillCgroup,
     Need,
-    Outcome,
     Phase,
     PsiTrack,
-    Record,
-    ReleaseMemory,
-    RunHook,
-    SendSignal,
+    Response,
     State,
     Transition,
     describe_psi,
@@ -34,21 +40,16 @@ from uoomd.decision import (
     update_psi,
 )
 from uoomd.plan import (
-    Amount,
     DaemonPlan,
     EscalationPlan,
     GuardPlan,
     HooksPlan,
     Plan,
     PsiAction,
-    PsiKind,
-    PsiTriggerPlan,
-    Scope,
-    ScopeKind,
     VictimKind,
 )
-from uoomd.readings import GuardReading, MemoryReading, Observation, Pid, ProcessInfo, ProcessKey, Snapshot, Uid
-from uoomd.scoring import Badness, Candidate, Ranking
+from uoomd.readings import GuardReading, MemoryReading, Observation, ProcessInfo, ProcessKey
+from uoomd.scoring import Candidate, Ranking
 
 pytestmark = pytest.mark.unit
 
@@ -66,84 +67,56 @@ KILL_TIMEOUT = 3.0
 
 
 def proc(pid: int, *, name: str = "", pgid: int | None = None, cgroup: str | None = None) -> ProcessInfo:
-    return ProcessInfo(
-        pid=Pid(pid),
-        ppid=Pid(1),
+    """The scenarios' process: pid x 100 pages of anon memory, started at tick 10_000 + pid."""
+    return make_process(
+        pid,
+        name=name or f"hog{pid}",
         pgid=pid if pgid is None else pgid,
         starttime_ticks=10_000 + pid,
-        name=name or f"hog{pid}",
         state="R",
-        uid=Uid(1000),
-        kthread=False,
-        has_mm=True,
-        oom_score_adj=0,
         rss_anon_bytes=pid * 4096 * 100,
         rss_file_bytes=4096,
-        rss_shmem_bytes=0,
-        swap_bytes=0,
         pgtables_bytes=8192,
+        mm_rss_pages=None,
         cgroup=cgroup,
     )
 
 
 def cand(pid: int, points: int = 0, *, rules: tuple[str, ...] = (), **kw: object) -> Candidate:
-    p = proc(pid, **kw)  # type: ignore[arg-type]
+    """A candidate of ``points`` rss pages (default pid x 100), plus 3 swap, 2 page-table and
+    200 adj points (adj 50 of 4,000,000 totalpages)."""
     rss = points or pid * 100
-    badness = Badness(rss_pages=rss, swap_pages=3, pgtables_pages=2, adj=50, adj_points=200, totalpages=4_000_000)
-    return Candidate(
-        process=p,
-        badness=badness,
-        kernel_points=badness.points - 200,
-        oom_score=badness.points // 4000,
-        effective_adj=50,
+    return make_candidate(
+        proc(pid, **kw),  # type: ignore[arg-type]
+        rss_pages=rss,
+        swap_pages=3,
+        pgtables_pages=2,
+        adj=50,
+        adj_points=200,
+        totalpages=4_000_000,
+        kernel_points=rss + 5,
+        oom_score=(rss + 205) // 4000,
         rules=rules,
     )
 
 
-def ranking(guard: str, *cands: Candidate) -> Ranking:
-    return Ranking(guard=guard, candidates=cands, excluded=(), taken_at=0.0)
-
-
-def guard_plan(
-    name: str = "system", *, psi: tuple[PsiTriggerPlan, ...] = (), victim: VictimKind = VictimKind.PROCESS
-) -> GuardPlan:
-    return GuardPlan(
-        name=name,
-        scope=Scope(kind=ScopeKind.SYSTEM),
-        mem_available_term=Amount(fraction=0.10),
-        mem_available_kill=Amount(fraction=0.05),
-        swap_free_term=Amount(fraction=0.10),
-        swap_free_kill=Amount(fraction=0.05),
-        psi_mem_gate=Amount(fraction=0.20),
-        psi=psi,
-        victim=victim,
-    )
-
-
-def trigger(action: PsiAction, *, sustain_s: float = 0.0, window_us: int = 2_000_000) -> PsiTriggerPlan:
-    return PsiTriggerPlan(kind=PsiKind.FULL, stall_us=200_000, window_us=window_us, sustain_s=sustain_s, action=action)
-
-
-def make_plan(
+def scenario_plan(
     *guards: GuardPlan,
     dry_run: bool = False,
     max_kills: int = 10,
     hook: tuple[str, ...] = (),
+    notify_desktop: bool = False,
 ) -> Plan:
-    return Plan(
-        source="test.toml",
-        daemon=DaemonPlan(dry_run=dry_run, poll_min_s=0.02, poll_max_s=1.0),
+    """The scenarios' plan: these guards (one system guard by default), poll 20 ms-1 s, SIGKILL
+    after TERM_TIMEOUT, given up on after KILL_TIMEOUT."""
+    return make_plan(
+        guards=guards or (make_guard(),),
+        daemon=DaemonPlan(dry_run=dry_run, poll_min_s=0.02, poll_max_s=1.0, notify_desktop=notify_desktop),
         escalation=EscalationPlan(
             term_timeout_s=TERM_TIMEOUT, kill_timeout_s=KILL_TIMEOUT, max_kills_per_minute=max_kills
         ),
-        guards=guards or (guard_plan(),),
         hooks=HooksPlan(after_kill=hook),
-    )
-
-
-def mem(available: int, *, swap_total: int = 0, swap_free: int = 0) -> MemoryReading:
-    return MemoryReading(
-        total_bytes=TOTAL, available_bytes=available, swap_total_bytes=swap_total, swap_free_bytes=swap_free
+        source="test.toml",
     )
 
 
@@ -154,7 +127,7 @@ class Driver:
     plan: Plan
     rankings: dict[str, Ranking]
     state: State = field(init=False)
-    log: list[Action] = field(default_factory=list)
+    log: list[Output] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.state = initial_state(self.plan)
@@ -168,13 +141,19 @@ class Driver:
         fired: tuple[int, ...] = (),
         snapshot: tuple[ProcessInfo, ...] | None = None,
         ineligible: Iterable[ProcessKey] = (),
-    ) -> list[Action]:
-        readings = {g.name: mem(available) for g in self.plan.guards} if isinstance(available, int) else dict(available)
+    ) -> list[Output]:
+        readings = (
+            {g.name: make_memory(available) for g in self.plan.guards}
+            if isinstance(available, int)
+            else dict(available)
+        )
         obs = Observation(
             now=now,
             guards=tuple(GuardReading(guard=n, memory=m, psi_fired=fired) for n, m in readings.items()),
             alive=self.state.in_flight() if alive is None else frozenset(alive),
-            snapshot=None if snapshot is None else snap(snapshot, now),
+            snapshot=None
+            if snapshot is None
+            else make_snapshot(*snapshot, taken_at=now, total_ram_bytes=TOTAL, self_pid=1),
             ineligible=frozenset(ineligible),
         )
         self.state, actions = step(self.state, obs, self.plan, self.rankings)
@@ -186,31 +165,25 @@ class Driver:
 
 
 def driver(*guards: GuardPlan, cands: tuple[Candidate, ...] | None = None, **plan_kw: object) -> Driver:
-    plan = make_plan(*guards, **plan_kw)  # type: ignore[arg-type]
+    plan = scenario_plan(*guards, **plan_kw)  # type: ignore[arg-type]
     pool = cands if cands is not None else (cand(101, 5000), cand(102, 3000), cand(103, 1000))
-    return Driver(plan=plan, rankings={g.name: ranking(g.name, *pool) for g in plan.guards})
+    return Driver(plan=plan, rankings={g.name: make_ranking(g.name, *pool) for g in plan.guards})
 
 
-def records(actions: Iterable[Action], event: str | None = None) -> list[Record]:
+def records(actions: Iterable[Output], event: str | None = None) -> list[Record]:
     return [a for a in actions if isinstance(a, Record) and (event is None or a.event == event)]
 
 
-def signals(actions: Iterable[Action]) -> list[SendSignal]:
+def signals(actions: Iterable[Output]) -> list[SendSignal]:
     return [a for a in actions if isinstance(a, SendSignal)]
 
 
-def releases(actions: Iterable[Action]) -> list[ReleaseMemory]:
+def releases(actions: Iterable[Output]) -> list[ReleaseMemory]:
     return [a for a in actions if isinstance(a, ReleaseMemory)]
 
 
-def snap(processes: tuple[ProcessInfo, ...], now: float) -> Snapshot:
-    return Snapshot(
-        processes=processes, taken_at=now, page_size=4096, total_ram_bytes=TOTAL, total_swap_bytes=0, self_pid=Pid(1)
-    )
-
-
 def key(pid: int) -> ProcessKey:
-    return ProcessKey(pid=Pid(pid), starttime_ticks=10_000 + pid)
+    return make_key(pid, 10_000 + pid)
 
 
 # --- one test per table row ---------------------------------------------------------------
@@ -228,7 +201,7 @@ class Scene:
     def readings(self) -> int | dict[str, MemoryReading]:
         if self.swap_free is None:
             return self.available
-        return {"system": mem(self.available, swap_total=TOTAL, swap_free=self.swap_free)}
+        return {"system": make_memory(self.available, swap_total_bytes=TOTAL, swap_free_bytes=self.swap_free)}
 
 
 _SCENES: dict[Event, Scene] = {
@@ -256,7 +229,7 @@ _SCENES_IN: dict[tuple[Phase, Event], Scene] = {
 _PSI_ACTION = {Event.PSI_TERM: PsiAction.TERM, Event.PSI_KILL: PsiAction.KILL, Event.PSI_WARN: PsiAction.WARN}
 
 _ROWS = [
-    pytest.param(dry, phase, event, tr, id=f"{'dry' if dry else 'live'}:{phase}+{event}->{tr.next}:{tr.outcome}")
+    pytest.param(dry, phase, event, tr, id=f"{'dry' if dry else 'live'}:{phase}+{event}->{tr.next}:{tr.response}")
     for dry, table in ((False, TABLE), (True, DRY_RUN_TABLE))
     for (phase, event), tr in table.items()
 ]
@@ -264,8 +237,8 @@ _ROWS = [
 
 @pytest.mark.parametrize(("dry_run", "phase", "event", "transition"), _ROWS)
 def test_table_row(dry_run: bool, phase: Phase, event: Event, transition: Transition) -> None:
-    psi = (trigger(_PSI_ACTION[event]),) if event in _PSI_ACTION else ()
-    d = driver(guard_plan(psi=psi), dry_run=dry_run)
+    psi = (make_psi_trigger(_PSI_ACTION[event]),) if event in _PSI_ACTION else ()
+    d = driver(make_guard(psi=psi), dry_run=dry_run)
     victim = d.rankings["system"].candidates[0]
     held = phase is not Phase.IDLE
     d.state = State(
@@ -279,36 +252,36 @@ def test_table_row(dry_run: bool, phase: Phase, event: Event, transition: Transi
         fired=scene.fired,
         ineligible=[victim.key] if scene.left else [],
     )
-    if phase is Phase.RECOVERING and transition.outcome in (Outcome.TERM, Outcome.KILL):
+    if phase is Phase.RECOVERING and transition.response in (Response.TERM, Response.KILL):
         # The previous victim is gone: the next one is chosen, never the one that exited.
         victim = d.rankings["system"].candidates[1]
 
     gs = d.state.guard("system")
     assert gs.phase is transition.next
     sent = signals(actions)
-    match transition.outcome:
-        case Outcome.TERM | Outcome.WOULD_TERM:
+    match transition.response:
+        case Response.TERM | Response.WOULD_TERM:
             assert [(s.target, s.signal, s.dry_run) for s in sent] == [(victim.key, SIGTERM, dry_run)]
             assert releases(actions) == []
-        case Outcome.KILL | Outcome.WOULD_KILL:
+        case Response.KILL | Response.WOULD_KILL:
             assert [(s.target, s.signal, s.dry_run) for s in sent] == [(victim.key, SIGKILL, dry_run)]
             assert releases(actions) == ([] if dry_run else [ReleaseMemory(guard="system", target=victim.key)])
-        case Outcome.WARN:
+        case Response.WARN:
             assert sent == []
             assert [r.event for r in records(actions)] == ["psi_warn"]
-        case Outcome.MARK_STUCK:
+        case Response.MARK_STUCK:
             assert sent == []
             assert gs.stuck == {victim.key}
             assert [r.event for r in records(actions)] == ["victim_stuck"]
-        case Outcome.NONE:
+        case Response.NONE:
             assert sent == []
             assert len(records(actions)) == 1
     decisions = [r for r in records(actions) if r.event in ("victim_chosen", "victim_escalated", "psi_warn")]
     if decisions:
         (decision,) = decisions
-        expected = transition.outcome
-        if dry_run and expected is Outcome.KILL:
-            expected = Outcome.WOULD_KILL
+        expected = transition.response
+        if dry_run and expected is Response.KILL:
+            expected = Response.WOULD_KILL
         assert decision.get("action") == expected
 
 
@@ -328,7 +301,7 @@ def test_no_row_sends_a_second_sigterm() -> None:
     # only ever sent from a phase with no victim in flight (a new victim).
     for table in (TABLE, DRY_RUN_TABLE):
         for (phase, _), tr in table.items():
-            if tr.outcome in (Outcome.TERM, Outcome.WOULD_TERM):
+            if tr.response in (Response.TERM, Response.WOULD_TERM):
                 assert phase in (Phase.IDLE, Phase.RECOVERING)
 
 
@@ -374,6 +347,26 @@ def test_kill_level_from_idle_sends_sigkill_and_release_at_once() -> None:
     assert signals(actions)[0].signal == SIGKILL
     assert records(actions)[0].get("action") == "kill"
     assert d.phase() is Phase.KILL_SENT
+
+
+def test_a_desktop_notice_follows_the_first_signal_of_a_chosen_victim_only() -> None:
+    d = driver(notify_desktop=True)
+    chosen = d.poll(0.0, CRIT)
+    assert [type(a).__name__ for a in chosen] == ["Record", "SendSignal", "Notify", "ReleaseMemory"]
+    notice = chosen[2]
+    assert isinstance(notice, Notify)
+    assert notice.after is chosen[1], "the notice names the signal whose delivery it reports"
+    assert notice.record is chosen[0]
+    d = driver(notify_desktop=True)
+    d.poll(0.0, LOW)
+    escalated = d.poll(TERM_TIMEOUT, LOW)
+    assert signals(escalated)[0].signal == SIGKILL
+    assert not [a for a in escalated if isinstance(a, Notify)], "one notice per victim, not per signal"
+
+
+def test_a_dry_run_sends_no_desktop_notice() -> None:
+    d = driver(notify_desktop=True, dry_run=True)
+    assert not [a for a in d.poll(0.0, CRIT) if isinstance(a, Notify)]
 
 
 def test_release_memory_follows_sigkill_to_the_same_target() -> None:
@@ -432,7 +425,7 @@ def test_a_victim_that_left_the_scope_gets_no_sigkill() -> None:
     assert [r.event for r in records(left)] == ["victim_left"]
     assert d.phase() is Phase.IDLE
     # Decided afresh: it is never chosen again while it is ineligible.
-    d.rankings["system"] = ranking("system", cand(101, 5000), cand(102, 3000))
+    d.rankings["system"] = make_ranking("system", cand(101, 5000), cand(102, 3000))
     nxt = d.poll(0.52, CRIT, ineligible=[key(101)])
     assert [(s.target, s.signal) for s in signals(nxt)] == [(key(102), SIGKILL)]
 
@@ -440,26 +433,27 @@ def test_a_victim_that_left_the_scope_gets_no_sigkill() -> None:
 def test_recovery_waits_for_swap_as_well_where_there_is_swap() -> None:
     d = driver()
     swap = 8 * GiB
-    d.poll(0.0, {"system": mem(LOW, swap_total=swap, swap_free=0)})
-    d.poll(0.5, {"system": mem(LOW, swap_total=swap, swap_free=0)}, alive=[])
+    d.poll(0.0, {"system": make_memory(LOW, swap_total_bytes=swap, swap_free_bytes=0)})
+    d.poll(0.5, {"system": make_memory(LOW, swap_total_bytes=swap, swap_free_bytes=0)}, alive=[])
     assert d.phase() is Phase.RECOVERING
-    d.poll(1.0, {"system": mem(HIGH, swap_total=swap, swap_free=GiB // 2)})  # swap still under its 10%
+    # swap still under its 10%
+    d.poll(1.0, {"system": make_memory(HIGH, swap_total_bytes=swap, swap_free_bytes=GiB // 2)})
     assert d.phase() is Phase.RECOVERING
-    d.poll(1.5, {"system": mem(HIGH, swap_total=swap, swap_free=2 * GiB)})
+    d.poll(1.5, {"system": make_memory(HIGH, swap_total_bytes=swap, swap_free_bytes=2 * GiB)})
     assert d.phase() is Phase.IDLE
 
 
 def test_recovery_timeout_returns_to_idle_and_next_poll_decides_again() -> None:
     d = driver(cands=(cand(101, 5000), cand(102, 3000)))
     # RAM short but swap not: neither a level crossed nor memory back, so recovering waits.
-    middle = {"system": mem(LOW, swap_total=TOTAL, swap_free=HIGH)}
+    middle = {"system": make_memory(LOW, swap_total_bytes=TOTAL, swap_free_bytes=HIGH)}
     d.poll(0.0, LOW)
     d.poll(0.5, LOW, alive=[])
     assert d.poll(0.5 + KILL_TIMEOUT - 0.01, middle) == []
     timeout = d.poll(0.5 + KILL_TIMEOUT, middle)
     assert [r.event for r in records(timeout)] == ["recovery_timeout"]
     assert d.phase() is Phase.IDLE
-    d.rankings["system"] = ranking("system", cand(102, 3000))  # 101 is gone
+    d.rankings["system"] = make_ranking("system", cand(102, 3000))  # 101 is gone
     again = d.poll(4.0, LOW)
     assert [(s.target, s.signal) for s in signals(again)] == [(key(102), SIGTERM)]
 
@@ -486,7 +480,7 @@ def test_stuck_victim_is_kept_while_it_exists_and_forgotten_once_gone_from_the_s
     d.poll(0.0, CRIT)
     d.poll(KILL_TIMEOUT, CRIT)
     assert d.state.guard("system").stuck == {key(101)}
-    d.rankings["system"] = ranking("system", cand(102, 3000))  # a ranking alone proves nothing
+    d.rankings["system"] = make_ranking("system", cand(102, 3000))  # a ranking alone proves nothing
     d.poll(KILL_TIMEOUT + 0.1, HIGH)
     assert d.state.guard("system").stuck == {key(101)}
     d.poll(KILL_TIMEOUT + 0.2, HIGH, snapshot=(proc(101), proc(102)))
@@ -497,13 +491,13 @@ def test_stuck_victim_is_kept_while_it_exists_and_forgotten_once_gone_from_the_s
 
 def test_a_process_stuck_for_one_guard_is_not_picked_by_another() -> None:
     # It survived SIGKILL for kill_timeout: another guard's SIGTERM and SIGKILL would only lose time.
-    a, b = guard_plan("a"), guard_plan("b")
+    a, b = make_guard("a"), make_guard("b")
     d = driver(a, b, cands=(cand(101, 5000), cand(102, 3000)))
-    d.poll(0.0, {"a": mem(CRIT), "b": mem(HIGH)})
-    d.poll(KILL_TIMEOUT, {"a": mem(CRIT), "b": mem(HIGH)})
+    d.poll(0.0, {"a": make_memory(CRIT), "b": make_memory(HIGH)})
+    d.poll(KILL_TIMEOUT, {"a": make_memory(CRIT), "b": make_memory(HIGH)})
     assert d.state.guard("a").stuck == {key(101)}
     assert d.state.guard("b").stuck == frozenset()
-    actions = d.poll(KILL_TIMEOUT + 0.1, {"a": mem(HIGH), "b": mem(CRIT)})
+    actions = d.poll(KILL_TIMEOUT + 0.1, {"a": make_memory(HIGH), "b": make_memory(CRIT)})
     assert [(s.guard, s.target) for s in signals(actions)] == [("b", key(102))]
 
 
@@ -521,9 +515,9 @@ def test_rate_limit_holds_victims_per_minute_and_records_once_per_episode() -> N
     pool = tuple(cand(100 + i, 9000 - i) for i in range(10))
     d = driver(cands=pool, max_kills=2)
     _exit_cycle(d, 0.0)
-    d.rankings["system"] = ranking("system", *pool[1:])
+    d.rankings["system"] = make_ranking("system", *pool[1:])
     _exit_cycle(d, 10.0)
-    d.rankings["system"] = ranking("system", *pool[2:])
+    d.rankings["system"] = make_ranking("system", *pool[2:])
     limited = [d.poll(20.0 + i, LOW) for i in range(10)]
     assert [r.event for r in records(limited[0])] == ["rate_limited"]
     assert records(limited[0])[0].get("victims_last_minute") == 2
@@ -561,21 +555,21 @@ def test_no_second_victim_while_one_is_in_flight() -> None:
 
 
 def test_two_guards_never_pick_the_same_process() -> None:
-    d = driver(guard_plan("a"), guard_plan("b"))
+    d = driver(make_guard("a"), make_guard("b"))
     actions = d.poll(0.0, LOW)
     assert [(s.guard, s.target) for s in signals(actions)] == [("a", key(101)), ("b", key(102))]
     assert records(actions, "victim_chosen")[1].get("runner_up_pid") == 103
 
 
 def test_second_guard_skips_the_first_guards_victim_in_later_polls() -> None:
-    d = driver(guard_plan("a"), guard_plan("b"))
-    d.poll(0.0, {"a": mem(LOW), "b": mem(HIGH)})
-    actions = d.poll(1.0, {"a": mem(LOW), "b": mem(LOW)})
+    d = driver(make_guard("a"), make_guard("b"))
+    d.poll(0.0, {"a": make_memory(LOW), "b": make_memory(HIGH)})
+    actions = d.poll(1.0, {"a": make_memory(LOW), "b": make_memory(LOW)})
     assert [(s.guard, s.target) for s in signals(actions)] == [("b", key(102))]
 
 
 def test_guard_with_only_another_guards_victim_left_has_no_candidate() -> None:
-    d = driver(guard_plan("a"), guard_plan("b"), cands=(cand(101),))
+    d = driver(make_guard("a"), make_guard("b"), cands=(cand(101),))
     actions = d.poll(0.0, LOW)
     assert [(s.guard, s.target) for s in signals(actions)] == [("a", key(101))]
     (nc,) = records(actions, "no_candidate")
@@ -588,30 +582,30 @@ def test_guard_with_only_another_guards_victim_left_has_no_candidate() -> None:
 def test_without_swap_mem_available_alone_is_enough() -> None:
     # oomd#80: a swapless machine never acted because "swap free" could not fall.
     d = driver()
-    actions = d.poll(0.0, {"system": mem(LOW, swap_total=0, swap_free=0)})
+    actions = d.poll(0.0, {"system": make_memory(LOW, swap_total_bytes=0, swap_free_bytes=0)})
     assert [s.signal for s in signals(actions)] == [SIGTERM]
 
 
 def test_with_plenty_of_swap_low_memory_alone_does_not_act() -> None:
     d = driver()
-    assert d.poll(0.0, {"system": mem(LOW, swap_total=8 * GiB, swap_free=4 * GiB)}) == []
-    actions = d.poll(1.0, {"system": mem(LOW, swap_total=8 * GiB, swap_free=GiB // 2)})
+    assert d.poll(0.0, {"system": make_memory(LOW, swap_total_bytes=8 * GiB, swap_free_bytes=4 * GiB)}) == []
+    actions = d.poll(1.0, {"system": make_memory(LOW, swap_total_bytes=8 * GiB, swap_free_bytes=GiB // 2)})
     assert [s.signal for s in signals(actions)] == [SIGTERM]
 
 
 def test_levels_at_the_threshold_are_not_crossed() -> None:
-    lv = levels(mem(TOTAL // 10), guard_plan())
+    lv = levels(make_memory(TOTAL // 10), make_guard())
     assert lv.term_bytes == TOTAL // 10
     assert not lv.term_crossed
     assert lv.memory_back
-    assert levels(mem(TOTAL // 10 - 1), guard_plan()).term_crossed
+    assert levels(make_memory(TOTAL // 10 - 1), make_guard()).term_crossed
 
 
 # --- PSI -------------------------------------------------------------------------------
 
 
 def test_psi_trigger_acts_only_after_sustain() -> None:
-    d = driver(guard_plan(psi=(trigger(PsiAction.TERM, sustain_s=4.0),)))
+    d = driver(make_guard(psi=(make_psi_trigger(PsiAction.TERM, sustain_s=4.0),)))
     assert d.poll(0.0, GATED, fired=(0,)) == []
     assert d.poll(1.0, GATED) == []  # no report this poll, still within the 2 s window
     assert d.poll(2.0, GATED, fired=(0,)) == []
@@ -622,7 +616,7 @@ def test_psi_trigger_acts_only_after_sustain() -> None:
 
 
 def test_psi_gap_longer_than_window_restarts_the_sustain_clock() -> None:
-    d = driver(guard_plan(psi=(trigger(PsiAction.TERM, sustain_s=4.0),)))
+    d = driver(make_guard(psi=(make_psi_trigger(PsiAction.TERM, sustain_s=4.0),)))
     d.poll(0.0, GATED, fired=(0,))
     d.poll(2.0, GATED, fired=(0,))
     # Last report at 2.0; window 2 s + one poll_max (1 s) of lateness: inactive after 5.0.
@@ -634,21 +628,21 @@ def test_psi_gap_longer_than_window_restarts_the_sustain_clock() -> None:
 
 def test_psi_trigger_above_the_memory_gate_never_acts() -> None:
     # nohang#25: a busy machine with plenty of memory is stalling, not running out.
-    d = driver(guard_plan(psi=(trigger(PsiAction.KILL),)))
+    d = driver(make_guard(psi=(make_psi_trigger(PsiAction.KILL),)))
     for t in range(0, 20, 2):
         assert d.poll(float(t), HIGH, fired=(0,)) == []
     assert signals(d.poll(20.0, GATED, fired=(0,)))
 
 
 def test_psi_kill_action_sends_sigkill() -> None:
-    d = driver(guard_plan(psi=(trigger(PsiAction.KILL),)))
+    d = driver(make_guard(psi=(make_psi_trigger(PsiAction.KILL),)))
     actions = d.poll(0.0, GATED, fired=(0,))
     assert [s.signal for s in signals(actions)] == [SIGKILL]
     assert releases(actions)
 
 
 def test_psi_warn_records_once_per_episode_and_signals_nothing() -> None:
-    d = driver(guard_plan(psi=(trigger(PsiAction.WARN),)))
+    d = driver(make_guard(psi=(make_psi_trigger(PsiAction.WARN),)))
     first = d.poll(0.0, HIGH, fired=(0,))  # a warning is not gated by memory
     assert [r.event for r in records(first)] == ["psi_warn"]
     assert records(first)[0].get("action") == "warn"
@@ -660,7 +654,7 @@ def test_psi_warn_records_once_per_episode_and_signals_nothing() -> None:
 
 
 def test_update_psi_keeps_active_since_across_reports_within_the_window() -> None:
-    trig = (trigger(PsiAction.TERM),)
+    trig = (make_psi_trigger(PsiAction.TERM),)
     tracks = update_psi((PsiTrack(),), trig, (0,), 1.0, 1.0)
     tracks = update_psi(tracks, trig, (0,), 3.0, 1.0)
     assert tracks == (PsiTrack(last_fired_at=3.0, active_since=1.0),)
@@ -669,7 +663,10 @@ def test_update_psi_keeps_active_since_across_reports_within_the_window() -> Non
 
 
 def test_describe_psi_names_the_trigger() -> None:
-    assert describe_psi(2, trigger(PsiAction.TERM, sustain_s=1.5)) == "psi[2] full 200000/2000000us sustained 1.5s"
+    assert (
+        describe_psi(2, make_psi_trigger(PsiAction.TERM, sustain_s=1.5))
+        == "psi[2] full 200000/2000000us sustained 1.5s"
+    )
 
 
 # --- no candidate ----------------------------------------------------------------------------
@@ -721,7 +718,7 @@ def test_dry_run_kill_level_logs_would_kill_without_release() -> None:
 
 
 def test_dry_run_cgroup_kill_carries_dry_run() -> None:
-    d = driver(guard_plan(victim=VictimKind.CGROUP), cands=(cand(101, cgroup="/app"),), dry_run=True)
+    d = driver(make_guard(victim=VictimKind.CGROUP), cands=(cand(101, cgroup="/app"),), dry_run=True)
     actions = d.poll(0.0, CRIT)
     assert [a for a in actions if isinstance(a, KillCgroup)] == [
         KillCgroup(guard="system", path="/app", dry_run=True, group=(key(101),))
@@ -786,19 +783,19 @@ def test_every_decision_is_exactly_one_record() -> None:
 
 
 def test_process_group_victim_carries_pgid() -> None:
-    d = driver(guard_plan(victim=VictimKind.PROCESS_GROUP), cands=(cand(101, pgid=77),))
+    d = driver(make_guard(victim=VictimKind.PROCESS_GROUP), cands=(cand(101, pgid=77),))
     (sig,) = signals(d.poll(0.0, LOW))
     assert (sig.victim_kind, sig.pgid, sig.target) == (VictimKind.PROCESS_GROUP, 77, key(101))
 
 
 def test_process_group_of_init_or_zero_falls_back_to_the_process() -> None:
-    d = driver(guard_plan(victim=VictimKind.PROCESS_GROUP), cands=(cand(101, pgid=1),))
+    d = driver(make_guard(victim=VictimKind.PROCESS_GROUP), cands=(cand(101, pgid=1),))
     (sig,) = signals(d.poll(0.0, LOW))
     assert sig.victim_kind is VictimKind.PROCESS
 
 
 def test_cgroup_victim_is_termed_by_members_and_killed_by_cgroup_kill() -> None:
-    d = driver(guard_plan(victim=VictimKind.CGROUP), cands=(cand(101, cgroup="/user.slice/app"),))
+    d = driver(make_guard(victim=VictimKind.CGROUP), cands=(cand(101, cgroup="/user.slice/app"),))
     (term,) = signals(d.poll(0.0, LOW))
     assert (term.victim_kind, term.cgroup, term.signal) == (VictimKind.CGROUP, "/user.slice/app", SIGTERM)
     kill = d.poll(TERM_TIMEOUT, LOW)
@@ -810,7 +807,7 @@ def test_cgroup_victim_is_termed_by_members_and_killed_by_cgroup_kill() -> None:
 
 @pytest.mark.parametrize("cgroup", [None, "/", ""])
 def test_cgroup_victim_without_a_killable_cgroup_falls_back_to_the_process(cgroup: str | None) -> None:
-    d = driver(guard_plan(victim=VictimKind.CGROUP), cands=(cand(101, cgroup=cgroup),))
+    d = driver(make_guard(victim=VictimKind.CGROUP), cands=(cand(101, cgroup=cgroup),))
     actions = d.poll(0.0, CRIT)
     assert [a for a in actions if isinstance(a, KillCgroup)] == []
     assert [(s.victim_kind, s.signal) for s in signals(actions)] == [(VictimKind.PROCESS, SIGKILL)]
@@ -847,9 +844,9 @@ def test_no_hook_when_none_is_configured() -> None:
 
 def test_a_guard_added_by_reload_starts_idle() -> None:
     d = driver()
-    d.plan = make_plan(guard_plan("system"), guard_plan("new"))
-    d.rankings["new"] = ranking("new", cand(201))
-    actions = d.poll(0.0, {"system": mem(HIGH), "new": mem(LOW)})
+    d.plan = scenario_plan(make_guard("system"), make_guard("new"))
+    d.rankings["new"] = make_ranking("new", cand(201))
+    actions = d.poll(0.0, {"system": make_memory(HIGH), "new": make_memory(LOW)})
     assert [(s.guard, s.target.pid) for s in signals(actions)] == [("new", 201)]
     assert [gs.guard for gs in d.state.guards] == ["system", "new"]
 
@@ -866,7 +863,7 @@ def test_step_is_pure_same_inputs_same_outputs() -> None:
     d.poll(0.0, LOW)
     before = d.state
     obs = Observation(
-        now=TERM_TIMEOUT, guards=(GuardReading(guard="system", memory=mem(LOW)),), alive=before.in_flight()
+        now=TERM_TIMEOUT, guards=(GuardReading(guard="system", memory=make_memory(LOW)),), alive=before.in_flight()
     )
     first = step(before, obs, d.plan, d.rankings)
     second = step(before, obs, d.plan, d.rankings)
@@ -882,20 +879,20 @@ def test_process_group_victim_signals_only_the_group_members_the_ranking_holds()
     # 101 and 102 share group 77 and are candidates (in scope, not protected); a member of 77
     # outside the scope or protected is not a candidate, so it is not in the group.
     d = driver(
-        guard_plan(victim=VictimKind.PROCESS_GROUP),
+        make_guard(victim=VictimKind.PROCESS_GROUP),
         cands=(cand(101, 5000, pgid=77), cand(103, 4000, pgid=88), cand(102, 3000, pgid=77)),
     )
     (sig,) = signals(d.poll(0.0, LOW))
     assert sig.group == (key(101), key(102))
     # Escalation re-derives the group from this poll's ranking: 102 has become ineligible.
-    d.rankings["system"] = ranking("system", cand(101, 5000, pgid=77), cand(103, 4000, pgid=88))
+    d.rankings["system"] = make_ranking("system", cand(101, 5000, pgid=77), cand(103, 4000, pgid=88))
     (kill,) = signals(d.poll(TERM_TIMEOUT, LOW))
     assert (kill.signal, kill.group) == (SIGKILL, (key(101),))
 
 
 def test_members_signalled_in_an_episode_are_not_chosen_again_in_recovering() -> None:
     d = driver(
-        guard_plan(victim=VictimKind.PROCESS_GROUP),
+        make_guard(victim=VictimKind.PROCESS_GROUP),
         cands=(cand(101, 5000, pgid=77), cand(102, 3000, pgid=77), cand(103, 1000, pgid=88)),
     )
     d.poll(0.0, LOW)
@@ -909,11 +906,11 @@ def test_members_signalled_in_an_episode_are_not_chosen_again_in_recovering() ->
 
 def test_needs_says_now_exactly_when_a_victim_would_be_chosen() -> None:
     d = driver()
-    obs = Observation(now=0.0, guards=(GuardReading(guard="system", memory=mem(HIGH)),))
+    obs = Observation(now=0.0, guards=(GuardReading(guard="system", memory=make_memory(HIGH)),))
     assert needs(d.state, obs, d.plan) == {"system": Need.NONE}
-    near = Observation(now=0.0, guards=(GuardReading(guard="system", memory=mem(GATED)),))
+    near = Observation(now=0.0, guards=(GuardReading(guard="system", memory=make_memory(GATED)),))
     assert needs(d.state, near, d.plan) == {"system": Need.WARM}
-    low = Observation(now=0.0, guards=(GuardReading(guard="system", memory=mem(LOW)),))
+    low = Observation(now=0.0, guards=(GuardReading(guard="system", memory=make_memory(LOW)),))
     assert needs(d.state, low, d.plan) == {"system": Need.NOW}
     d.poll(0.0, LOW)  # term_sent: the victim is known, only a warm ranking is wanted
     assert needs(d.state, replace(low, now=0.1, alive=d.state.in_flight()), d.plan) == {"system": Need.WARM}
@@ -926,5 +923,5 @@ def test_needs_is_warm_when_rate_limited() -> None:
     d.poll(0.0, LOW)
     d.poll(0.5, LOW, alive=[])
     d.poll(0.6, HIGH)  # memory back: idle, one victim in the last minute
-    low = Observation(now=1.0, guards=(GuardReading(guard="system", memory=mem(LOW)),))
+    low = Observation(now=1.0, guards=(GuardReading(guard="system", memory=make_memory(LOW)),))
     assert needs(d.state, low, d.plan) == {"system": Need.WARM}

@@ -8,25 +8,20 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from tests.builders import make_candidate, make_guard, make_memory, make_process, make_psi_trigger, make_ranking
+from uoomd.actions import KillCgroup, Output, Record, ReleaseMemory, RunHook, SendSignal
 from uoomd.decision import (
     CHOOSERS,
     RATE_WINDOW_S,
     SIGKILL,
     SIGTERM,
-    Action,
-    KillCgroup,
     Phase,
-    Record,
-    ReleaseMemory,
-    RunHook,
-    SendSignal,
     State,
     initial_state,
     is_quiet,
     step,
 )
 from uoomd.plan import (
-    Amount,
     DaemonPlan,
     EscalationPlan,
     GuardPlan,
@@ -35,12 +30,10 @@ from uoomd.plan import (
     PsiAction,
     PsiKind,
     PsiTriggerPlan,
-    Scope,
-    ScopeKind,
     VictimKind,
 )
-from uoomd.readings import GuardReading, MemoryReading, Observation, Pid, ProcessInfo, ProcessKey, Uid
-from uoomd.scoring import Badness, Candidate, Ranking
+from uoomd.readings import GuardReading, Observation, ProcessKey
+from uoomd.scoring import Candidate, Ranking
 
 pytestmark = pytest.mark.unit
 
@@ -51,30 +44,16 @@ DTS = (0.02, 0.3, 1.0, 2.0, 3.0, 5.0, 25.0)
 POOL_SIZE = 6
 
 
+def world_candidate(pid: int, pages: int, *, starttime_ticks: int, name: str, cgroup: str | None = None) -> Candidate:
+    process = make_process(
+        pid, starttime_ticks=starttime_ticks, name=name, state="R", rss_anon_bytes=GiB, mm_rss_pages=None, cgroup=cgroup
+    )
+    return make_candidate(process, rss_pages=pages, totalpages=1, kernel_points=0)
+
+
 def candidate(i: int) -> Candidate:
-    pid = 100 + i
-    proc = ProcessInfo(
-        pid=Pid(pid),
-        ppid=Pid(1),
-        pgid=pid,
-        starttime_ticks=5000 + i,
-        name=f"p{i}",
-        state="R",
-        uid=Uid(1000),
-        kthread=False,
-        has_mm=True,
-        oom_score_adj=0,
-        rss_anon_bytes=GiB,
-        rss_file_bytes=0,
-        rss_shmem_bytes=0,
-        swap_bytes=0,
-        pgtables_bytes=0,
-        cgroup=f"/app{i}",
-    )
-    badness = Badness(
-        rss_pages=1000 * (POOL_SIZE - i), swap_pages=0, pgtables_pages=0, adj=0, adj_points=0, totalpages=1
-    )
-    return Candidate(process=proc, badness=badness, kernel_points=0, oom_score=0, effective_adj=0, rules=())
+    """The pool's i-th candidate: the smaller i, the bigger, each in a cgroup of its own."""
+    return world_candidate(100 + i, 1000 * (POOL_SIZE - i), starttime_ticks=5000 + i, name=f"p{i}", cgroup=f"/app{i}")
 
 
 POOL = tuple(candidate(i) for i in range(POOL_SIZE))
@@ -84,21 +63,9 @@ def guard_plan(name: str, victim: VictimKind, psi_action: PsiAction | None, sust
     psi: tuple[PsiTriggerPlan, ...] = ()
     if psi_action is not None:
         psi = (
-            PsiTriggerPlan(
-                kind=PsiKind.SOME, stall_us=100_000, window_us=1_000_000, sustain_s=sustain_s, action=psi_action
-            ),
+            make_psi_trigger(psi_action, kind=PsiKind.SOME, stall_us=100_000, window_us=1_000_000, sustain_s=sustain_s),
         )
-    return GuardPlan(
-        name=name,
-        scope=Scope(kind=ScopeKind.SYSTEM),
-        mem_available_term=Amount(fraction=0.10),
-        mem_available_kill=Amount(fraction=0.05),
-        swap_free_term=Amount(fraction=0.10),
-        swap_free_kill=Amount(fraction=0.05),
-        psi_mem_gate=Amount(fraction=0.20),
-        psi=psi,
-        victim=victim,
-    )
+    return make_guard(name, psi=psi, victim=victim)
 
 
 @st.composite
@@ -151,16 +118,11 @@ class Checker:
         for g in plan.guards:
             order = data.draw(st.permutations(living))
             keep = data.draw(st.integers(min_value=0, max_value=len(order)))
-            rankings[g.name] = Ranking(guard=g.name, candidates=tuple(order[:keep]), excluded=(), taken_at=self.now)
+            rankings[g.name] = make_ranking(g.name, *tuple(order[:keep]))
         readings = tuple(
             GuardReading(
                 guard=g.name,
-                memory=MemoryReading(
-                    total_bytes=TOTAL,
-                    available_bytes=data.draw(st.sampled_from(LEVELS)),
-                    swap_total_bytes=0,
-                    swap_free_bytes=0,
-                ),
+                memory=make_memory(data.draw(st.sampled_from(LEVELS))),
                 psi_fired=(0,) if len(g.psi) > 0 and data.draw(st.booleans()) else (),
             )
             for g in plan.guards
@@ -176,7 +138,7 @@ class Checker:
             assert self.state.guards == before.guards
         self.check(before, actions, rankings)
 
-    def check(self, before: State, actions: list[Action], rankings: dict[str, Ranking]) -> None:
+    def check(self, before: State, actions: list[Output], rankings: dict[str, Ranking]) -> None:
         dry = self.plan.daemon.dry_run
         after = self.state
         # At most one in-flight victim per guard (structural), and never one process for two guards.
@@ -253,7 +215,7 @@ def test_a_run_that_always_kills_stays_under_the_rate_limit(data: st.DataObject,
     state = initial_state(plan)
     now = 0.0
     chosen: list[float] = []
-    ranking = {g.name: Ranking(guard=g.name, candidates=POOL, excluded=(), taken_at=0.0) for g in plan.guards}
+    ranking = {g.name: make_ranking(g.name, *POOL) for g in plan.guards}
     for _ in range(60):
         now += data.draw(st.sampled_from((0.5, 1.0, 4.0, 10.0)))
         obs = Observation(
@@ -261,9 +223,7 @@ def test_a_run_that_always_kills_stays_under_the_rate_limit(data: st.DataObject,
             guards=tuple(
                 GuardReading(
                     guard=g.name,
-                    memory=MemoryReading(
-                        total_bytes=TOTAL, available_bytes=GiB // 4, swap_total_bytes=0, swap_free_bytes=0
-                    ),
+                    memory=make_memory(GiB // 4),
                 )
                 for g in plan.guards
             ),
@@ -280,18 +240,7 @@ def test_a_run_that_always_kills_stays_under_the_rate_limit(data: st.DataObject,
 
 
 def _proc_candidate(pid: int, pages: int) -> Candidate:
-    base = candidate(0)
-    proc = ProcessInfo(**{**{f: getattr(base.process, f) for f in base.process.__dataclass_fields__}, "pid": Pid(pid)})
-    proc = ProcessInfo(
-        **{
-            **{f: getattr(proc, f) for f in proc.__dataclass_fields__},
-            "starttime_ticks": 10_000 + pid,
-            "pgid": pid,
-            "name": f"w{pid}",
-        }
-    )
-    badness = Badness(rss_pages=pages, swap_pages=0, pgtables_pages=0, adj=0, adj_points=0, totalpages=1)
-    return Candidate(process=proc, badness=badness, kernel_points=0, oom_score=0, effective_adj=0, rules=())
+    return world_candidate(pid, pages, starttime_ticks=10_000 + pid, name=f"w{pid}", cgroup="/app0")
 
 
 KILL_LOW = GiB // 2  # below the kill level (5% of 16 GiB)
@@ -341,18 +290,14 @@ def test_below_the_kill_level_with_a_candidate_a_signal_is_in_flight_within_one_
             guards=(
                 GuardReading(
                     guard="g",
-                    memory=MemoryReading(
-                        total_bytes=TOTAL, available_bytes=available, swap_total_bytes=0, swap_free_bytes=0
-                    ),
+                    memory=make_memory(available),
                 ),
             ),
             alive=alive,
             ineligible=ineligible,
         )
         before = state
-        state, actions = step(
-            state, obs, plan, {"g": Ranking(guard="g", candidates=tuple(ranked), excluded=(), taken_at=now)}
-        )
+        state, actions = step(state, obs, plan, {"g": make_ranking("g", *ranked)})
         gs = state.guard("g")
         unusable = before.guard("g").stuck | ineligible | before.guard("g").signalled
         choosable = any(c.key not in unusable for c in ranked)

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from uoomd import desktop
-from uoomd.desktop import (
+from uoomd import dbus
+from uoomd.dbus import (
     METHOD_CALL,
     NOTIFY_SIGNATURE,
     DbusError,
@@ -18,12 +18,11 @@ from uoomd.desktop import (
     Writer,
     auth_external,
     decode_message,
-    kill_notice,
-    markup_safe,
     message_length,
     notify_call,
     split_signature,
 )
+from uoomd.desktop import kill_notice, markup_safe
 
 pytestmark = pytest.mark.unit
 
@@ -59,11 +58,11 @@ def test_notify_call_decodes_to_the_fields_and_body_it_was_built_from() -> None:
     message = decode_message(notify_call(7, summary="Low memory", body="Killed <b>x</b>", urgency=2))
     assert message.type == METHOD_CALL
     assert message.serial == 7
-    assert message.field(desktop.F_MEMBER) == "Notify"
-    assert message.field(desktop.F_INTERFACE) == "org.freedesktop.Notifications"
-    assert message.field(desktop.F_PATH) == "/org/freedesktop/Notifications"
-    assert message.field(desktop.F_DESTINATION) == "org.freedesktop.Notifications"
-    assert message.fields[desktop.F_SIGNATURE] == NOTIFY_SIGNATURE
+    assert message.field(dbus.F_MEMBER) == "Notify"
+    assert message.field(dbus.F_INTERFACE) == "org.freedesktop.Notifications"
+    assert message.field(dbus.F_PATH) == "/org/freedesktop/Notifications"
+    assert message.field(dbus.F_DESTINATION) == "org.freedesktop.Notifications"
+    assert message.fields[dbus.F_SIGNATURE] == NOTIFY_SIGNATURE
     assert message.body == (
         "uoomd",
         0,
@@ -83,7 +82,7 @@ def test_message_length_waits_for_the_fixed_header_then_knows_the_whole_size() -
 
 
 def test_a_message_claiming_to_be_huge_is_refused() -> None:
-    header = b"l\x02\x00\x01" + struct.pack("<III", desktop.MAX_MESSAGE_BYTES, 1, 0)
+    header = b"l\x02\x00\x01" + struct.pack("<III", dbus.MAX_MESSAGE_BYTES, 1, 0)
     with pytest.raises(DbusError, match="bytes"):
         message_length(header)
 
@@ -111,7 +110,7 @@ def test_big_endian_replies_are_read_too() -> None:
 )
 def test_what_is_written_reads_back(strings: list[str], hints: dict[str, int], number: int) -> None:
     w = Writer()
-    value: list[desktop.Value] = [list(strings), {k: Variant("y", v) for k, v in hints.items()}, number]
+    value: list[dbus.Value] = [list(strings), {k: Variant("y", v) for k, v in hints.items()}, number]
     w.write("asa{sv}i", value)
     assert Reader(bytes(w.data), 0, "<").read("asa{sv}i") == value
 

@@ -17,13 +17,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.helpers_proc import make_guard, make_plan, make_process, make_rule, make_snapshot
+from tests.builders import make_guard, make_memory, make_plan, make_process, make_rule, make_snapshot
 from uoomd import logs
-from uoomd.actions import parse_stat_identity
-from uoomd.decision import Record, RunHook, initial_state, step
+from uoomd.actions import Record, RunHook
+from uoomd.decision import initial_state, step
 from uoomd.hooks import hook_environment
 from uoomd.plan import HooksPlan, LogFormat
-from uoomd.readings import GuardReading, MemoryReading, Observation, Uid
+from uoomd.readings import GuardReading, Observation, Uid
 from uoomd.scoring import Candidate, Exclusion, rank, score_process
 from uoomd.sources import procfs
 
@@ -90,8 +90,8 @@ def test_any_name_leaves_every_stat_field_after_it_in_place(  # noqa: PLR0917
         rss,
         rss * 4096,
     )
-    # The executor's own re-check after opening a pidfd reads the same line as text.
-    ident = parse_stat_identity(line.decode("utf-8", "surrogateescape"))
+    # The same line handed over as text (surrogate-escaped bytes) parses the same.
+    ident = procfs.parse_stat(line.decode("utf-8", "surrogateescape"))
     assert (ident.state, ident.pgid, ident.kthread, ident.starttime_ticks) == ("S", pgid, kthread, starttime)
 
 
@@ -165,7 +165,7 @@ def decide_on(name: str, cmdline: str) -> tuple[list[Record], list[RunHook]]:
     plan = replace(make_plan(), hooks=HooksPlan(after_kill=("/usr/bin/logger", "-t", "uoomd")))
     victim = make_process(4321, name=name, cmdline=cmdline, cgroup="/user.slice/" + name, mm_rss_pages=1000)
     ranking = rank(make_snapshot(victim), plan, plan.guards[0], totalpages=TOTAL_PAGES)
-    reading = MemoryReading(total_bytes=4 * GIB, available_bytes=GIB // 100, swap_total_bytes=0, swap_free_bytes=0)
+    reading = make_memory(GIB // 100, total_bytes=4 * GIB)
     obs = Observation(now=1.0, guards=(GuardReading(guard=plan.guards[0].name, memory=reading),))
     _state, actions = step(initial_state(plan), obs, plan, {plan.guards[0].name: ranking})
     return [a for a in actions if isinstance(a, Record)], [a for a in actions if isinstance(a, RunHook)]

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers_proc import make_rule
+from tests.builders import make_rule
 from uoomd.cli import main
 from uoomd.errors import ExitCode
 from uoomd.policy.identity import identities, identity_warnings

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.builders import make_guard, make_memory, make_psi_trigger
 from uoomd.pacing import (
     MEM_FILL_BYTES_PER_S,
     SAFETY_FACTOR,
@@ -13,7 +14,7 @@ from uoomd.pacing import (
     next_poll_s,
     warm_ranking_needed,
 )
-from uoomd.plan import Amount, DaemonPlan, GuardPlan, PsiAction, PsiKind, PsiTriggerPlan, Scope, ScopeKind
+from uoomd.plan import Amount, DaemonPlan, GuardPlan, PsiAction, PsiTriggerPlan
 from uoomd.readings import MemoryReading
 
 pytestmark = pytest.mark.unit
@@ -25,64 +26,57 @@ DAEMON = DaemonPlan(poll_min_s=0.02, poll_max_s=1.0)
 
 
 def guard(*, psi: tuple[PsiTriggerPlan, ...] = (), gate: float = 0.20) -> GuardPlan:
-    return GuardPlan(
-        name="system",
-        scope=Scope(kind=ScopeKind.SYSTEM),
-        mem_available_term=Amount(fraction=0.10),
-        mem_available_kill=Amount(fraction=0.05),
-        swap_free_term=Amount(fraction=0.10),
-        swap_free_kill=Amount(fraction=0.05),
-        psi_mem_gate=Amount(fraction=gate),
-        psi=psi,
-    )
-
-
-def mem(available: int, *, swap_total: int = 0, swap_free: int = 0) -> MemoryReading:
-    return MemoryReading(
-        total_bytes=TOTAL, available_bytes=available, swap_total_bytes=swap_total, swap_free_bytes=swap_free
-    )
+    return make_guard(psi_mem_gate=Amount(fraction=gate), psi=psi)
 
 
 def test_below_the_term_level_polls_as_fast_as_allowed() -> None:
-    assert next_poll_s(mem(TERM - 1), None, 0.0, guard(), DAEMON) == DAEMON.poll_min_s
+    assert next_poll_s(make_memory(TERM - 1), None, 0.0, guard(), DAEMON) == DAEMON.poll_min_s
 
 
 def test_far_from_the_term_level_and_steady_polls_at_poll_max() -> None:
-    assert next_poll_s(mem(12 * GiB), mem(12 * GiB), 1.0, guard(), DAEMON) == DAEMON.poll_max_s
+    assert next_poll_s(make_memory(12 * GiB), make_memory(12 * GiB), 1.0, guard(), DAEMON) == DAEMON.poll_max_s
 
 
 def test_near_the_term_level_sleeps_the_worst_case_fill_time() -> None:
     # 1 GiB above the term level at the assumed worst case (4 GiB/s): 0.25 s.
-    assert next_poll_s(mem(TERM + GiB), None, 0.0, guard(), DAEMON) == pytest.approx(GiB / MEM_FILL_BYTES_PER_S)
+    assert next_poll_s(make_memory(TERM + GiB), None, 0.0, guard(), DAEMON) == pytest.approx(GiB / MEM_FILL_BYTES_PER_S)
 
 
 def test_fast_observed_fall_shortens_the_sleep_by_the_safety_factor() -> None:
     # 6 GiB above the level (worst case: 1.5 s, capped at 1 s), falling 3 GiB/s: 2 s to go, / 4.
-    now, before = mem(TERM + 6 * GiB), mem(TERM + 9 * GiB)
+    now, before = make_memory(TERM + 6 * GiB), make_memory(TERM + 9 * GiB)
     assert next_poll_s(now, before, 1.0, guard(), DAEMON) == pytest.approx(2.0 / SAFETY_FACTOR)
 
 
 def test_rising_memory_does_not_shorten_the_sleep() -> None:
-    assert next_poll_s(mem(TERM + 8 * GiB), mem(TERM + 2 * GiB), 1.0, guard(), DAEMON) == DAEMON.poll_max_s
+    assert (
+        next_poll_s(make_memory(TERM + 8 * GiB), make_memory(TERM + 2 * GiB), 1.0, guard(), DAEMON) == DAEMON.poll_max_s
+    )
 
 
 def test_first_reading_or_zero_interval_uses_the_worst_case_alone() -> None:
-    reading = mem(TERM + GiB)
-    assert next_poll_s(reading, None, 0.0, guard(), DAEMON) == next_poll_s(reading, mem(0), 0.0, guard(), DAEMON)
+    reading = make_memory(TERM + GiB)
+    assert next_poll_s(reading, None, 0.0, guard(), DAEMON) == next_poll_s(
+        reading, make_memory(0), 0.0, guard(), DAEMON
+    )
 
 
 def test_free_swap_adds_its_own_fill_time() -> None:
     swap = 8 * GiB
     swap_term = int(swap * 0.10)
-    no_swap = next_poll_s(mem(TERM + GiB // 4), None, 0.0, guard(), DAEMON)
+    no_swap = next_poll_s(make_memory(TERM + GiB // 4), None, 0.0, guard(), DAEMON)
     with_swap = next_poll_s(
-        mem(TERM + GiB // 4, swap_total=swap, swap_free=swap_term + GiB // 4), None, 0.0, guard(), DAEMON
+        make_memory(TERM + GiB // 4, swap_total_bytes=swap, swap_free_bytes=swap_term + GiB // 4),
+        None,
+        0.0,
+        guard(),
+        DAEMON,
     )
     assert with_swap == pytest.approx(no_swap + (GiB // 4) / SWAP_FILL_BYTES_PER_S)
 
 
 def test_never_below_poll_min() -> None:
-    tiny = next_poll_s(mem(TERM + 1), mem(TERM + 10 * GiB), 0.001, guard(), DAEMON)
+    tiny = next_poll_s(make_memory(TERM + 1), make_memory(TERM + 10 * GiB), 0.001, guard(), DAEMON)
     assert tiny == DAEMON.poll_min_s
 
 
@@ -92,33 +86,35 @@ def test_never_below_poll_min() -> None:
     dt_s=st.floats(min_value=0.0, max_value=5.0),
 )
 def test_sleep_is_always_within_the_bounds(headroom: int, fall: int, dt_s: float) -> None:
-    now = mem(TERM + headroom)
-    before = mem(max(0, TERM + headroom + fall))
+    now = make_memory(TERM + headroom)
+    before = make_memory(max(0, TERM + headroom + fall))
     assert DAEMON.poll_min_s <= next_poll_s(now, before, dt_s, guard(), DAEMON) <= DAEMON.poll_max_s
 
 
 @given(a=st.integers(min_value=0, max_value=TOTAL), b=st.integers(min_value=0, max_value=TOTAL))
 def test_closer_to_the_term_level_never_sleeps_longer(a: int, b: int) -> None:
     near, far = sorted((a, b))
-    assert next_poll_s(mem(near), None, 0.0, guard(), DAEMON) <= next_poll_s(mem(far), None, 0.0, guard(), DAEMON)
+    assert next_poll_s(make_memory(near), None, 0.0, guard(), DAEMON) <= next_poll_s(
+        make_memory(far), None, 0.0, guard(), DAEMON
+    )
 
 
 @given(slow=st.integers(min_value=0, max_value=4 * GiB), extra=st.integers(min_value=0, max_value=4 * GiB))
 def test_faster_fall_never_sleeps_longer(slow: int, extra: int) -> None:
-    now = mem(TERM + 4 * GiB)
-    slow_s = next_poll_s(now, mem(TERM + 4 * GiB + slow), 1.0, guard(), DAEMON)
-    fast_s = next_poll_s(now, mem(TERM + 4 * GiB + slow + extra), 1.0, guard(), DAEMON)
+    now = make_memory(TERM + 4 * GiB)
+    slow_s = next_poll_s(now, make_memory(TERM + 4 * GiB + slow), 1.0, guard(), DAEMON)
+    fast_s = next_poll_s(now, make_memory(TERM + 4 * GiB + slow + extra), 1.0, guard(), DAEMON)
     assert fast_s <= slow_s
 
 
 def test_warm_ranking_needed_within_twice_the_level_or_a_second_of_worst_case_fill() -> None:
     # The margin is max(term level 1.6 GiB, 1 s at 4 GiB/s) = 4 GiB above the term level.
-    assert warm_ranking_needed(mem(TERM + 4 * GiB - 1), guard())
-    assert not warm_ranking_needed(mem(TERM + 4 * GiB), guard())
+    assert warm_ranking_needed(make_memory(TERM + 4 * GiB - 1), guard())
+    assert not warm_ranking_needed(make_memory(TERM + 4 * GiB), guard())
 
 
 def test_warm_ranking_margin_is_twice_the_level_on_a_big_machine() -> None:
-    big = MemoryReading(total_bytes=512 * GiB, available_bytes=0, swap_total_bytes=0, swap_free_bytes=0)
+    big = make_memory(0, total_bytes=512 * GiB)
     level = int(512 * GiB * 0.10)
     assert warm_ranking_needed(MemoryReading(**{**_fields(big), "available_bytes": 2 * level - 1}), guard())
     assert not warm_ranking_needed(MemoryReading(**{**_fields(big), "available_bytes": 2 * level}), guard())
@@ -135,10 +131,10 @@ def _fields(m: MemoryReading) -> dict[str, int]:
 
 def test_warm_ranking_below_the_psi_gate_only_when_a_psi_trigger_can_act() -> None:
     # Gate 60% = 9.6 GiB, well above the level margin (term 1.6 GiB + 4 GiB): 8 GiB is only under the gate.
-    under_gate = mem(8 * GiB)
-    term = PsiTriggerPlan(kind=PsiKind.FULL, stall_us=1, window_us=1_000_000, sustain_s=0, action=PsiAction.TERM)
-    warn = PsiTriggerPlan(kind=PsiKind.FULL, stall_us=1, window_us=1_000_000, sustain_s=0, action=PsiAction.WARN)
+    under_gate = make_memory(8 * GiB)
+    term = make_psi_trigger(PsiAction.TERM, stall_us=1, window_us=1_000_000)
+    warn = make_psi_trigger(PsiAction.WARN, stall_us=1, window_us=1_000_000)
     assert warm_ranking_needed(under_gate, guard(psi=(term,), gate=0.6))
     assert not warm_ranking_needed(under_gate, guard(psi=(warn,), gate=0.6))
     assert not warm_ranking_needed(under_gate, guard(gate=0.6))
-    assert not warm_ranking_needed(mem(10 * GiB), guard(psi=(term,), gate=0.6))
+    assert not warm_ranking_needed(make_memory(10 * GiB), guard(psi=(term,), gate=0.6))

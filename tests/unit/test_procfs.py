@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers_proc import CHILDREN, IDLE, recorded_children
+from tests.builders import CHILDREN, IDLE, recorded_children
 from uoomd.readings import ProcessInfo
 from uoomd.sources import procfs
+from uoomd.sources.scanner import ProcScanner
 
 pytestmark = pytest.mark.unit
 
@@ -230,7 +231,7 @@ def _without_status_time(p: ProcessInfo) -> ProcessInfo:
 def test_scanner_first_scan_equals_read_snapshot(tmp_path: Path) -> None:
     root = _copy_tree(tmp_path)
     details = frozenset({"cmdline", "exe", "cgroup", "user"})
-    with procfs.ProcScanner(str(root)) as scanner:
+    with ProcScanner(str(root)) as scanner:
         snap = scanner.scan(details)
     fresh = procfs.read_snapshot(str(root), details=details)
     assert tuple(_without_status_time(p) for p in snap.processes) == fresh.processes
@@ -240,7 +241,7 @@ def test_scanner_first_scan_equals_read_snapshot(tmp_path: Path) -> None:
 def test_scanner_hands_back_the_same_object_for_an_unchanged_process(tmp_path: Path) -> None:
     root = _copy_tree(tmp_path)
     pid = _user_pid(root)
-    with procfs.ProcScanner(str(root)) as scanner:
+    with ProcScanner(str(root)) as scanner:
         first = {int(p.pid): p for p in scanner.scan().processes}
         second = scanner.scan()
     again = {int(p.pid): p for p in second.processes}
@@ -253,7 +254,7 @@ def test_scanner_hands_back_the_same_object_for_an_unchanged_process(tmp_path: P
 def test_scanner_rereads_status_when_the_stat_line_changes(tmp_path: Path) -> None:
     root = _copy_tree(tmp_path)
     pid = _user_pid(root)
-    with procfs.ProcScanner(str(root)) as scanner:
+    with ProcScanner(str(root)) as scanner:
         scanner.scan()
         _set_stat_field(root, pid, 21, 777_777)  # rss: the process faulted
         _set_status_kib(root, pid, "VmPTE", 4444)
@@ -272,7 +273,7 @@ def test_scanner_carries_status_of_an_unchanged_stat_until_the_rotation(tmp_path
     snap = procfs.read_snapshot(str(root))
     # Re-reads are spread over the rotation by PID: take one not due at the very next scan.
     pid = next(p.pid for p in snap.processes if not p.kthread and p.has_mm and p.pid != 1 and p.pid % every)
-    with procfs.ProcScanner(str(root), status_every_scans=every) as scanner:
+    with ProcScanner(str(root), status_every_scans=every) as scanner:
         old = next(p for p in scanner.scan().processes if p.pid == pid).pgtables_bytes
         _set_status_kib(root, pid, "VmPTE", 4444)
         assert old != 4444 << 10
@@ -284,7 +285,7 @@ def test_scanner_carries_status_of_an_unchanged_stat_until_the_rotation(tmp_path
 def test_scanner_reads_oom_score_adj_at_every_scan(tmp_path: Path) -> None:
     root = _copy_tree(tmp_path)
     pid = _user_pid(root)
-    with procfs.ProcScanner(str(root)) as scanner:
+    with ProcScanner(str(root)) as scanner:
         scanner.scan()
         (root / str(pid) / "oom_score_adj").write_bytes(b"913\n")
         info = next(p for p in scanner.scan().processes if p.pid == pid)
@@ -294,7 +295,7 @@ def test_scanner_reads_oom_score_adj_at_every_scan(tmp_path: Path) -> None:
 def test_scanner_refresh_rereads_the_named_processes(tmp_path: Path) -> None:
     root = _copy_tree(tmp_path)
     pid = _user_pid(root)
-    with procfs.ProcScanner(str(root), status_every_scans=1000) as scanner:
+    with ProcScanner(str(root), status_every_scans=1000) as scanner:
         scanner.scan()
         _set_status_kib(root, pid, "VmPTE", 4444)
         snap = scanner.scan(refresh=[pid])
@@ -306,7 +307,7 @@ def test_scanner_refresh_rereads_the_named_processes(tmp_path: Path) -> None:
 
 def test_scanner_reads_details_asked_for_later(tmp_path: Path) -> None:
     root = _copy_tree(tmp_path)
-    with procfs.ProcScanner(str(root)) as scanner:
+    with ProcScanner(str(root)) as scanner:
         scanner.scan()
         snap = scanner.scan(frozenset({"cmdline"}))
     assert all(p.cmdline is not None for p in snap.processes if not p.kthread)
@@ -332,7 +333,7 @@ def test_scanner_follows_a_recycled_pid_as_a_new_process(tmp_path: Path, monkeyp
 
     monkeypatch.setattr(os, "pread", fake_pread)
     monkeypatch.setattr(os, "close", fake_close)
-    with procfs.ProcScanner(str(root)) as scanner:
+    with ProcScanner(str(root)) as scanner:
         old = next(p for p in scanner.scan().processes if p.pid == pid)
         dead.update(int(fd) for fd in os.listdir("/proc/self/fd"))  # every fd open now: old incarnations
         _set_stat_field(root, pid, 19, old.starttime_ticks + 5000)
@@ -346,7 +347,7 @@ def test_scanner_follows_a_recycled_pid_as_a_new_process(tmp_path: Path, monkeyp
 def test_scanner_forgets_vanished_processes_and_closes_their_fds(tmp_path: Path) -> None:
     root = _copy_tree(tmp_path)
     pid = _user_pid(root)
-    with procfs.ProcScanner(str(root)) as scanner:
+    with ProcScanner(str(root)) as scanner:
         scanner.scan()
         held = scanner.held_fds
         shutil.rmtree(root / str(pid))
@@ -358,7 +359,7 @@ def test_scanner_forgets_vanished_processes_and_closes_their_fds(tmp_path: Path)
 def test_scanner_close_releases_every_fd(tmp_path: Path) -> None:
     root = _copy_tree(tmp_path)
     before = len(os.listdir("/proc/self/fd"))
-    scanner = procfs.ProcScanner(str(root))
+    scanner = ProcScanner(str(root))
     scanner.scan()
     assert len(os.listdir("/proc/self/fd")) == before + scanner.held_fds > before
     scanner.close()
@@ -371,7 +372,7 @@ def test_scanner_close_releases_every_fd(tmp_path: Path) -> None:
 def test_scanner_without_an_fd_budget_reads_by_path(tmp_path: Path) -> None:
     root = _copy_tree(tmp_path)
     pid = _user_pid(root)
-    with procfs.ProcScanner(str(root), max_held_fds=0) as scanner:
+    with ProcScanner(str(root), max_held_fds=0) as scanner:
         first = scanner.scan()
         _set_stat_field(root, pid, 21, 777_777)
         second = scanner.scan()
@@ -392,7 +393,7 @@ def test_scanner_out_of_fds_falls_back_to_reads_by_path(tmp_path: Path, monkeypa
             raise OSError(errno.EMFILE, "Too many open files")
         return real_open(path, flags, *args)
 
-    with procfs.ProcScanner(str(root)) as scanner:
+    with ProcScanner(str(root)) as scanner:
         monkeypatch.setattr(os, "open", fake_open)
         with pytest.raises(OSError, match="Too many open files"):
             scanner.scan()  # the reads by path need an fd too: the scan fails, loudly
@@ -403,7 +404,7 @@ def test_scanner_out_of_fds_falls_back_to_reads_by_path(tmp_path: Path, monkeypa
 def test_scanner_keeps_the_status_of_a_process_that_ran_without_memory_change(tmp_path: Path) -> None:
     root = _copy_tree(tmp_path)
     pid = _user_pid(root)
-    with procfs.ProcScanner(str(root), status_every_scans=1000) as scanner:
+    with ProcScanner(str(root), status_every_scans=1000) as scanner:
         before = next(p for p in scanner.scan().processes if p.pid == pid)
         _set_stat_field(root, pid, 11, 99_999)  # utime: it ran
         _set_stat_field(root, pid, 2, 4321)  # pgid: it called setpgid()

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers_proc import FIXTURES, make_plan, make_process, make_rule, make_snapshot
+from tests.builders import FIXTURES, make_plan, make_process, make_rule, make_snapshot
 from uoomd.dfa import Dfa
 from uoomd.errors import PolicyError
 from uoomd.policy.automaton import MAX_WORK, compile_regex

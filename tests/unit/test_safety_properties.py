@@ -27,22 +27,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers_proc import make_guard, make_process, make_rule
+from tests.builders import make_guard, make_memory, make_process, make_rule
 from uoomd import kernel
+from uoomd.actions import KillCgroup, Record, ReleaseMemory, SendSignal
 from uoomd.decision import (
     CHOOSERS,
     RATE_WINDOW_S,
-    KillCgroup,
     Phase,
-    Record,
-    ReleaseMemory,
-    SendSignal,
     State,
     initial_state,
     step,
 )
 from uoomd.plan import Amount, DaemonPlan, EscalationPlan, GuardPlan, Plan, Scope, ScopeKind, VictimKind
-from uoomd.readings import GuardReading, MemoryReading, Observation, Pid, ProcessInfo, ProcessKey, Snapshot
+from uoomd.readings import GuardReading, Observation, Pid, ProcessInfo, ProcessKey, Snapshot
 from uoomd.scoring import Ranking, rank
 
 pytestmark = pytest.mark.unit
@@ -244,12 +241,7 @@ def run_step(world: World, data: st.DataObject) -> None:
     readings = tuple(
         GuardReading(
             guard=g.name,
-            memory=MemoryReading(
-                total_bytes=TOTAL,
-                available_bytes=data.draw(st.sampled_from(LEVELS), label="available"),
-                swap_total_bytes=0,
-                swap_free_bytes=0,
-            ),
+            memory=make_memory(data.draw(st.sampled_from(LEVELS), label="available"), total_bytes=TOTAL),
         )
         for g in plan.guards
     )
@@ -337,9 +329,7 @@ def test_a_table_of_only_forbidden_processes_yields_no_victim_under_critical_mem
             guards=(
                 GuardReading(
                     guard="g0",
-                    memory=MemoryReading(
-                        total_bytes=TOTAL, available_bytes=GIB // 8, swap_total_bytes=0, swap_free_bytes=0
-                    ),
+                    memory=make_memory(GIB // 8, total_bytes=TOTAL),
                 ),
             ),
             snapshot=snapshot,

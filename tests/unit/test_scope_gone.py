@@ -17,12 +17,13 @@ from typing import Any
 
 import pytest
 
-from tests.helpers_proc import IDLE, make_guard, make_plan
-from uoomd.actions import RecordingExecutor
-from uoomd.daemon import SCOPE_RETRY_S, Daemon, GuardWatch, open_watch
+from tests.builders import IDLE, make_guard, make_plan
+from uoomd.daemon import Daemon
+from uoomd.executor import RecordingExecutor
 from uoomd.logs import PipelineLogger, configure
 from uoomd.plan import LogFormat, Scope, ScopeKind
 from uoomd.sources.cgroup import CgroupGone
+from uoomd.sources.watch import SCOPE_RETRY_S, GuardWatch, open_watch
 
 pytestmark = pytest.mark.unit
 

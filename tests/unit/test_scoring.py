@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.helpers_proc import (
+from tests.builders import (
     CHILDREN,
     IDLE,
     make_guard,
@@ -18,10 +18,11 @@ from tests.helpers_proc import (
     make_snapshot,
     recorded_oom_score,
 )
-from uoomd import kernel, scoring
+from uoomd import kernel, rules
 from uoomd.plan import MatchPlan, Plan
 from uoomd.readings import Pid, ProcessInfo
-from uoomd.scoring import Candidate, Exclusion, MissingDetailError, kernel_choice, rank, score_process
+from uoomd.rules import MissingDetailError
+from uoomd.scoring import Candidate, Exclusion, kernel_choice, rank, score_process
 from uoomd.sources.procfs import read_snapshot
 
 pytestmark = pytest.mark.unit
@@ -282,13 +283,13 @@ def test_is_exact_tells_carried_status_from_this_scans() -> None:
 
 def _count_matching(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls = [0]
-    real = scoring.rule_matches
+    real = rules.rule_matches
 
     def counting(match: MatchPlan, process: ProcessInfo) -> bool:
         calls[0] += 1
         return real(match, process)
 
-    monkeypatch.setattr(scoring, "rule_matches", counting)
+    monkeypatch.setattr(rules, "rule_matches", counting)
     return calls
 
 
@@ -340,7 +341,7 @@ def test_a_changed_command_line_is_matched_again_and_a_gone_process_leaves_the_v
     by_pid = {r.process.pid: r.rules for r in results}
     assert by_pid[Pid(13)] == ("rule[2]",)
     # Bounded by the snapshot: the java process left, and so did its verdict.
-    assert set(second.verdicts) == {scoring.match_key(p) for p in snapshot.processes}
+    assert set(second.verdicts) == {rules.match_key(p) for p in snapshot.processes}
 
 
 def test_identical_processes_are_matched_once(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,7 +23,7 @@ INJECTION = "\x1b[31mX\nguard FA"
 
 
 def good_state() -> dict[str, Any]:
-    """What uoomd/daemon.py Daemon._status writes, for one guard with a victim and a PSI trigger."""
+    """What uoomd/status.py status_document() writes, for one guard with a victim and a PSI trigger."""
     return {
         "pid": os.getpid(),
         "policy": "/etc/uoomd/uoomd.toml",

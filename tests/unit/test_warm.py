@@ -4,24 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers_proc import make_process
+from tests.builders import make_candidate, make_process
 from uoomd.readings import MemoryReading
-from uoomd.scoring import Badness, Candidate, Exclusion
+from uoomd.scoring import Candidate, Exclusion
 from uoomd.warm import refresh_candidates, used_bytes
 
 pytestmark = pytest.mark.unit
 
 
 def cand(pid: int, points: int) -> Candidate:
-    badness = Badness(rss_pages=points, swap_pages=0, pgtables_pages=0, adj=0, adj_points=0, totalpages=1_000_000)
-    return Candidate(
-        process=make_process(pid, rss_anon_bytes=points * 4096),
-        badness=badness,
-        kernel_points=points,
-        oom_score=0,
-        effective_adj=0,
-        rules=(),
-    )
+    return make_candidate(make_process(pid, rss_anon_bytes=points * 4096), rss_pages=points)
 
 
 class Reader:

@@ -16,6 +16,7 @@ import bisect
 import re
 
 from uoomd.dfa import DEAD, MAX_CELLS, Dfa
+from uoomd.policy.literals import literal_words, required_words
 from uoomd.policy.regex import (
     CODE_POINTS,
     Alt,
@@ -36,9 +37,6 @@ MAX_CLASSES = 256  # character classes, the table's row width
 MAX_WORK = 500_000  # steps building a policy's tables may take (RegexBudget): 0.25-0.45 s here
 MAX_MINIMIZING = 500_000  # steps minimizing them may take: ~0.08 s here
 SKIP_AFTER = 4  # self-loops in a row before a skip (see _Builder._table)
-MAX_REQUIRED = 8  # words looked for before an unanchored search (see _required)
-MAX_WORDS = 256  # words an anchored pattern may spell out to be matched by set look-up (see _words)
-MAX_WORD_CHARS = 256
 
 
 class RegexBudget:
@@ -369,7 +367,7 @@ class _Builder:
             sizes[c] += hi - lo
             printable[c] += max(0, min(hi, 127) - max(lo, 32))
         single = {c: chr(lo) for (lo, c), hi in zip(segments, ends, strict=True) if sizes[c] == 1 == hi - lo}
-        words = self._words(rows, start_id, accepts_at_end, single) if not self.unanchored else None
+        words = literal_words(rows, start_id, accepts_at_end, single) if not self.unanchored else None
         # A state that most printable characters leave in place gets a skip: after SKIP_AFTER
         # self-loops in a row (counted by copies of its row, so the loop pays nothing for it),
         # one `re` search (a single class: one pass, no backtracking) jumps to the next
@@ -428,86 +426,14 @@ class _Builder:
             skip=skip or None,
             # Anchored patterns end at their first mismatch; an unanchored one reads the whole
             # text unless a word it needs is missing, which `in` finds at C speed.
-            required=tuple(sorted(_required(self.tree) or ())) if self.unanchored else (),
+            required=tuple(sorted(required_words(self.tree) or ())) if self.unanchored else (),
             prefixes=None if words is None else tuple(sorted(words[0])),
             texts=frozenset() if words is None else frozenset(words[1]),
         )
 
     @staticmethod
-    def _words(
-        rows: list[list[int]], start_id: int, accepts_at_end: set[int], single: dict[int, str]
-    ) -> tuple[set[str], set[str]] | None:
-        """For an anchored pattern of finitely many literal words (``^(sshd|systemd)$``, most
-        name rules): the prefixes that reach the accepting state, and the texts the end of
-        which accepts, so Dfa.search is a startswith() and a set look-up. None otherwise:
-        a loop, a class of more than one character, or more than MAX_WORDS words."""
-        prefixes: set[str] = set()
-        texts: set[str] = set()
-        stack: list[tuple[int, str, frozenset[int]]] = [(start_id, "", frozenset({start_id}))]
-        while stack:
-            state, word, path = stack.pop()
-            if state in accepts_at_end:
-                texts.add(word)
-            for c, target in enumerate(rows[state]):
-                if target == DEAD:
-                    continue
-                if c not in single or target in path or len(word) >= MAX_WORD_CHARS:
-                    return None
-                if target == 1:
-                    prefixes.add(word + single[c])
-                else:
-                    stack.append((target, word + single[c], path | {target}))
-            if len(prefixes) + len(texts) + len(stack) > MAX_WORDS:
-                return None
-        return prefixes, texts
-
-    @staticmethod
     def _class_at(segments: list[tuple[int, int]], point: int) -> int:
         return segments[bisect.bisect_right(segments, (point, MAX_CLASSES)) - 1][1]
-
-
-def _required(node: Node) -> frozenset[str] | None:
-    """Words one of which every text with a match contains (None: no such words are known).
-
-    By induction on the tree: a character set of one character needs it; a sequence needs
-    whatever any of its items needs, and a run of such characters needs the whole run (the
-    best of these is kept: the longest shortest word); an alternation needs one of what each
-    option needs; a repeat of at least once needs what its item does."""
-    match node:
-        case Chars(charset):
-            single = len(charset) == 1 and charset[0][1] == charset[0][0] + 1
-            return frozenset({chr(charset[0][0])}) if single else None
-        case Anchor():
-            return None
-        case Seq(items):
-            candidates: list[frozenset[str]] = []
-            run = ""
-            for item in items:
-                needed = _required(item)
-                if isinstance(item, Chars) and needed is not None:
-                    run += next(iter(needed))
-                    continue
-                if run:
-                    candidates.append(frozenset({run}))
-                    run = ""
-                if needed is not None:
-                    candidates.append(needed)
-            if run:
-                candidates.append(frozenset({run}))
-            return max(candidates, key=lambda words: (min(map(len, words)), -len(words)), default=None)
-        case Alt(options):
-            union: set[str] = set()
-            for option in options:
-                needed = _required(option)
-                if needed is None:
-                    return None
-                union |= needed
-            # A word that holds another adds nothing: the other is in the text too.
-            words = {w for w in union if not any(o != w and o in w for o in union)}
-            return frozenset(words) if len(words) <= MAX_REQUIRED else None
-        case Repeat(item, lo, _):
-            return _required(item) if lo > 0 else None
-    raise AssertionError(node)
 
 
 def _class_source(charset: Charset) -> str:

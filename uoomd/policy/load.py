@@ -8,7 +8,6 @@ import re
 import reprlib
 import stat
 import tomllib
-from importlib import resources
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -30,18 +29,6 @@ _TOML_LINE_RE = re.compile(r"\(at line (\d+), column (\d+)\)")
 # pydantic appends the tag of the union member or validator to a field's location
 # ("mem_available_term.str", "...function-after[...]"): not keys the user wrote.
 _TAG_RE = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\]|function-.*|literal\[.*\]|union\[.*\])$")
-
-
-def packaged_policy_path(name: str) -> str:
-    """The copy of etc/uoomd.toml (or policies/NAME) shipped inside the installed package."""
-    base = resources.files("uoomd") / "data"
-    candidate = base / name if name == "uoomd.toml" else base / "policies" / name
-    path = str(candidate)
-    if os.path.exists(path):
-        return path
-    # Running from a source checkout (editable install or tests): the repository's files.
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return os.path.join(repo, "etc", name) if name == "uoomd.toml" else os.path.join(repo, "policies", name)
 
 
 def load_plan(path: str, *, check_system: bool = True) -> Plan:

@@ -5,14 +5,11 @@ from __future__ import annotations
 import errno
 import os
 from enum import StrEnum
-from types import TracebackType
-from typing import Self
 
 from uoomd import kernel
 from uoomd.plan import Scope, ScopeKind
-from uoomd.readings import MemoryReading
-from uoomd.sources.meminfo import pread_all
-from uoomd.sources.procfs import read_cgroup_limit_bytes
+from uoomd.readings import MemoryReading, Snapshot
+from uoomd.sources.seqfile import Closing, pread_all
 
 # A v1 limit at or above this means "no limit". The kernel stores limits in pages in a
 # page_counter whose maximum is PAGE_COUNTER_MAX = LONG_MAX / PAGE_SIZE
@@ -189,6 +186,24 @@ def _read_text(path: str) -> str:
         return f.read().decode("ascii", errors="replace")
 
 
+# Errors that mean the file is not there for us: the cgroup went, or is not what we took it for.
+_ABSENT_ERRNOS = frozenset({errno.ENOENT, errno.ESRCH, errno.EACCES, errno.EPERM, errno.ENOTDIR})
+
+
+def read_limit(cgroup_dir: str, *names: str) -> int | None:
+    """The first of ``names`` that exists in ``cgroup_dir``, as a number (bytes, or a swappiness); "max" and
+    absence are None (unlimited)."""
+    for name in names:
+        try:
+            text = _read_text(os.path.join(cgroup_dir, name)).strip()
+        except OSError as exc:
+            if exc.errno in _ABSENT_ERRNOS:
+                continue
+            raise
+        return None if text == "max" else int(text)
+    return None
+
+
 def read_members(path: str) -> frozenset[int]:
     """PIDs in cgroup.procs of the cgroup and of all its descendants.
 
@@ -277,7 +292,7 @@ def v2_twin_of(v1_path: str, mountinfo: str) -> str | None:
     return None
 
 
-class CgroupMemoryReader:
+class CgroupMemoryReader(Closing):
     """Keeps a memory cgroup's files open and reads them into a MemoryReading at each poll."""
 
     def __init__(self, path: str, machine_total_bytes: int, machine_swap_total_bytes: int) -> None:
@@ -370,14 +385,6 @@ class CgroupMemoryReader:
         for fd in fds.values():
             os.close(fd)
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
 
 def read_oom_totalpages(cgroup_dir: str, *, page_size: int, total_swap_pages: int, fallback: int) -> int:
     """totalpages of a memcg OOM in this cgroup: mm/memcontrol.c mem_cgroup_get_max() from its files (v1 or v2).
@@ -390,15 +397,15 @@ def read_oom_totalpages(cgroup_dir: str, *, page_size: int, total_swap_pages: in
     unlimited_pages = kernel.LONG_MAX // page_size  # PAGE_COUNTER_MAX
     v1 = os.path.exists(os.path.join(cgroup_dir, "memory.limit_in_bytes"))
     if v1:
-        memory_max = read_cgroup_limit_bytes(cgroup_dir, "memory.limit_in_bytes")
-        memsw_max = read_cgroup_limit_bytes(cgroup_dir, "memory.memsw.limit_in_bytes")
-        swappiness = read_cgroup_limit_bytes(cgroup_dir, "memory.swappiness")
+        memory_max = read_limit(cgroup_dir, "memory.limit_in_bytes")
+        memsw_max = read_limit(cgroup_dir, "memory.memsw.limit_in_bytes")
+        swappiness = read_limit(cgroup_dir, "memory.swappiness")
         swap_max = None
     else:
-        memory_max = read_cgroup_limit_bytes(cgroup_dir, "memory.max")
-        swap_max = read_cgroup_limit_bytes(cgroup_dir, "memory.swap.max")
+        memory_max = read_limit(cgroup_dir, "memory.max")
+        swap_max = read_limit(cgroup_dir, "memory.swap.max")
         memsw_max = None
-        swappiness = read_cgroup_limit_bytes("/proc/sys/vm", "swappiness")
+        swappiness = read_limit("/proc/sys/vm", "swappiness")
     if memory_max is None or memory_max // page_size >= unlimited_pages:
         return fallback
     # A missing or "max" swap limit is the page counter's default, PAGE_COUNTER_MAX; without
@@ -412,3 +419,25 @@ def read_oom_totalpages(cgroup_dir: str, *, page_size: int, total_swap_pages: in
         memsw_max_pages=memsw_pages,
         swap_max_pages=None if memsw_pages is not None else swap_pages,
     )
+
+
+def read_totalpages(scope: Scope, snapshot: Snapshot) -> int:
+    """oom_badness()'s totalpages for a guard's scope: the machine's, or its cgroup's memcg limit
+    (read_oom_totalpages()). `uoomd run`, `candidates` and `explain` all rank with this one."""
+    system = kernel.system_totalpages(
+        total_ram_bytes=snapshot.total_ram_bytes,
+        total_swap_bytes=snapshot.total_swap_bytes,
+        page_size=snapshot.page_size,
+    )
+    if scope.kind is ScopeKind.SYSTEM:
+        return system
+    assert scope.cgroup_path is not None
+    try:
+        return read_oom_totalpages(
+            scope.cgroup_path,
+            page_size=snapshot.page_size,
+            total_swap_pages=snapshot.total_swap_bytes // snapshot.page_size,
+            fallback=system,
+        )
+    except (OSError, ValueError):
+        return system  # the cgroup went away mid-read: its reading fails too, and says so

@@ -4,8 +4,8 @@ This is the hot path of the daemon: every poll that needs a victim scans every P
 Files are read with ``os.open``/``os.read`` on prebuilt byte paths (bench/scan.py
 measures this against psutil), kernel threads cost one read, and the expensive
 details (cmdline, exe, cgroup, user) are read only when asked for. read_snapshot()
-reads everything afresh; ProcScanner (the daemon's warm ranking) keeps fds and parsed
-values between scans and re-reads only what can have changed.
+reads everything afresh; sources/scanner.py (the daemon's warm ranking) builds on the
+parsers and readers here to re-read only what can have changed.
 
 A process may vanish or deny access between any two reads: it is skipped, never an error.
 """
@@ -17,12 +17,12 @@ import os
 import pwd
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from uoomd.readings import Pid, ProcessInfo, Snapshot, Uid
+from uoomd.sources.meminfo import read_meminfo_totals
 
-# include/linux/sched.h: "I am a kernel thread"
-PF_KTHREAD = 0x00200000
+PF_KTHREAD = 0x00200000  # include/linux/sched.h, Linux 6.18: "I am a kernel thread"
 
 DETAILS = frozenset({"cmdline", "exe", "cgroup", "user"})
 
@@ -162,35 +162,24 @@ def parse_cgroup(text: str | bytes) -> str | None:
     return v2
 
 
-def parse_meminfo_totals(text: str | bytes) -> tuple[int, int]:
-    """(MemTotal, SwapTotal) in bytes from /proc/meminfo. MemTotal is totalram_pages()
-    and SwapTotal is total_swap_pages, in kB (fs/proc/meminfo.c meminfo_proc_show())."""
-    data = b"\n" + _as_bytes(text)
-    mem = _field_kib(data, b"\nMemTotal:")
-    swap = _field_kib(data, b"\nSwapTotal:")
-    if mem is None:
-        raise ValueError("no MemTotal: in meminfo")
-    return mem * 1024, (swap or 0) * 1024
-
-
 # --- I/O ---------------------------------------------------------------------------------
 
-_GONE_ERRNOS = frozenset({errno.ENOENT, errno.ESRCH, errno.EACCES, errno.EPERM, errno.ENOTDIR})
+GONE_ERRNOS = frozenset({errno.ENOENT, errno.ESRCH, errno.EACCES, errno.EPERM, errno.ENOTDIR})
 
 
-def _read(path: bytes, size: int = _READ_SIZE) -> bytes | None:
+def read_file(path: bytes, size: int = _READ_SIZE) -> bytes | None:
     """One file in one read, or None when the process vanished or denied access."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
-        if exc.errno in _GONE_ERRNOS:
+        if exc.errno in GONE_ERRNOS:
             return None
         raise
     try:
         return os.read(fd, size)
     except OSError as exc:
         # ESRCH: the task exited between open and read (fs/proc/base.c get_proc_task()).
-        if exc.errno in _GONE_ERRNOS:
+        if exc.errno in GONE_ERRNOS:
             return None
         raise
     finally:
@@ -208,14 +197,6 @@ def read_page_size() -> int:
     return os.sysconf("SC_PAGE_SIZE")
 
 
-def read_meminfo_totals(proc_root: str = "/proc") -> tuple[int, int]:
-    """(MemTotal, SwapTotal) in bytes."""
-    data = _read(os.fsencode(os.path.join(proc_root, "meminfo")))
-    if data is None:
-        raise FileNotFoundError(os.path.join(proc_root, "meminfo"))
-    return parse_meminfo_totals(data)
-
-
 _user_names: dict[int, str] = {}
 
 
@@ -230,7 +211,7 @@ def _user_name(uid: int) -> str:
     return name
 
 
-def _kthread_info(pid: int, stat: StatFields, details: frozenset[str]) -> ProcessInfo:
+def kthread_info(pid: int, stat: StatFields, details: frozenset[str]) -> ProcessInfo:
     # Kernel threads are never victims (mm/oom_kill.c oom_unkillable_task()):
     # their status and oom_score_adj are never read, the scan's biggest saving.
     return ProcessInfo(
@@ -260,19 +241,19 @@ def _read_details(
     """(cmdline, exe, cgroup, user), each None unless asked for."""
     cmdline = exe = cgroup = user = None
     if "cmdline" in details:
-        raw = _read(base + b"cmdline", _CMDLINE_MAX)
+        raw = read_file(base + b"cmdline", _CMDLINE_MAX)
         cmdline = parse_cmdline(raw) if raw is not None else ""
     if "exe" in details:
         exe = _readlink(base + b"exe")
     if "cgroup" in details:
-        raw = _read(base + b"cgroup")
+        raw = read_file(base + b"cgroup")
         cgroup = parse_cgroup(raw) if raw is not None else None
     if "user" in details:
         user = _user_name(uid)
     return cmdline, exe, cgroup, user
 
 
-def _user_info(
+def user_process_info(
     base: bytes,
     pid: int,
     *,
@@ -311,7 +292,7 @@ def _user_info(
 
 def _read_process(base: bytes, pid: int, details: frozenset[str]) -> ProcessInfo | None:
     """``base`` is ``b"/proc/PID/"``."""
-    stat_data = _read(base + b"stat")
+    stat_data = read_file(base + b"stat")
     if stat_data is None:
         return None
     try:
@@ -319,9 +300,9 @@ def _read_process(base: bytes, pid: int, details: frozenset[str]) -> ProcessInfo
     except ValueError:
         return None  # a half-written line cannot happen with one read; be safe anyway
     if stat.flags & PF_KTHREAD:
-        return _kthread_info(pid, stat, details)
-    status_data = _read(base + b"status")
-    adj_data = _read(base + b"oom_score_adj")
+        return kthread_info(pid, stat, details)
+    status_data = read_file(base + b"status")
+    adj_data = read_file(base + b"oom_score_adj")
     if status_data is None or adj_data is None:
         return None
     try:
@@ -329,10 +310,10 @@ def _read_process(base: bytes, pid: int, details: frozenset[str]) -> ProcessInfo
         adj = int(adj_data)
     except ValueError:
         return None
-    return _user_info(base, pid, stat=stat, status=status, adj=adj, details=details)
+    return user_process_info(base, pid, stat=stat, status=status, adj=adj, details=details)
 
 
-def _check_details(details: frozenset[str]) -> None:
+def check_details(details: frozenset[str]) -> None:
     unknown = details - DETAILS
     if unknown:
         raise ValueError(f"unknown process details {sorted(unknown)}; known: {sorted(DETAILS)}")
@@ -340,13 +321,25 @@ def _check_details(details: frozenset[str]) -> None:
 
 def read_process(proc_root: str, pid: int, details: frozenset[str] = frozenset()) -> ProcessInfo | None:
     """One process, or None if it is gone or unreadable."""
-    _check_details(details)
+    check_details(details)
     return _read_process(os.fsencode(proc_root) + b"/%d/" % pid, pid, details)
+
+
+def read_stat(proc_root: str, pid: int) -> StatFields | None:
+    """/proc/PID/stat alone, or None when the process is gone: what the executor re-checks
+    (start time, pgid, PF_KTHREAD) after opening a pidfd."""
+    data = read_file(os.fsencode(proc_root) + b"/%d/stat" % pid)
+    if data is None:
+        return None
+    try:
+        return parse_stat(data)
+    except ValueError:
+        return None  # one read gives a whole line; a malformed one is no process we know
 
 
 def read_oom_score(proc_root: str, pid: int) -> int | None:
     """The kernel's /proc/PID/oom_score (fs/proc/base.c proc_oom_score()), or None if gone."""
-    data = _read(os.fsencode(proc_root) + b"/%d/oom_score" % pid)
+    data = read_file(os.fsencode(proc_root) + b"/%d/oom_score" % pid)
     if data is None:
         return None
     try:
@@ -367,7 +360,7 @@ def parse_last_pid(text: str | bytes) -> int:
 
 def read_last_pid(proc_root: str = "/proc") -> int | None:
     """The last PID allocated in this /proc's PID namespace, or None where it cannot be read."""
-    data = _read(os.fsencode(proc_root) + b"/loadavg")
+    data = read_file(os.fsencode(proc_root) + b"/loadavg")
     if data is None:
         return None
     try:
@@ -377,7 +370,7 @@ def read_last_pid(proc_root: str = "/proc") -> int | None:
 
 
 def read_pid_max(proc_root: str = "/proc") -> int:
-    data = _read(os.fsencode(proc_root) + b"/sys/kernel/pid_max")
+    data = read_file(os.fsencode(proc_root) + b"/sys/kernel/pid_max")
     try:
         return int(data) if data else 1 << 22
     except ValueError:
@@ -386,7 +379,7 @@ def read_pid_max(proc_root: str = "/proc") -> int:
 
 def is_thread_group_leader(proc_root: str, pid: int) -> bool:
     """Whether ``pid`` names a process (not one of its threads: /proc/TID exists too, unlisted)."""
-    data = _read(os.fsencode(proc_root) + b"/%d/status" % pid)
+    data = read_file(os.fsencode(proc_root) + b"/%d/status" % pid)
     if data is None:
         return False
     tgid = _field_kib(data[data.find(b"\n") :], b"\nTgid:")  # past Name:, which may hold anything
@@ -401,7 +394,7 @@ def read_snapshot(
 ) -> Snapshot:
     """Every process (or only ``pids``, for a cgroup-scoped guard) plus the machine facts
     the kernel's formula needs. Vanished and unreadable processes are left out."""
-    _check_details(details)
+    check_details(details)
     taken_at = time.monotonic()
     root = os.fsencode(proc_root)
     total_ram_bytes, total_swap_bytes = read_meminfo_totals(proc_root)
@@ -420,367 +413,3 @@ def read_snapshot(
         self_pid=Pid(os.getpid() if self_pid is None else self_pid),
         details=details,
     )
-
-
-# --- the incremental scanner of the daemon's warm ranking ---------------------------------
-
-_STAT_READ_SIZE = 2048  # a stat line is at most ~1 KiB: 52 decimal fields and a 16-byte comm
-STATUS_EVERY_SCANS = 16  # an unchanged process has its status re-read at least this often
-
-
-def _pread(fd: int) -> bytes | None:
-    """Re-read a held /proc file from offset 0 (seq_file renders it afresh), or None if
-    the process it was opened for is gone: the fd pins that process's struct pid, so a
-    recycled PID answers ESRCH here, never another process's data (fs/proc/base.c
-    get_proc_task())."""
-    try:
-        return os.pread(fd, _STAT_READ_SIZE, 0)
-    except OSError as exc:
-        if exc.errno in _GONE_ERRNOS:
-            return None
-        raise
-
-
-def _open_held(path: bytes) -> int | None:
-    """An fd to keep, or None: the process is gone, or no fd is left to keep (EMFILE,
-    ENFILE), in which case the file is read by path, as read_snapshot() does."""
-    try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno in _GONE_ERRNOS or exc.errno in (errno.EMFILE, errno.ENFILE):
-            return None
-        raise
-
-
-@dataclass(slots=True)
-class _Tracked:
-    """One process incarnation the scanner follows (mutable, private to ProcScanner)."""
-
-    stat_fd: int  # -1: not held (fd budget spent), read by path
-    adj_fd: int  # -1: not held, or a kernel thread
-    stat_raw: bytes
-    adj_raw: bytes
-    info: ProcessInfo
-    details: frozenset[str]
-    status_due: int  # the scan number by which status is re-read even if stat did not change
-    stat_rss_pages: int = 0  # stat's rss counter when status was last read
-
-
-def default_held_fd_budget() -> int:
-    """Half the soft RLIMIT_NOFILE: the rest stays for pidfds, cgroup and PSI files, hooks."""
-    import resource  # noqa: PLC0415  (Unix-only module, needed only here)
-
-    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        soft = 1 << 20
-    return min(soft, 1 << 20) // 2
-
-
-class ProcScanner:
-    """Scans /proc again and again, re-reading only what can have changed.
-
-    Per process incarnation it keeps /proc/PID/stat and /proc/PID/oom_score_adj open and
-    re-reads them with pread(fd, 0) at every scan: this saves the path walk, open and
-    close, the bulk of a /proc read (bench/scan.py: 9.8 -> 4.7 us for stat, 4.9 -> 0.8 us
-    for oom_score_adj, 2,000 processes, this VM). Both are read fresh at every scan, so
-    the name, state, rss counter (get_mm_rss(), what oom_badness() uses) and oom_score_adj
-    of every process are always this scan's.
-
-    /proc/PID/status (uid, RssAnon/File/Shmem, VmSwap, VmPTE; 13.6 us, the dearest read)
-    and the details are re-read only when the process's memory or name changed since
-    (stat's rss counter, vsize or comm), when the caller names the PID in ``refresh``, and
-    for every process at least every STATUS_EVERY_SCANS scans. Otherwise they are carried
-    over from the earlier scan, and ProcessInfo.status_read_at says so. An unchanged stat
-    line and oom_score_adj hand back the very same ProcessInfo object, which lets
-    scoring.rank(previous=) reuse its verdict.
-
-    Costs: one held fd per kernel thread, two per user process (at most ``max_held_fds``;
-    beyond that, processes are read by path each scan), and kernel memory charged to
-    uoomd's memory cgroup: the 4 KiB seq_file page that each held stat fd keeps, plus its
-    struct file (/proc/slabinfo, 2,070 processes: kmalloc-cg-4k +8.1 MiB, filp +0.8 MiB,
-    seq_file +0.2 MiB). close() gives it all back; the daemon closes the scanner whenever
-    it drops its warm ranking, so an idle daemon holds none of it.
-    """
-
-    def __init__(
-        self,
-        proc_root: str = "/proc",
-        *,
-        max_held_fds: int | None = None,
-        status_every_scans: int = STATUS_EVERY_SCANS,
-    ) -> None:
-        self.proc_root = proc_root
-        self._root = os.fsencode(proc_root)
-        self._max_held_fds = default_held_fd_budget() if max_held_fds is None else max_held_fds
-        self._status_every = max(1, status_every_scans)
-        self._tracked: dict[int, _Tracked] = {}
-        self._held = 0
-        self._scans = 0
-        self._page_size = read_page_size()
-        self.status_reads = 0  # in the last scan: how many processes had status read
-
-    @property
-    def held_fds(self) -> int:
-        return self._held
-
-    def close(self) -> None:
-        for pid in list(self._tracked):
-            self._forget(pid)
-
-    def __enter__(self) -> ProcScanner:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def scan(
-        self,
-        details: frozenset[str] = frozenset(),
-        *,
-        self_pid: int | None = None,
-        pids: Iterable[int] | None = None,
-        refresh: Iterable[int] = (),
-    ) -> Snapshot:
-        """Like read_snapshot(), from what changed since the last scan. ``refresh``: PIDs
-        whose status and details must be read in this scan (the finalists)."""
-        _check_details(details)
-        taken_at = time.monotonic()
-        self._scans += 1
-        self.status_reads = 0
-        total_ram_bytes, total_swap_bytes = read_meminfo_totals(self.proc_root)
-        wanted = list_pids(self.proc_root) if pids is None else sorted(set(pids))
-        forced = frozenset(refresh)
-        root = self._root
-        processes = []
-        tracked_get = self._tracked.get
-        scans = self._scans
-        pread = os.pread
-        for pid in wanted:
-            tracked = tracked_get(pid)
-            stat_raw: bytes | None = None
-            if (
-                tracked is not None
-                and tracked.adj_fd >= 0  # a user process (kernel threads hold no adj fd) ...
-                and tracked.stat_fd >= 0  # ... with both files held
-                and scans < tracked.status_due
-                and pid not in forced
-                and (tracked.details is details or details <= tracked.details)
-            ):
-                # The common case spelled out (it runs for nearly every process of every
-                # scan): both held files read the same as last time, the process is as it was.
-                try:
-                    stat_raw = pread(tracked.stat_fd, _STAT_READ_SIZE, 0)
-                    if stat_raw == tracked.stat_raw and pread(tracked.adj_fd, _STAT_READ_SIZE, 0) == tracked.adj_raw:
-                        processes.append(tracked.info)
-                        continue
-                except OSError as exc:
-                    if exc.errno not in _GONE_ERRNOS:
-                        raise
-                    stat_raw = None
-            info = self._scan_one(pid, b"%s/%d/" % (root, pid), details, pid in forced, taken_at, stat_raw)
-            if info is not None:
-                processes.append(info)
-        if len(self._tracked) > len(wanted):
-            keep = set(wanted)
-            for pid in [pid for pid in self._tracked if pid not in keep]:
-                self._forget(pid)
-        return Snapshot(
-            processes=tuple(processes),
-            taken_at=taken_at,
-            page_size=self._page_size,
-            total_ram_bytes=total_ram_bytes,
-            total_swap_bytes=total_swap_bytes,
-            self_pid=Pid(os.getpid() if self_pid is None else self_pid),
-            details=details,
-        )
-
-    def _forget(self, pid: int) -> None:
-        tracked = self._tracked.pop(pid, None)
-        if tracked is None:
-            return
-        for fd in (tracked.stat_fd, tracked.adj_fd):
-            if fd >= 0:
-                os.close(fd)
-                self._held -= 1
-
-    def _scan_one(  # noqa: PLR0917  (private, one call site)
-        self,
-        pid: int,
-        base: bytes,
-        details: frozenset[str],
-        forced: bool,
-        taken_at: float,
-        stat_raw: bytes | None,
-    ) -> ProcessInfo | None:
-        """``stat_raw``: the stat line scan() already read through the held fd, if it did."""
-        tracked = self._tracked.get(pid)
-        if tracked is None:
-            return self._discover(pid, base, details, taken_at)
-        if stat_raw is None:
-            stat_raw = _pread(tracked.stat_fd) if tracked.stat_fd >= 0 else _read(base + b"stat", _STAT_READ_SIZE)
-        if stat_raw is None:
-            # Gone; the PID may already belong to a new process: follow that one afresh.
-            self._forget(pid)
-            return self._discover(pid, base, details, taken_at)
-        info = tracked.info
-        if info.kthread:
-            if stat_raw == tracked.stat_raw:
-                return info
-            try:
-                stat = parse_stat(stat_raw)
-            except ValueError:
-                return None
-            if stat.starttime_ticks != info.starttime_ticks or not stat.flags & PF_KTHREAD:
-                self._forget(pid)  # a recycled PID read by path
-                return self._discover(pid, base, details, taken_at)
-            tracked.stat_raw = stat_raw
-            tracked.info = _kthread_info(pid, stat, details)
-            return tracked.info
-        adj_raw = _pread(tracked.adj_fd) if tracked.adj_fd >= 0 else _read(base + b"oom_score_adj")
-        if adj_raw is None:
-            self._forget(pid)
-            return None
-        if (
-            stat_raw == tracked.stat_raw
-            and not forced
-            and self._scans < tracked.status_due
-            and details <= tracked.details
-        ):
-            # Not run, not faulted, same rss: the status read of an earlier scan stands.
-            if adj_raw != tracked.adj_raw:
-                try:
-                    info = replace(info, oom_score_adj=int(adj_raw))
-                except ValueError:
-                    return None
-                tracked.adj_raw = adj_raw
-                tracked.info = info
-            return info
-        try:
-            stat = parse_stat(stat_raw)
-            adj = int(adj_raw)
-        except ValueError:
-            return None
-        if stat.starttime_ticks != info.starttime_ticks:
-            self._forget(pid)  # a recycled PID read by path
-            return self._discover(pid, base, details, taken_at)
-        if (
-            not forced
-            and self._scans < tracked.status_due
-            and details <= tracked.details
-            and stat.name == info.name
-            and stat.vsize_bytes == info.vm_size_bytes
-            and stat.rss_pages == tracked.stat_rss_pages
-        ):
-            # It ran (CPU times, fault counts moved) but its memory did not: same name (no
-            # exec), same mapped size, same rss counter. Page tables and swap move with those
-            # (a fault that needs a page table or brings a page back from swap raises rss;
-            # munmap shrinks vsize; reclaim to swap lowers rss), so the status read stands.
-            # What slips through (a khugepaged collapse freeing a page table) is caught by
-            # the rotation.
-            tracked.stat_raw = stat_raw
-            if (stat.state, stat.ppid, stat.pgid, adj) != (info.state, info.ppid, info.pgid, info.oom_score_adj):
-                info = replace(info, state=stat.state, ppid=Pid(stat.ppid), pgid=stat.pgid, oom_score_adj=adj)
-                tracked.adj_raw = adj_raw
-                tracked.info = info
-            return info
-        status = self._read_status(base)
-        if status is None:
-            self._forget(pid)
-            return None
-        info = _user_info(base, pid, stat=stat, status=status, adj=adj, details=details, status_read_at=taken_at)
-        tracked.stat_raw = stat_raw
-        tracked.adj_raw = adj_raw
-        tracked.info = info
-        tracked.details = details
-        tracked.status_due = self._scans + self._status_every
-        tracked.stat_rss_pages = stat.rss_pages
-        return info
-
-    def _read_status(self, base: bytes) -> StatusFields | None:
-        self.status_reads += 1
-        data = _read(base + b"status")
-        if data is None:
-            return None
-        try:
-            return parse_status(data)
-        except ValueError:
-            return None
-
-    def _hold(self, path: bytes) -> int:
-        if self._held >= self._max_held_fds:
-            return -1
-        fd = _open_held(path)
-        if fd is None:
-            return -1
-        self._held += 1
-        return fd
-
-    def _discover(self, pid: int, base: bytes, details: frozenset[str], taken_at: float) -> ProcessInfo | None:
-        """First sight of a process: open what will be re-read, read everything."""
-        stat_fd = self._hold(base + b"stat")
-        adj_fd = -1
-        tracked: _Tracked | None = None
-        try:
-            stat_raw = _pread(stat_fd) if stat_fd >= 0 else _read(base + b"stat", _STAT_READ_SIZE)
-            if stat_raw is None:
-                return None
-            try:
-                stat = parse_stat(stat_raw)
-            except ValueError:
-                return None
-            if stat.flags & PF_KTHREAD:
-                info = _kthread_info(pid, stat, details)
-                tracked = _Tracked(stat_fd, -1, stat_raw, b"", info, details, 0)
-                return info
-            adj_fd = self._hold(base + b"oom_score_adj")
-            adj_raw = _pread(adj_fd) if adj_fd >= 0 else _read(base + b"oom_score_adj")
-            if adj_raw is None:
-                return None
-            status = self._read_status(base)
-            if status is None:
-                return None
-            try:
-                adj = int(adj_raw)
-            except ValueError:
-                return None
-            info = _user_info(base, pid, stat=stat, status=status, adj=adj, details=details, status_read_at=taken_at)
-            # Spread the periodic status re-reads of processes found together over the rotation.
-            due = self._scans + 1 + pid % self._status_every
-            tracked = _Tracked(stat_fd, adj_fd, stat_raw, adj_raw, info, details, due, stat.rss_pages)
-            return info
-        finally:
-            if tracked is not None:
-                self._tracked[pid] = tracked
-            else:  # gone or unreadable: hold nothing for it
-                for fd in (stat_fd, adj_fd):
-                    if fd >= 0:
-                        os.close(fd)
-                        self._held -= 1
-
-
-# --- cgroup files a report needs (sources/cgroup.py is the loop's reader) ------------------
-
-
-def read_cgroup_procs(cgroup_dir: str) -> frozenset[int]:
-    """PIDs in a cgroup directory and all its descendants (cgroup.procs, recursively)."""
-    found: set[int] = set()
-    for dirpath, _dirnames, filenames in os.walk(cgroup_dir):
-        if "cgroup.procs" not in filenames:
-            continue
-        data = _read(os.fsencode(os.path.join(dirpath, "cgroup.procs")))
-        if data:
-            found.update(int(tok) for tok in data.split())
-    return frozenset(found)
-
-
-def read_cgroup_limit_bytes(cgroup_dir: str, *names: str) -> int | None:
-    """The first of ``names`` that exists in ``cgroup_dir``, as bytes; "max" is None (unlimited)."""
-    for name in names:
-        data = _read(os.fsencode(os.path.join(cgroup_dir, name)))
-        if data is None:
-            continue
-        text = data.strip()
-        if text == b"max":
-            return None
-        return int(text)
-    return None

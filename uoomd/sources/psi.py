@@ -40,11 +40,10 @@ import os
 import select
 from collections import deque
 from enum import StrEnum
-from types import TracebackType
-from typing import Literal, Self
+from typing import Literal
 
 from uoomd.readings import PressureReading
-from uoomd.sources.meminfo import pread_all
+from uoomd.sources.seqfile import Closing, KeptFile
 
 PsiKindName = Literal["some", "full"]
 
@@ -120,39 +119,17 @@ def stall_total_us(reading: PressureReading, kind: PsiKindName) -> int:
     return reading.some_total_us if kind == "some" else reading.full_total_us
 
 
-class PressureReader:
+class PressureReader(KeptFile):
     """Keeps a pressure file open and reads it with pread at every poll."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._fd: int | None = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-
-    def fileno(self) -> int:
-        if self._fd is None:
-            raise ValueError("PressureReader is closed")
-        return self._fd
 
     def read(self) -> PressureReading:
         try:
-            data = pread_all(self.fileno())
+            data = self.read_bytes()
         except OSError as exc:
             if exc.errno == errno.ENODEV:
                 raise PressureFileGone(f"{self.path}: cgroup removed") from exc
             raise
         return parse_pressure(data.decode("ascii", errors="replace"))
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 def round_for_unprivileged(stall_us: int, window_us: int) -> tuple[int, int]:
@@ -211,7 +188,7 @@ class TriggerMode(StrEnum):
     POLLED = "polled"  # the kernel refused: computed from total= at each poll
 
 
-class PsiTrigger:
+class PsiTrigger(Closing):
     """One memory pressure trigger: a kernel poll trigger where possible, else computed.
 
     The loop registers ``fileno()`` (when ``pollable``) for POLLPRI, hands the revents it
@@ -396,11 +373,3 @@ class PsiTrigger:
             os.close(self._fd)  # closing the file destroys the kernel trigger
             self._fd = None
             self._poller = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()

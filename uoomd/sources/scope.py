@@ -6,8 +6,7 @@ from uoomd.errors import SetupError
 from uoomd.plan import Scope, ScopeKind
 from uoomd.readings import MemoryReading
 from uoomd.sources import cgroup as cgroup_source
-from uoomd.sources.meminfo import MeminfoError, MeminfoReader
-from uoomd.sources.procfs import read_meminfo_totals
+from uoomd.sources.meminfo import MeminfoError, MeminfoReader, read_meminfo_totals
 
 MemoryReader = MeminfoReader | cgroup_source.CgroupMemoryReader
 
