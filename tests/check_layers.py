@@ -40,6 +40,9 @@ PURE = (
     "dfa",
     "dbus",
     "rules",
+    "metrics.registry",
+    "metrics.exposition",
+    "metrics.collector",
 )
 RULES: dict[str, tuple[str, ...]] = dict.fromkeys(PURE, THIRD_PARTY + IO_MODULES)
 # decision.py names signals by their constants (signal.SIGTERM); it never calls into the module.
