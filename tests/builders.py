@@ -214,12 +214,14 @@ def cgroup_policy(
     max_kills: int | None = 20,
     poll_max: str = "200ms",
     dry_run: bool = False,
+    daemon_extra: str = "",
     guard_extra: str = "",
     extra: str = "",
 ) -> str:
     """The TOML of a policy with one guard on ``cg``, its state file in ``tmp_path``, JSON logs.
 
-    ``guard_extra`` goes inside the [[guard]] table, ``extra`` after it ([[rule]]s, [hooks]);
+    ``daemon_extra`` goes inside [daemon] (metrics_file, ...), ``guard_extra`` inside the
+    [[guard]] table, ``extra`` after it ([[rule]]s, [hooks]);
     ``max_kills`` None leaves max_kills_per_minute at the policy's default."""
     rate = "" if max_kills is None else f"max_kills_per_minute = {max_kills}\n"
     return f"""
@@ -229,7 +231,7 @@ poll_min = "10ms"
 poll_max = "{poll_max}"
 log_format = "json"
 state_file = "{tmp_path}/state.json"
-
+{daemon_extra}
 [escalation]
 term_timeout = "{term_timeout}"
 kill_timeout = "{kill_timeout}"

@@ -40,9 +40,13 @@ PURE = (
     "dfa",
     "dbus",
     "rules",
+    "startup",
     "metrics.registry",
     "metrics.exposition",
     "metrics.collector",
+    "trace",
+    "replay",
+    "trend",
 )
 RULES: dict[str, tuple[str, ...]] = dict.fromkeys(PURE, THIRD_PARTY + IO_MODULES)
 # decision.py names signals by their constants (signal.SIGTERM); it never calls into the module.

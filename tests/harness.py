@@ -20,6 +20,7 @@ from uoomd.actions import SendSignal
 from uoomd.daemon import Daemon
 from uoomd.executor import RecordingExecutor
 from uoomd.logs import configure
+from uoomd.metrics.collector import Metrics
 from uoomd.plan import GuardPlan, LogFormat, Plan
 from uoomd.readings import MemoryReading
 from uoomd.sources.watch import GuardWatch
@@ -108,13 +109,15 @@ def loop_harness(
     out = io.StringIO()
     clock = Clock()
     executor = RecordingExecutor()
+    metrics = Metrics(wall_clock=lambda: 1_700_000_000.0)  # counts the log's events, as in run_daemon
     daemon = Daemon(
         plan,
         executor=executor,
-        log=configure(LogFormat.JSON, out),
+        log=configure(LogFormat.JSON, out, first=[metrics.processor]),
         proc_root=proc_root,
         clock=clock,
         open_sources=scripted,
+        metrics=metrics,
     )
     daemon.open()
     try:

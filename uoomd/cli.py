@@ -10,11 +10,13 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TextIO
 
 from uoomd import __version__
-from uoomd.errors import ExitCode, PolicyError, SetupError
+from uoomd.errors import CommandError, ExitCode, PolicyError, SetupError
 from uoomd.policy.paths import default_policy_path
 
 if TYPE_CHECKING:
     import argparse
+
+    from uoomd.service import Renaming
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -23,7 +25,10 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="uoomd",
         description="A policy-driven userspace OOM killer for Linux.",
-        epilog="Exit codes: 0 ok, 1 bad policy, 2 bad usage, 3 setup problem, 4 no such process, 70 internal error.",
+        epilog=(
+            "Exit codes: 0 ok, 1 bad policy (or a reload refused), 2 bad usage, 3 setup problem, "
+            "4 no such process, 5 the daemon is not running, 6 no answer to a reload, 70 internal error."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"uoomd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -37,7 +42,8 @@ def _build_parser() -> argparse.ArgumentParser:
     cand = sub.add_parser("candidates", help="list the ranked victims, best first")
     cand.add_argument("--policy", help="policy file")
     cand.add_argument("--guard", help="guard name (default: the first guard)")
-    cand.add_argument("--top", type=int, default=None, help="show only the first N")
+    cand.add_argument("--top", type=_at_least_one, default=None, help="show only the first N")
+    cand.add_argument("--all", action="store_true", help="list the excluded processes too, with the reason")
     cand.add_argument("--json", action="store_true", help="print a JSON array")
     cand.add_argument("--proc-root", default="/proc", help=argparse.SUPPRESS)
 
@@ -54,8 +60,86 @@ def _build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show what the running daemon sees and did")
     status.add_argument("--state-file", help="the daemon's state file (default: from the policy)")
     status.add_argument("--policy", help="policy file")
-    status.add_argument("--json", action="store_true")
+    shown = status.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true")
+    shown.add_argument(
+        "--metrics", action="store_true", help="print the daemon's metrics in the Prometheus text format"
+    )
+    reload = sub.add_parser("reload", help="make the running daemon reload its policy, and wait until it has")
+    reload.add_argument(
+        "--pid", type=_at_least_one, help="the daemon's PID (systemd's $MAINPID); checked against the state file"
+    )
+    reload.add_argument("--state-file", help="the daemon's state file (default: from the policy)")
+    reload.add_argument("--policy", help="policy file")
+    reload.add_argument(
+        "--timeout", type=_duration, default="30s", help="how long to wait for the outcome (default 30s)"
+    )
+    _add_trace_commands(sub)
     return parser
+
+
+def _add_trace_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``record`` and ``replay`` (issue 16; uoomd/tracecmd.py)."""
+    record = sub.add_parser("record", help="record what every guard reads, as a trace to replay; never signals")
+    record.add_argument("--policy", help="policy file: the guards, their pace and PSI triggers")
+    record.add_argument(
+        "-o", "--output", default="uoomd-trace.jsonl", help="trace file, - for stdout (default: %(default)s)"
+    )
+    record.add_argument("--duration", type=_duration, help="stop after this long, e.g. 60s or 2h (default: Ctrl-C)")
+    record.add_argument(
+        "--max-size", type=_size, default="64MiB", help="past this, FILE becomes FILE.1 and FILE starts anew"
+    )
+    record.add_argument(
+        "--psi", action="store_true", help="read PSI at every poll (delays others' unprivileged PSI triggers)"
+    )
+    replay = sub.add_parser("replay", help="what a policy would have done on a trace; twice --policy: the difference")
+    replay.add_argument("trace", nargs="+", help="trace files, oldest first (FILE.1 FILE), or oomstat output")
+    replay.add_argument(
+        "--policy", action="append", default=[], help="policy file; twice to compare two (default: the recorded one)"
+    )
+    replay.add_argument("--json", action="store_true", help="print JSON")
+    replay.add_argument("--mem-total", type=_size, help="oomstat traces: the machine's MemTotal")
+    replay.add_argument("--swap-total", type=_size, help="oomstat traces: the machine's SwapTotal")
+
+
+def _size(text: str) -> int:
+    """``--max-size 64MiB``: a size in bytes."""
+    import argparse  # noqa: PLC0415
+
+    from uoomd.units import parse_size_bytes  # noqa: PLC0415
+
+    try:
+        return parse_size_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _duration(text: str) -> float:
+    """A duration option (``--timeout 30s``): more than zero, at most what a policy duration may be (1 day)."""
+    import argparse  # noqa: PLC0415
+
+    from uoomd.units import parse_duration_s  # noqa: PLC0415
+
+    try:
+        seconds = parse_duration_s(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0")
+    return seconds
+
+
+def _at_least_one(text: str) -> int:
+    """``--top N``: a count of rows, so 1 or more (-1 used to drop the last row silently)."""
+    import argparse  # noqa: PLC0415
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
 
 
 def _cmd_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -96,7 +180,13 @@ def _cmd_candidates(args: argparse.Namespace, out: TextIO, _err: TextIO) -> int:
 
     plan = load_plan(args.policy or default_policy_path())
     return run_candidates(
-        plan, guard_name=args.guard, top=args.top, as_json=args.json, proc_root=args.proc_root, out=out
+        plan,
+        guard_name=args.guard,
+        top=args.top,
+        show_all=args.all,
+        as_json=args.json,
+        proc_root=args.proc_root,
+        out=out,
     )
 
 
@@ -142,30 +232,75 @@ def _cmd_run(args: argparse.Namespace, _out: TextIO, _err: TextIO) -> int:
     return _run_daemon(policy_path, dry_run=args.dry_run)
 
 
-def _run_daemon(policy_path: str, *, dry_run: bool) -> int:
+def _run_daemon(policy_path: str, *, dry_run: bool, renaming: Renaming | None = None) -> int:
     from uoomd.daemon import run_daemon  # noqa: PLC0415
 
-    return run_daemon(policy_path=policy_path, dry_run=dry_run)
+    return run_daemon(policy_path=policy_path, dry_run=dry_run, renaming=renaming)
 
 
 def run_isolated(policy_path: str, dry_run: bool) -> int:
-    """The daemon's entry in its isolated interpreter (see _ISOLATED_BOOT): no argument parsing."""
-    return _guarded(lambda: _run_daemon(policy_path, dry_run=dry_run), sys.stderr)
+    """The daemon's entry in its isolated interpreter (see _ISOLATED_BOOT): no argument parsing.
+
+    First it takes the name ``uoomd`` back from the interpreter (comm and command line), before
+    the policy is loaded: ps, pgrep and the policy's own protect rule see the daemon as it is."""
+    from uoomd.service import take_name  # noqa: PLC0415
+
+    title = ["uoomd", "run", "--policy", policy_path, *(["--dry-run"] if dry_run else [])]
+    renaming = take_name(title)
+    return _guarded(lambda: _run_daemon(policy_path, dry_run=dry_run, renaming=renaming), sys.stderr)
 
 
 def _cmd_status(args: argparse.Namespace, out: TextIO, _err: TextIO) -> int:
     from uoomd.status import run_status  # noqa: PLC0415
 
-    return run_status(state_file=args.state_file, policy_path=args.policy, as_json=args.json, out=out)
+    return run_status(
+        state_file=args.state_file, policy_path=args.policy, as_json=args.json, out=out, as_metrics=args.metrics
+    )
+
+
+def _cmd_reload(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from uoomd.reload_request import run_reload  # noqa: PLC0415
+
+    return run_reload(
+        pid=args.pid, state_file=args.state_file, policy_path=args.policy, timeout_s=args.timeout, out=out, err=err
+    )
+
+
+def _cmd_record(args: argparse.Namespace, _out: TextIO, _err: TextIO) -> int:
+    from uoomd.tracecmd import run_record  # noqa: PLC0415
+
+    return run_record(
+        policy_path=os.path.abspath(args.policy or default_policy_path()),
+        output=args.output,
+        duration_s=args.duration,
+        max_bytes=args.max_size,
+        psi_every_poll=args.psi,
+    )
+
+
+def _cmd_replay(args: argparse.Namespace, out: TextIO, _err: TextIO) -> int:
+    from uoomd.tracecmd import run_replay  # noqa: PLC0415
+
+    return run_replay(
+        traces=args.trace,
+        policies=args.policy,
+        as_json=args.json,
+        mem_total=args.mem_total,
+        swap_total=args.swap_total,
+        out=out,
+    )
 
 
 _COMMANDS = {
+    "record": _cmd_record,
+    "replay": _cmd_replay,
     "check": _cmd_check,
     "schema": _cmd_schema,
     "candidates": _cmd_candidates,
     "explain": _cmd_explain,
     "run": _cmd_run,
     "status": _cmd_status,
+    "reload": _cmd_reload,
 }
 
 
@@ -188,6 +323,11 @@ def _guarded(call: Callable[[], int], err: TextIO) -> int:
         if exc.hint:
             err.write(f"uoomd: hint: {exc.hint}\n")
         return ExitCode.SETUP
+    except CommandError as exc:
+        err.write(f"uoomd: {exc.message}\n")
+        if exc.hint:
+            err.write(f"uoomd: hint: {exc.hint}\n")
+        return exc.exit_code
     except BrokenPipeError:
         return ExitCode.OK
     except KeyboardInterrupt:

@@ -17,7 +17,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Protocol, assert_never
+from typing import TYPE_CHECKING, Protocol, assert_never
 
 from uoomd import decision, pacing
 from uoomd.actions import Action, KillCgroup, Notify, Output, Record, ReleaseMemory, RunHook, SendSignal
@@ -25,20 +25,26 @@ from uoomd.decision import Phase, State
 from uoomd.errors import ExitCode, PolicyError, SetupError
 from uoomd.executor import Executor, LiveExecutor
 from uoomd.logs import Log, Throttle, configure
-from uoomd.plan import GuardPlan, Plan
+from uoomd.metrics.collector import Metrics
+from uoomd.plan import DaemonPlan, GuardPlan, Plan
 from uoomd.policy.isolated import CheckResult, PolicyCheck, load_plan_isolated
 from uoomd.readings import GuardReading, Observation
 from uoomd.reload import Reloads, StartCheck
 from uoomd.results import ActionResult, Outcome
-from uoomd.service import Notifier, protect_self
+from uoomd.service import Notifier, Renaming, protect_self
 from uoomd.sources import cgroup as cgroup_source
 from uoomd.sources import procfs
 from uoomd.sources.meminfo import MeminfoError
 from uoomd.sources.psi import PsiTrigger
 from uoomd.sources.watch import GuardWatch, open_watch
-from uoomd.status import Recent, StatusBoard, status_document, status_line
+from uoomd.startup import guard_levels, signals_text
+from uoomd.status import Recent, ReloadRecord, StatusBoard, status_document, status_line
 from uoomd.wakeup import Wakeup
 from uoomd.warm import WarmRanking
+
+if TYPE_CHECKING:
+    from uoomd.metrics.listener import MetricsListener
+    from uoomd.metrics.textfile import TextfileExporter
 
 # A source that fails is retried; the failure is logged once per this many seconds.
 ERROR_LOG_INTERVAL_S = 30.0
@@ -81,7 +87,10 @@ class Daemon:
         start_check: StartCheck = PolicyCheck.start,
         forced_dry_run: bool = False,
         open_sources: WatchOpener | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        """``metrics``: the Metrics whose processor is first in ``log``'s pipeline (run_daemon puts
+        it there), so the log's events are counted; None: one of its own, fed by readings only."""
         self.plan = plan
         self.executor = executor
         self.log = log
@@ -104,7 +113,17 @@ class Daemon:
         self.watches: list[GuardWatch] = []
         # The rankings kept warm near trouble; holds /proc fds of every process meanwhile.
         self.throttle = Throttle(log, clock, ERROR_LOG_INTERVAL_S)
-        self.warm = WarmRanking(proc_root, on_error=self.throttle.warning)
+        # The metrics outlive every reload: a counter never goes down (uoomd/metrics/registry.py).
+        # Kept by every daemon (the counts are there whenever someone first looks: `uoomd status
+        # --metrics`), written only where the policy says. Kept and not written they cost an idle
+        # daemon 0.3 MiB of RSS and 0.05 s of CPU per hour; the textfile writer and the listener
+        # are imported only when configured (bench/metrics_idle.py, medians of 3 x 60 s on this
+        # 2-core VM; the README's Monitoring section has the rest).
+        self.metrics = metrics or Metrics(wall_clock=time.time)
+        self.metrics.observe_plan(plan)
+        self.textfile: TextfileExporter | None = None  # opened by open(), changed by a reload
+        self.listener: MetricsListener | None = None
+        self.warm = WarmRanking(proc_root, on_error=self._source_failed)
         self.board = StatusBoard(plan.daemon.state_file, log)
         self.wakeup = Wakeup()
         self._quiet_since: float | None = None  # since when polls take the quiet path (_quiet_tick)
@@ -113,6 +132,7 @@ class Daemon:
         self._tick_at = 0.0  # clock() before this tick's readings: a signal logs the time since
         self._state_written_at = float("-inf")
         self._state_marker: tuple[bool, int] = (False, 0)
+        self.last_reload: ReloadRecord | None = None  # in the state file, for `uoomd reload`
         self.desktop: Notices | None = None  # created at the first notice (daemon.notify_desktop)
 
     # -- set-up and tear-down
@@ -122,9 +142,17 @@ class Daemon:
         self.watches = [self._open_watch(g, now) for g in self.plan.guards]
         for watch in self.watches:
             self._read(watch, now)
+        self._configure_metrics(None, self.plan.daemon)
 
     def close(self) -> None:
         self.reloads.cancel()
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        if self.textfile is not None:
+            # No file rather than one that goes on saying the last values: absent(uoomd_build_info).
+            self.textfile.remove()
+            self.textfile = None
         for watch in self.watches:
             watch.close()
         self.watches = []
@@ -142,13 +170,7 @@ class Daemon:
 
     def run(self) -> int:
         self.open()
-        self.log.info(
-            "started",
-            policy=self.plan.source,
-            dry_run=self.plan.daemon.dry_run,
-            guards=[w.guard.name for w in self.watches],
-            pid=os.getpid(),
-        )
+        self.announce()
         self.notifier.ready(self.status_line())
         try:
             while True:
@@ -167,6 +189,25 @@ class Daemon:
         finally:
             self.close()
 
+    def announce(self) -> None:
+        """What the daemon says once it is open: started (and whether it signals), then each
+        guard's levels resolved against its first reading; and the state file, at once."""
+        self.log.info(
+            "started",
+            policy=self.plan.source,
+            dry_run=self.plan.daemon.dry_run,
+            signals=signals_text(self.plan.daemon.dry_run),
+            guards=[w.guard.name for w in self.watches],
+            pid=os.getpid(),
+        )
+        # Once, with the levels resolved against the first reading: a healthy machine hears
+        # nothing more from the daemon, and "5%" means nothing until it meets the scope's total.
+        for watch in self.watches:
+            self.log.info("guard_levels", **guard_levels(watch.guard, watch.last))
+        # Before READY=1: systemd runs ExecReload (`uoomd reload --pid $MAINPID`) only after it,
+        # and that command checks the state file names this very process.
+        self._write_state(self.clock(), force=True)
+
     def _handle_signals(self) -> None:
         pending = self.wakeup.take_signals()
         if signal.SIGTERM in pending or signal.SIGINT in pending:
@@ -175,7 +216,12 @@ class Daemon:
             self.reload()
 
     def wait(self, timeout_s: float) -> None:
-        """Sleep until the timeout, a PSI event, a victim's exit or a signal."""
+        """Sleep until the timeout, a PSI event, a victim's exit or a signal.
+
+        A scrape of the metrics listener is answered meanwhile and the sleep goes on: it needs no
+        tick (it reads what the last one made), and a client connecting in a loop must not make
+        the daemon tick in a loop."""
+        deadline = self.clock() + timeout_s
         owners: dict[int, tuple[GuardWatch, PsiTrigger]] = {}
         wanted: dict[int, int] = {}
         for watch in self.watches:
@@ -188,21 +234,38 @@ class Daemon:
         check_fd = self.reloads.fileno()
         if check_fd is not None:
             wanted[check_fd] = select.POLLIN  # the checker exited: reloads.poll() has its answer
-        for fd, revents in self.wakeup.wait(wanted, timeout_s):
-            if fd in owners:
-                watch, trigger = owners[fd]
-                watch.note_revents(trigger, revents, now=self.clock(), log=self.log)
+        while True:
+            now = self.clock()
+            polled = wanted
+            if self.listener is not None:
+                self.listener.expire(now)
+                polled = {**wanted, **self.listener.poll_fds(now)}
+            ready = self.wakeup.wait(polled, max(0.0, deadline - now))
+            woken = not ready  # the timeout, a signal (its pipe is not in ready), EINTR
+            for fd, revents in ready:
+                if fd in owners:
+                    watch, trigger = owners[fd]
+                    watch.note_revents(trigger, revents, now=self.clock(), log=self.log)
+                    woken = True
+                elif self.listener is not None and self.listener.owns(fd):
+                    self.listener.handle(fd, revents, self.clock())
+                else:
+                    woken = True  # a victim's pidfd, the policy checker's
+            if woken or self.wakeup.signalled:
+                return
 
     def tick(self, now: float) -> float:
         """One pass; returns how long to sleep."""
         if self._quiet_since is not None and now - self._quiet_since < QUIET_FULL_TICK_S:
             fast = self._quiet_tick(now)
             if fast is not None:
+                self._export_metrics(now, fast)
                 return fast
         self._quiet_since = None
         timeout = self._full_tick(now)
         if self._may_tick_quietly():
             self._quiet_since = now
+        self._export_metrics(now, timeout)
         return timeout
 
     def _may_tick_quietly(self) -> bool:
@@ -238,9 +301,10 @@ class Daemon:
                 memory = watch.memory.read()
             except (OSError, MeminfoError, cgroup_source.CgroupError):
                 return None  # the full tick logs it, or marks the scope gone
-            if pacing.warm_ranking_needed(memory, watch.guard):
+            if pacing.full_tick_needed(memory, watch.guard):  # a warm ranking, or an eta's trend
                 return None
             watch.remember(memory, now)
+            self.metrics.observe_guard(watch.guard, memory, None, phase=Phase.IDLE, scope_present=True)
         self.notifier.watchdog(now)
         return self._next_timeout(now)
 
@@ -273,23 +337,99 @@ class Daemon:
             self._log_result(result)
         if self.desktop is not None:
             self.desktop.poll(now)
+        self._observe(readings)
         self.notifier.watchdog(now)
         self.notifier.update_status(self.status_line)
         self._write_state(now)
         return self._next_timeout(now)
 
-    def _write_state(self, now: float) -> None:
+    def _observe(self, readings: list[GuardReading]) -> None:
+        """What this tick read and the phase each guard is in now, for the metrics."""
+        fresh = {r.guard: r for r in readings}
+        for watch in self.watches:
+            name = watch.guard.name
+            reading = fresh.get(name)
+            self.metrics.observe_guard(
+                watch.guard,
+                None if reading is None else reading.memory,  # none this tick: its gauges go, not go stale
+                None if reading is None else reading.pressure,
+                phase=self.state.guard(name).phase,
+                scope_present=watch.gone_at is None,
+            )
+        if self.warm.rescanned:
+            self.metrics.observe_scan(self.warm.scan_cost_s)
+
+    def _export_metrics(self, now: float, timeout_s: float) -> None:
+        """At the end of each tick: the chosen sleep, and the textfile when it is due."""
+        self.metrics.observe_sleep(timeout_s)
+        if self.textfile is None:
+            return
+        # Busy: a victim in flight must not wait behind a file write (uoomd/metrics/textfile.py
+        # write_due); a dry run's hold has none.
+        busy = any(gs.phase not in (Phase.IDLE, Phase.AUDIT_HOLD) for gs in self.state.guards)
+        failed = self.textfile.maybe_write(now, self.metrics, busy=busy)
+        if failed is not None:
+            self.throttle.warning(
+                f"textfile:{failed.path}",
+                event="metrics_file_failed",
+                path=failed.path,
+                error=failed.error,
+                refused=failed.refused,
+            )
+
+    def _configure_metrics(self, old: DaemonPlan | None, new: DaemonPlan) -> None:
+        """The textfile exporter and the listener as ``new`` says: at start (``old`` None) and at
+        each reload. A listener that cannot open is logged and left out: guarding goes on."""
+        if old is None or old.metrics_file != new.metrics_file:
+            if self.textfile is not None:
+                self.textfile.remove()  # nobody would update it: node_exporter would serve it for ever
+            self.textfile = None
+            if new.metrics_file is not None:
+                from uoomd.metrics.textfile import TextfileExporter  # noqa: PLC0415 -- see __init__
+
+                self.textfile = TextfileExporter(new.metrics_file, interval_s=new.metrics_interval_s)
+        elif self.textfile is not None:
+            self.textfile.interval_s = new.metrics_interval_s
+        # Unchanged and open: kept (a scrape under way goes on). One that failed is tried again.
+        if old is not None and old.metrics_listen == new.metrics_listen and self.listener is not None:
+            return
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        if new.metrics_listen is None:
+            return
+        from uoomd.metrics.listener import MetricsListener, parse_listen  # noqa: PLC0415 -- see __init__
+
+        try:
+            self.listener = MetricsListener.open(parse_listen(new.metrics_listen), self.metrics.exposition)
+        except (OSError, ValueError) as exc:
+            error = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+            self.log.warning("metrics_listen_failed", address=new.metrics_listen, error=error)
+            return
+        self.log.info("metrics_listening", address=self.listener.address.describe())
+
+    def _write_state(self, now: float, *, force: bool = False) -> None:
         """The state file: at every tick while a guard may act (the board keeps it to 1/s), every
         QUIET_STATE_WRITE_S when all is quiet and nothing new was decided. Its JSON dump and
-        rename at 1/s cost an idle daemon ~210 of 290 us per tick (bench/run.py --only idle)."""
+        rename at 1/s cost an idle daemon ~210 of 290 us per tick (bench/run.py --only idle).
+        ``force``: now, whatever the pacing (a reload's outcome, which `uoomd reload` waits for)."""
         quiet = not self.warm.active and all(gs.phase is Phase.IDLE for gs in self.state.guards)
         # A new decision or the end of an episode is written at once, quiet or not.
         marker = (quiet, self.recent.added)
-        if quiet and marker == self._state_marker and now - self._state_written_at < QUIET_STATE_WRITE_S:
+        if not force and quiet and marker == self._state_marker and now - self._state_written_at < QUIET_STATE_WRITE_S:
             return
         self._state_written_at, self._state_marker = now, marker
         self.board.maybe_write(
-            now, status_document(plan=self.plan, state=self.state, watches=self.watches, recent=self.recent)
+            now,
+            status_document(
+                plan=self.plan,
+                state=self.state,
+                watches=self.watches,
+                recent=self.recent,
+                metrics=self.metrics.dump(),
+                reload=self.last_reload,
+            ),
+            force=force,
         )
 
     def status_line(self) -> str:
@@ -297,7 +437,16 @@ class Daemon:
         return status_line(self.watches, self.recent)
 
     def _read(self, watch: GuardWatch, now: float) -> GuardReading | None:
-        return watch.read(now, proc_root=self.proc_root, log=self.log, on_error=self.throttle.warning)
+        return watch.read(now, proc_root=self.proc_root, log=self.log, on_error=self._source_failed)
+
+    def _source_failed(self, key: str, event: str = "source_error", **facts: object) -> None:
+        """A source that could not be read: counted each time, logged once per ERROR_LOG_INTERVAL_S."""
+        if event == "reading_failed":
+            source, guard = facts.get("source"), facts.get("guard")
+            self.metrics.note_reading_failure(
+                source if isinstance(source, str) else "other", guard if isinstance(guard, str) else None
+            )
+        self.throttle.warning(key, event, **facts)
 
     # -- acting and logging
 
@@ -385,15 +534,26 @@ class Daemon:
         self.notifier.reloading()
         self.reloads.request(self.plan.source)
 
-    def _reload_answered(self, result: CheckResult) -> None:
-        """Apply a good plan, or log why not and keep the last good one."""
+    def _reload_answered(self, result: CheckResult, started_at: float) -> None:
+        """Apply a good plan, or log why not and keep the last good one; either way the state
+        file says so at once, for `uoomd reload` waiting on it (uoomd/reload_request.py)."""
+        error: str | None
         if isinstance(result, Plan):
-            self._apply_plan(result)
+            error = self._apply_plan(result)
         else:
             error = result.render() if isinstance(result, PolicyError) else str(result)
             self.log.error("policy_reload_failed", policy=self.plan.source, error=error, kept="previous policy")
+        self.last_reload = ReloadRecord(
+            started_at=started_at,
+            finished_at=time.time(),
+            outcome="applied" if error is None else "refused",
+            policy=self.plan.source,
+            error=error,
+        )
+        self._write_state(self.clock(), force=True)
 
-    def _apply_plan(self, new_plan: Plan) -> None:
+    def _apply_plan(self, new_plan: Plan) -> str | None:
+        """Run on ``new_plan`` from now on; why not, when its sources cannot be opened."""
         if self.forced_dry_run and not new_plan.daemon.dry_run:
             new_plan = replace(new_plan, daemon=replace(new_plan.daemon, dry_run=True))
         try:
@@ -401,16 +561,19 @@ class Daemon:
             watches = [self._open_watch(g, now) for g in new_plan.guards]
         except (SetupError, OSError) as exc:
             self.log.error("policy_reload_failed", policy=self.plan.source, error=str(exc), kept="previous policy")
-            return
+            return str(exc)
         for watch in self.watches:
             watch.close()
         self.watches = watches
         self.state = _carry_state(self.state, new_plan)
-        self.plan = new_plan
+        old_daemon, self.plan = self.plan.daemon, new_plan
+        self.metrics.observe_plan(new_plan)
+        self._configure_metrics(old_daemon, new_plan.daemon)
         self.warm.drop()  # ranked with the old plan's rules
         self._quiet_since = None
         self.board = StatusBoard(new_plan.daemon.state_file, self.log)
         self.log.info("policy_reloaded", policy=new_plan.source, guards=[g.name for g in new_plan.guards])
+        return None
 
 
 def _carry_state(state: State, plan: Plan) -> State:
@@ -421,12 +584,14 @@ def _carry_state(state: State, plan: Plan) -> State:
     return replace(fresh, guards=guards, kill_times=state.kill_times)
 
 
-def run_daemon(*, policy_path: str, dry_run: bool) -> int:
-    """``uoomd run``: load, protect ourselves, loop until SIGTERM."""
+def run_daemon(*, policy_path: str, dry_run: bool, renaming: Renaming | None = None) -> int:
+    """``uoomd run``: load, protect ourselves, loop until SIGTERM. ``renaming``: how taking the
+    name ``uoomd`` went (uoomd/cli.py run_isolated), logged once there is a log."""
     plan = load_plan_isolated(policy_path)
     if dry_run:
         plan = replace(plan, daemon=replace(plan.daemon, dry_run=True))
-    log = configure(plan.daemon.log_format, debug=bool(os.environ.get("UOOMD_DEBUG")))
+    metrics = Metrics(wall_clock=time.time)  # first in the pipeline: it counts every event, self_protected too
+    log = configure(plan.daemon.log_format, debug=bool(os.environ.get("UOOMD_DEBUG")), first=[metrics.processor])
     protection = protect_self()
     log.info(
         "self_protected",
@@ -435,8 +600,13 @@ def run_daemon(*, policy_path: str, dry_run: bool) -> int:
         mlock_error=protection.mlock_error,
         nice=protection.nice,
         nofile=protection.nofile,
+        oom_score_adj_error=protection.oom_score_adj_error,
+        nice_error=protection.nice_error,
     )
+    if renaming is not None and not renaming.complete:
+        # The daemon guards as well under the interpreter's name; ps and protect rules by name do not see it.
+        log.warning("process_name_kept", comm_error=renaming.comm_error, cmdline_error=renaming.cmdline_error)
     executor = LiveExecutor(hook_timeout_s=plan.hooks.timeout_s)
-    daemon = Daemon(plan, executor=executor, log=log, forced_dry_run=dry_run)
+    daemon = Daemon(plan, executor=executor, log=log, forced_dry_run=dry_run, metrics=metrics)
     daemon.install_signal_handlers()
     return daemon.run()

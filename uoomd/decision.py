@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import assert_never
 
-from uoomd import pacing
+from uoomd import pacing, trend
 from uoomd.actions import Action, KillCgroup, Notify, Output, Record, ReleaseMemory, RunHook, SendSignal
-from uoomd.plan import GuardPlan, Plan, PsiAction, PsiTriggerPlan, VictimKind
+from uoomd.plan import EtaAction, GuardPlan, Plan, PsiAction, PsiTriggerPlan, VictimKind
 from uoomd.readings import GuardReading, MemoryReading, Observation, ProcessInfo, ProcessKey, Snapshot
 from uoomd.scoring import Candidate, Ranking
+from uoomd.trend import Trend
 
 RATE_WINDOW_S = 60.0  # max_kills_per_minute counts victims chosen in this sliding window
 
@@ -47,6 +48,10 @@ class Event(StrEnum):
     PSI_TERM = "psi_term"  # a PSI trigger with action "term" sustained, below the PSI memory gate
     PSI_KILL = "psi_kill"
     PSI_WARN = "psi_warn"
+    # mem_available_eta: the observed fall reaches the kill level within eta, sustained
+    # (uoomd/trend.py), with the guard's eta action term or kill; also above the term level.
+    ETA_TERM = "eta_term"
+    ETA_KILL = "eta_kill"
     VICTIM_EXITED = "victim_exited"  # the in-flight victim is not in obs.alive any more
     # The in-flight victim lives on but may no longer be signalled: it left the guard's scope,
     # or a protect rule (or oom_score_adj -1000) covers it now (obs.ineligible).
@@ -104,6 +109,8 @@ TABLE: Mapping[tuple[Phase, Event], Transition] = {
     (Phase.IDLE, Event.PSI_TERM): Transition(Phase.TERM_SENT, Response.TERM),
     (Phase.IDLE, Event.KILL_LEVEL): Transition(Phase.KILL_SENT, Response.KILL),
     (Phase.IDLE, Event.PSI_KILL): Transition(Phase.KILL_SENT, Response.KILL),
+    (Phase.IDLE, Event.ETA_TERM): Transition(Phase.TERM_SENT, Response.TERM),
+    (Phase.IDLE, Event.ETA_KILL): Transition(Phase.KILL_SENT, Response.KILL),
     # Recovery is not blind: the victim is gone, yet a reading taken since (the next poll: the
     # exit is seen after this poll's reading) is still past a level. Its memory was not what
     # ran out (a second grower, a forking hog), so the next victim is chosen now. A victim's
@@ -113,6 +120,8 @@ TABLE: Mapping[tuple[Phase, Event], Transition] = {
     (Phase.RECOVERING, Event.PSI_TERM): Transition(Phase.TERM_SENT, Response.TERM),
     (Phase.RECOVERING, Event.KILL_LEVEL): Transition(Phase.KILL_SENT, Response.KILL),
     (Phase.RECOVERING, Event.PSI_KILL): Transition(Phase.KILL_SENT, Response.KILL),
+    (Phase.RECOVERING, Event.ETA_TERM): Transition(Phase.TERM_SENT, Response.TERM),
+    (Phase.RECOVERING, Event.ETA_KILL): Transition(Phase.KILL_SENT, Response.KILL),
     **_COMMON,
 }
 """The live escalation table: (phase, event) -> (next phase, response). A pair that is
@@ -125,6 +134,8 @@ DRY_RUN_TABLE: Mapping[tuple[Phase, Event], Transition] = {
     (Phase.IDLE, Event.PSI_TERM): Transition(Phase.AUDIT_HOLD, Response.WOULD_TERM),
     (Phase.IDLE, Event.KILL_LEVEL): Transition(Phase.AUDIT_HOLD, Response.WOULD_KILL),
     (Phase.IDLE, Event.PSI_KILL): Transition(Phase.AUDIT_HOLD, Response.WOULD_KILL),
+    (Phase.IDLE, Event.ETA_TERM): Transition(Phase.AUDIT_HOLD, Response.WOULD_TERM),
+    (Phase.IDLE, Event.ETA_KILL): Transition(Phase.AUDIT_HOLD, Response.WOULD_KILL),
     **_COMMON,
 }
 """The dry-run table: the same decisions, parked in ``audit_hold`` instead of waiting for an exit."""
@@ -159,6 +170,7 @@ class GuardState:
     # Every process signalled in this episode (a group victim's members too): never chosen
     # again while the episode lasts, so a member still exiting gets no second SIGTERM.
     signalled: frozenset[ProcessKey] = frozenset()
+    trend: Trend = field(default_factory=Trend)  # mem_available_eta's readings; empty without an eta or far from it
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -293,6 +305,7 @@ class _Ctx:
 class _Detected:
     event: Event | None
     trigger: str
+    facts: tuple[tuple[str, object], ...] = ()  # what the trigger saw, for the decision's record
 
 
 def _detect(gs: GuardState, ctx: _Ctx) -> _Detected:
@@ -351,8 +364,14 @@ def _detect_idle(gs: GuardState, ctx: _Ctx) -> _Detected:
     psi_kill = [(i, t) for i, t in active if t.action is PsiAction.KILL and gated]
     if psi_kill:
         return _Detected(event=Event.PSI_KILL, trigger=describe_psi(*psi_kill[0]))
+    eta = guard.eta
+    eta_reached = eta is not None and trend.reached(gs.trend, eta, now)
+    if eta_reached and eta is not None and eta.action is EtaAction.KILL:
+        return _Detected(event=Event.ETA_KILL, trigger="mem_available_eta", facts=_eta_facts(gs.trend))
     if lv.term_crossed:
         return _Detected(event=Event.TERM_LEVEL, trigger="mem_available_term")
+    if eta_reached:
+        return _Detected(event=Event.ETA_TERM, trigger="mem_available_eta", facts=_eta_facts(gs.trend))
     psi_term = [(i, t) for i, t in active if t.action is PsiAction.TERM and gated]
     if psi_term:
         return _Detected(event=Event.PSI_TERM, trigger=describe_psi(*psi_term[0]))
@@ -361,6 +380,25 @@ def _detect_idle(gs: GuardState, ctx: _Ctx) -> _Detected:
     if warn:
         return _Detected(event=Event.PSI_WARN, trigger=describe_psi(*warn[0]))
     return _Detected(event=None, trigger="")
+
+
+def _eta_facts(t: Trend) -> tuple[tuple[str, object], ...]:
+    return (
+        ("eta_s", round(t.eta_s, 3) if t.eta_s is not None else None),
+        ("fall_bytes_per_s", int(t.fall_bytes_per_s)),
+    )
+
+
+def advance_trend(gs: GuardState, reading: GuardReading | None, guard: GuardPlan, now: float) -> Trend:
+    """The guard's trend after this poll's reading: sampled only where pacing says the eta may
+    be near (the daemon steps the core there at every poll), emptied elsewhere."""
+    if guard.eta is None:
+        return gs.trend if not gs.trend.samples else Trend()  # a reload took the eta away
+    if reading is None:
+        return gs.trend
+    if not pacing.eta_watch_needed(reading.memory, guard):
+        return gs.trend if not gs.trend.samples else Trend()
+    return trend.update_trend(gs.trend, reading.memory, guard, guard.eta, now)
 
 
 def step(state: State, obs: Observation, plan: Plan, rankings: Mapping[str, Ranking]) -> tuple[State, list[Output]]:
@@ -378,6 +416,7 @@ def step(state: State, obs: Observation, plan: Plan, rankings: Mapping[str, Rank
         reading = readings.get(guard.name)
         fired = reading.psi_fired if reading else ()
         gs = replace(gs, psi=update_psi(gs.psi, guard.psi, fired, obs.now, plan.daemon.poll_max_s))
+        gs = replace(gs, trend=advance_trend(gs, reading, guard, obs.now))
         gs = _prune_stuck(gs, obs.snapshot)
         if gs.victim is not None:
             in_flight.discard(gs.victim.key)
@@ -423,6 +462,8 @@ def is_quiet(state: State, obs: Observation, plan: Plan) -> bool:
             return False
         if reading.psi_fired or any(t.active_since is not None for t in gs.psi) or len(gs.psi) != len(guard.psi):
             return False
+        if gs.trend.samples or pacing.eta_watch_needed(reading.memory, guard):
+            return False  # the trend is sampled at every reading near its eta (advance_trend())
         lv = levels(reading.memory, guard)
         if lv.term_crossed or lv.kill_crossed:
             return False
@@ -455,6 +496,7 @@ def needs(state: State, obs: Observation, plan: Plan) -> dict[str, Need]:
             out[guard.name] = Need.NONE if gs.phase is Phase.IDLE else Need.WARM
             continue
         gs = replace(gs, psi=update_psi(gs.psi, guard.psi, reading.psi_fired, obs.now, plan.daemon.poll_max_s))
+        gs = replace(gs, trend=advance_trend(gs, reading, guard, obs.now))
         ctx = _Ctx(
             guard=guard,
             plan=plan,
@@ -480,6 +522,8 @@ def needs(state: State, obs: Observation, plan: Plan) -> dict[str, Need]:
             out[guard.name] = Need.WARM
         elif any(t.active_since is not None for t in gs.psi) and gated:
             out[guard.name] = Need.WARM  # a PSI trigger is being sustained below the gate
+        elif gs.trend.since is not None:
+            out[guard.name] = Need.WARM  # the eta projection is being sustained
         else:
             out[guard.name] = Need.NONE
     return out
@@ -510,7 +554,7 @@ def _step_guard(gs: GuardState, ctx: _Ctx) -> tuple[GuardState, list[Output], bo
     after_s = now - gs.phase_since
     response = transition.response
     if gs.phase in CHOOSERS and response in _CHOOSING:
-        return _choose(gs, ctx, transition, detected.trigger)
+        return _choose(gs, ctx, transition, detected.trigger, detected.facts)
     match response:
         case Response.WARN:
             if "psi_warn" in gs.noted:
@@ -586,8 +630,11 @@ def _quiet_transition(
     new = replace(gs, phase=transition.next, phase_since=now, victim=victim, trigger=trigger)
     if transition.next is Phase.RECOVERING:
         # Stall before the exit is the victim's: a PSI trigger must be sustained anew, after
-        # it, before it can choose the next victim (else one old stall would take two).
-        new = replace(new, psi=tuple(replace(t, active_since=None) for t in gs.psi))
+        # it, before it can choose the next victim (else one old stall would take two). The
+        # same for a fall of memory: the eta projection is sustained anew after the exit.
+        new = replace(
+            new, psi=tuple(replace(t, active_since=None) for t in gs.psi), trend=replace(gs.trend, since=None)
+        )
     if transition.next is Phase.IDLE:
         new = replace(new, noted=frozenset(), signalled=frozenset())
     return new, records, False
@@ -598,6 +645,7 @@ def _choose(
     ctx: _Ctx,
     transition: Transition,
     trigger: str,
+    facts: tuple[tuple[str, object], ...] = (),
 ) -> tuple[GuardState, list[Output], bool]:
     """Idle -> a victim: the guard conditions (rate limit, a candidate left) and the signal."""
     others, kill_times = ctx.others, ctx.kill_times
@@ -641,6 +689,7 @@ def _choose(
         fields=(
             *_decision_fields(ctx, trigger, victim, response, runner_up=best[1] if len(best) > 1 else None),
             ("after_victim", gs.phase is Phase.RECOVERING),  # the episode's previous victim was not enough
+            *facts,
         ),
     )
     sig = SIGKILL if response in (Response.KILL, Response.WOULD_KILL) else SIGTERM

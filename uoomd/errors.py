@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import ClassVar
 
 
 class ExitCode(IntEnum):
@@ -14,6 +15,8 @@ class ExitCode(IntEnum):
     USAGE = 2  # bad command line (argparse's own code)
     SETUP = 3  # the machine cannot run this policy (no /proc, scope gone, no permission)
     NOT_FOUND = 4  # `explain PID`: no such process
+    NOT_RUNNING = 5  # `status`, `reload`: the daemon that wrote the state file is not running
+    NO_ANSWER = 6  # `reload`: the daemon gave no answer within --timeout
     INTERNAL = 70  # a bug: EX_SOFTWARE
 
 
@@ -50,3 +53,39 @@ class SetupError(Exception):
         self.message = message
         self.hint = hint
         super().__init__(message if not hint else f"{message} (hint: {hint})")
+
+
+class CommandError(Exception):
+    """A command could not do what was asked, for a reason the user can act on; each subclass
+    is one class of failure with its own exit code (the CLI prints ``uoomd: message``)."""
+
+    exit_code: ClassVar[ExitCode]
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        self.message = message
+        self.hint = hint
+        super().__init__(message if not hint else f"{message} (hint: {hint})")
+
+
+class UsageError(CommandError):
+    """The command line names something that is not there (a guard the policy lacks)."""
+
+    exit_code = ExitCode.USAGE
+
+
+class NoSuchProcessError(CommandError):
+    """`explain PID`: no such process."""
+
+    exit_code = ExitCode.NOT_FOUND
+
+
+class NotRunningError(CommandError):
+    """The daemon the state file names is gone (its PID exited, or now belongs to another process)."""
+
+    exit_code = ExitCode.NOT_RUNNING
+
+
+class NoAnswerError(CommandError):
+    """`reload`: the daemon did not report the outcome of a reload within the timeout."""
+
+    exit_code = ExitCode.NO_ANSWER

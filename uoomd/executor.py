@@ -270,6 +270,10 @@ class RecordingExecutor:
     def execute(self, action: Action) -> ActionResult:
         self.actions.append(action)
         pid = action.target.pid if isinstance(action, SendSignal | ReleaseMemory) else None
+        if isinstance(action, SendSignal):  # named as the live executor names it
+            return make_result(
+                action_kind(action), self.answer, pid=pid, guard=action.guard, signal=signame(action.signal)
+            )
         return make_result(action_kind(action), self.answer, pid=pid, guard=action.guard)
 
     def mark_exited(self, key: ProcessKey) -> None:

@@ -19,6 +19,7 @@ import signal
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TypedDict
 
 from uoomd.readings import Pid, ProcessKey
 from uoomd.results import ActionKind, ActionResult, Outcome, errno_result, make_result
@@ -235,14 +236,9 @@ def signal_process_group(
                 reason="pgid changed",
                 actual_pgid=opened.pgid,
             )
-    members, outcomes = open_members(proc_root, group or (key,))
-    try:
-        # Each member's pgid was re-read from stat after its pidfd was opened (open_victim_checked):
-        # a member that moved to another group since the ranking is left alone.
-        outcomes += send_to_members(members, sig, lambda member: member.pgid == pgid)
-    finally:
-        close_all(members)
-    counts = MemberCounts.of(outcomes)
+    # Each member's pgid was re-read from stat after its pidfd was opened (open_victim_checked):
+    # a member that moved to another group since the ranking is left alone.
+    counts = signal_members(proc_root, group or (key,), sig, lambda: lambda member: member.pgid == pgid)
     return make_result(
         ActionKind.SIGNAL,
         counts.outcome(),
@@ -250,10 +246,7 @@ def signal_process_group(
         pgid=pgid,
         signal=signame(sig),
         method="pidfd",
-        sent=counts.sent,
-        gone=counts.gone,
-        refused=counts.refused,
-        failed=counts.failed,
+        **counts.details(),
     )
 
 
@@ -283,9 +276,32 @@ def close_all(pidfds: Iterable[PidFd]) -> None:
         pidfd.close()
 
 
+def signal_members(
+    proc_root: str, keys: Iterable[ProcessKey], sig: int, membership: Callable[[], Callable[[PidFd], bool]]
+) -> MemberCounts:
+    """Signal those of ``keys`` that are still members of the group, each through its verified pidfd.
+
+    As in open_victim_checked: every pidfd is opened (and verified) first, and only then is
+    ``membership()`` asked who is still a member, so what it reads is about the processes the
+    pidfds hold."""
+    opened, outcomes = open_members(proc_root, keys)
+    try:
+        outcomes += send_to_members(opened, sig, membership())
+    finally:
+        close_all(opened)
+    return MemberCounts.of(outcomes)
+
+
 def send_to_members(pidfds: Iterable[PidFd], sig: int, is_member: Callable[[PidFd], bool]) -> list[Outcome]:
     """Signal each pidfd whose process is still a member; one that left counts as gone, as if it had exited."""
     return [send_signal(pidfd, sig).outcome if is_member(pidfd) else Outcome.GONE for pidfd in pidfds]
+
+
+class MemberDetails(TypedDict):
+    sent: int
+    gone: int
+    refused: int
+    failed: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -303,6 +319,9 @@ class MemberCounts:
         gone = outcomes.count(Outcome.GONE) + outcomes.count(Outcome.RECYCLED)
         refused = outcomes.count(Outcome.REFUSED)
         return cls(sent=sent, gone=gone, refused=refused, failed=len(outcomes) - sent - gone - refused)
+
+    def details(self) -> MemberDetails:
+        return {"sent": self.sent, "gone": self.gone, "refused": self.refused, "failed": self.failed}
 
     def outcome(self) -> Outcome:
         """SENT when any member got the signal; otherwise the most telling reason why none did."""
@@ -414,16 +433,14 @@ def signal_cgroup_members(
     proc_root: str, cgroup_dir: str, group: Sequence[ProcessKey], sig: int, *, members: int, skipped: int
 ) -> ActionResult:
     """Signal each key of ``group`` that is still in the cgroup subtree, through its own verified pidfd."""
-    # Same principle as open_victim_checked: open (and verify) every pidfd first, then re-read
-    # the member list. A PID still listed after its pidfd was opened is the pidfd's process (a PID
-    # names one live process at a time); a key that left the subtree is left alone.
-    opened, outcomes = open_members(proc_root, group)
-    try:
+
+    # A PID still listed after its pidfd was opened is the pidfd's process (a PID names one live
+    # process at a time); a key that left the subtree is left alone.
+    def still_listed() -> Callable[[PidFd], bool]:
         listed = read_members(cgroup_dir)
-        outcomes += send_to_members(opened, sig, lambda member: member.key.pid in listed)
-    finally:
-        close_all(opened)
-    counts = MemberCounts.of(outcomes)
+        return lambda member: member.key.pid in listed
+
+    counts = signal_members(proc_root, group, sig, still_listed)
     return make_result(
         ActionKind.CGROUP_KILL,
         counts.outcome(),
@@ -432,8 +449,5 @@ def signal_cgroup_members(
         method="pidfd",
         members=members,
         skipped=skipped,
-        sent=counts.sent,
-        gone=counts.gone,
-        refused=counts.refused,
-        failed=counts.failed,
+        **counts.details(),
     )

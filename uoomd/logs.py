@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TextIO
 
 from uoomd.plan import LogFormat
@@ -166,8 +166,13 @@ class Throttle:
             self._log.warning(event, **facts)
 
 
-def configure(fmt: LogFormat, stream: TextIO | None = None, *, debug: bool = False) -> PipelineLogger:
-    """JSON lines unless ``auto`` finds a terminal. Debug events (every ranking refresh) only with ``debug``."""
+def configure(
+    fmt: LogFormat, stream: TextIO | None = None, *, debug: bool = False, first: Sequence[Processor] = ()
+) -> PipelineLogger:
+    """JSON lines unless ``auto`` finds a terminal. Debug events (every ranking refresh) only with ``debug``.
+
+    ``first``: processors that see each event before anything is added or escaped (the
+    metrics' counter, uoomd/metrics/collector.py Metrics.processor)."""
     stream = stream or sys.stderr
     try:
         tty = stream.isatty()
@@ -175,7 +180,7 @@ def configure(fmt: LogFormat, stream: TextIO | None = None, *, debug: bool = Fal
         tty = False
     use_console = fmt is LogFormat.CONSOLE or (fmt is LogFormat.AUTO and tty)
     return PipelineLogger(
-        [add_level, add_timestamp, escape_values],  # each prepends: timestamp, level, event first
+        [*first, add_level, add_timestamp, escape_values],  # each prepends: timestamp, level, event first
         render_console if use_console else render_json,
         stream,
         min_level="debug" if debug else "info",

@@ -11,6 +11,7 @@ import math
 
 from uoomd.plan import DaemonPlan, GuardPlan, PsiAction
 from uoomd.readings import MemoryReading
+from uoomd.trend import LOOKBACK_S, room_and_floor
 
 # Worst-case rates at which a runaway process fills RAM and swap.  RAM: one Python
 # process faulting in 1 GiB (b"\x01" * 2**30) peaked at 1.9 GiB/s per core on the
@@ -62,6 +63,12 @@ def next_poll_s(
             swap_term = guard.swap_free_term.resolve_bytes(reading.swap_total_bytes)
             headroom = room_now - term_bytes - (swap_term if reading.swap_total_bytes else 0)
             sleep_s = min(sleep_s, max(0.0, headroom) / fall_bytes_per_s / SAFETY_FACTOR)
+        if fall_bytes_per_s > 0 and guard.eta is not None:
+            # mem_available_eta acts when the kill level is eta away at this fall: poll often
+            # enough before that to have the lookback's readings, and through the sustain.
+            room, floor = room_and_floor(reading, guard)
+            until_s = max(0.0, (room - floor) / fall_bytes_per_s - guard.eta.eta_s)
+            sleep_s = min(sleep_s, max(until_s, guard.eta.sustain_s, LOOKBACK_S) / SAFETY_FACTOR)
     if math.isnan(sleep_s):
         return lo
     return min(hi, max(lo, sleep_s))
@@ -82,3 +89,19 @@ def warm_ranking_needed(reading: MemoryReading, guard: GuardPlan) -> bool:
         return True
     acting_psi = any(t.action is not PsiAction.WARN for t in guard.psi)
     return acting_psi and reading.available_bytes < guard.psi_mem_gate.resolve_bytes(reading.total_bytes)
+
+
+def eta_watch_needed(reading: MemoryReading, guard: GuardPlan) -> bool:
+    """Whether a guard's trend (mem_available_eta) must be sampled at this reading: a fall as fast
+    as the worst-case allocator could bring the kill level within its eta and sustain. Farther
+    away the daemon may skip its step (quiet ticks), and the trend starts afresh (uoomd/trend.py)."""
+    if guard.eta is None:
+        return False
+    room, floor = room_and_floor(reading, guard)
+    horizon_s = guard.eta.eta_s + guard.eta.sustain_s + LOOKBACK_S + WARM_MARGIN_S
+    return room - floor < MEM_FILL_BYTES_PER_S * horizon_s
+
+
+def full_tick_needed(reading: MemoryReading, guard: GuardPlan) -> bool:
+    """Whether the daemon's poll must step the core: a ranking is kept warm, or the trend is watched."""
+    return warm_ranking_needed(reading, guard) or eta_watch_needed(reading, guard)

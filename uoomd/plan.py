@@ -99,6 +99,22 @@ class GuardPlan:
     ignore_positive_adj: bool = False
     psi_mem_gate: Amount = field(default_factory=lambda: Amount(fraction=0.2))
     psi: tuple[PsiTriggerPlan, ...] = ()
+    eta: EtaPlan | None = None  # mem_available_eta: act on the trend (uoomd/trend.py); None: levels only
+
+
+class EtaAction(StrEnum):
+    TERM = "term"
+    KILL = "kill"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EtaPlan:
+    """Act when the observed fall says the kill level is ``eta_s`` away, even above the term level."""
+
+    eta_s: float
+    min_fall: Amount  # per second, of the scope's memory total: a slower fall never acts
+    sustain_s: float  # the projection must hold this long, at every reading
+    action: EtaAction = EtaAction.TERM
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -138,6 +154,9 @@ class DaemonPlan:
     log_format: LogFormat = LogFormat.AUTO
     state_file: str = "/run/uoomd/state.json"
     notify_desktop: bool = False
+    metrics_file: str | None = None  # the node_exporter textfile (uoomd/metrics/textfile.py); None: not written
+    metrics_listen: str | None = None  # "127.0.0.1:9595", "[::1]:9595" or a unix socket path; None: no listener
+    metrics_interval_s: float = 5.0  # the textfile is rewritten at most this often
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -5,6 +5,10 @@ is applied, then one more check reads the file again (the child may have read it
 the edit this SIGHUP announces). Never killing a check under way keeps one checker at a
 time, and a burst of SIGHUPs (a script looping `systemctl reload`) still makes progress;
 any number of them during a check make one more check.
+
+Each answer is handed on with the time its check started (the clock before the child was
+spawned, or before a file refused without one): ``uoomd reload`` takes only the answer of a
+check that started after its SIGHUP (uoomd/status.py ReloadRecord).
 """
 
 from __future__ import annotations
@@ -16,13 +20,14 @@ from uoomd.logs import Log
 from uoomd.policy.isolated import CheckResult, PolicyCheck
 
 StartCheck = Callable[[str, float], PolicyCheck]  # (policy path, now): a checker child, started
+Answered = Callable[[CheckResult, float], None]  # (a Plan or why none, when its check started)
 
 
 class Reloads:
     """The reload checks of one daemon: ``request()`` at a SIGHUP, ``poll()`` when the loop wakes.
 
-    Each answer goes to ``answered`` (a Plan to apply, or why there is none); once no further
-    check is due, ``settled()`` (the daemon says READY=1 again)."""
+    Each answer goes to ``answered`` (a Plan to apply, or why there is none, and when its check
+    started); once no further check is due, ``settled()`` (the daemon says READY=1 again)."""
 
     def __init__(
         self,
@@ -30,7 +35,7 @@ class Reloads:
         log: Log,
         start: StartCheck,
         clock: Callable[[], float],
-        answered: Callable[[CheckResult], None],
+        answered: Answered,
         settled: Callable[[], None],
     ) -> None:
         self._log = log
@@ -39,6 +44,7 @@ class Reloads:
         self._answered = answered
         self._settled = settled
         self.check: PolicyCheck | None = None  # the check under way, polled by the loop
+        self._started_at = 0.0  # when that check started: handed on with its answer
         self._again = False  # a SIGHUP came while it ran: check once more after it
 
     def request(self, path: str) -> None:
@@ -50,8 +56,9 @@ class Reloads:
         self._begin(path)
 
     def _begin(self, path: str) -> None:
+        self._started_at = self._clock()
         try:
-            self.check = self._start(path, self._clock())
+            self.check = self._start(path, self._started_at)
         except (PolicyError, SetupError) as exc:  # a FIFO, a device, no file: refused without a child
             self._done(path, exc)
             return
@@ -67,7 +74,7 @@ class Reloads:
             self._done(path, result)
 
     def _done(self, path: str, result: CheckResult) -> None:
-        self._answered(result)
+        self._answered(result, self._started_at)
         if self._again:
             self._again = False
             self._begin(path)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TextIO
 
 from uoomd import kernel
-from uoomd.errors import ExitCode, SetupError
+from uoomd.errors import ExitCode, NoSuchProcessError, SetupError, UsageError
 from uoomd.logs import escape
 from uoomd.plan import GuardPlan, Plan, ScopeKind
-from uoomd.readings import Pid, ProcessInfo, Snapshot
+from uoomd.readings import Pid, ProcessInfo, ProcessKey, Snapshot
 from uoomd.rules import matching_rules
 from uoomd.scoring import (
     Candidate,
@@ -25,10 +25,14 @@ from uoomd.scoring import (
 )
 from uoomd.sources.cgroup import read_members, read_totalpages
 from uoomd.sources.procfs import read_oom_score, read_snapshot
+from uoomd.status import running_daemon
 from uoomd.units import format_bytes
 
 # Reports show who a process is: read these even when no rule needs them.
 _REPORT_DETAILS = frozenset({"cmdline", "user"})
+# The daemon spares itself (scoring.REASON_SELF); a report is another process, and learns the
+# daemon's pid and start time from the state file of the policy it was given.
+REASON_DAEMON = "the running uoomd daemon"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -52,7 +56,7 @@ def _pick_guard(plan: Plan, guard_name: str | None) -> GuardPlan:
         return plan.guard(guard_name)
     except KeyError:
         names = ", ".join(g.name for g in plan.guards)
-        raise SetupError(f"no guard named {guard_name!r}", hint=f"the policy's guards are: {names}") from None
+        raise UsageError(f"no guard named {guard_name!r}", hint=f"the policy's guards are: {names}") from None
 
 
 def _scene(plan: Plan, guard: GuardPlan, proc_root: str) -> _Scene:
@@ -76,6 +80,9 @@ def _scene(plan: Plan, guard: GuardPlan, proc_root: str) -> _Scene:
     )
     totalpages = read_totalpages(guard.scope, snapshot)
     ranking = rank(snapshot, plan, guard, totalpages=totalpages, members=members)
+    daemon = running_daemon(plan.daemon.state_file, proc_root)
+    if daemon is not None:
+        ranking = spare_daemon(ranking, daemon)
     return _Scene(
         guard=guard,
         snapshot=snapshot,
@@ -86,13 +93,74 @@ def _scene(plan: Plan, guard: GuardPlan, proc_root: str) -> _Scene:
     )
 
 
+def spare_daemon(ranking: Ranking, daemon: ProcessKey) -> Ranking:
+    """``ranking`` with the running daemon excluded as such, whatever else excluded it (pure).
+
+    Matched by pid and start time: a PID that a stale state file names, since handed to
+    another process, stays where it ranked."""
+    candidates = [c for c in ranking.candidates if c.process.key != daemon]
+    excluded: list[Exclusion] = []
+    found = len(candidates) < len(ranking.candidates)
+    for exclusion in ranking.excluded:
+        if exclusion.process.key == daemon:
+            excluded.append(replace(exclusion, reason=REASON_DAEMON, forbidden=True))
+            found = True
+        else:
+            excluded.append(exclusion)
+    if not found:
+        return ranking
+    spared = next((c for c in ranking.candidates if c.process.key == daemon), None)
+    if spared is not None:
+        excluded.append(Exclusion(process=spared.process, reason=REASON_DAEMON, rules=spared.rules))
+    return replace(ranking, candidates=tuple(candidates), excluded=tuple(excluded))
+
+
 def _system_oom_score(process: ProcessInfo, scene: _Scene) -> int:
     badness = kernel_badness(process, totalpages=scene.system_totalpages, page_size=scene.snapshot.page_size)
     return kernel.proc_oom_score(badness, scene.system_totalpages)
 
 
 def _candidate_row(rank_no: int, c: Candidate) -> dict[str, object]:
-    p = c.process
+    return _row(
+        rank_no,
+        c.process,
+        effective_adj=c.effective_adj,
+        badness=c.badness.points,
+        kernel_points=c.kernel_points,
+        oom_score=c.oom_score,
+        reason=None,
+        rules=c.rules,
+    )
+
+
+def _exclusion_row(e: Exclusion, scene: _Scene) -> dict[str, object]:
+    p = e.process
+    points = kernel_badness(p, totalpages=scene.totalpages, page_size=scene.snapshot.page_size)
+    known = None if points == kernel.LONG_MIN else points
+    return _row(
+        None,
+        p,
+        effective_adj=None,
+        badness=known,
+        kernel_points=known,
+        oom_score=_system_oom_score(p, scene),
+        reason=e.reason,
+        rules=e.rules,
+    )
+
+
+def _row(
+    rank_no: int | None,
+    p: ProcessInfo,
+    *,
+    effective_adj: int | None,
+    badness: int | None,
+    kernel_points: int | None,
+    oom_score: int,
+    reason: str | None,
+    rules: tuple[str, ...],
+) -> dict[str, object]:
+    """One row of `candidates --json`: a candidate (ranked), or an excluded process (its reason)."""
     return {
         "rank": rank_no,
         "pid": p.pid,
@@ -103,36 +171,13 @@ def _candidate_row(rank_no: int, c: Candidate) -> dict[str, object]:
         "rss_bytes": p.rss_bytes,
         "swap_bytes": p.swap_bytes,
         "oom_score_adj": p.oom_score_adj,
-        "effective_adj": c.effective_adj,
-        "badness": c.badness.points,
-        "kernel_points": c.kernel_points,
-        "oom_score": c.oom_score,
-        "protected": False,
-        "reason": None,
-        "rules": list(c.rules),
-    }
-
-
-def _exclusion_row(e: Exclusion, scene: _Scene) -> dict[str, object]:
-    p = e.process
-    points = kernel_badness(p, totalpages=scene.totalpages, page_size=scene.snapshot.page_size)
-    return {
-        "rank": None,
-        "pid": p.pid,
-        "name": p.name,
-        "user": p.user,
-        "uid": p.uid,
-        "cmdline": p.cmdline,
-        "rss_bytes": p.rss_bytes,
-        "swap_bytes": p.swap_bytes,
-        "oom_score_adj": p.oom_score_adj,
-        "effective_adj": None,
-        "badness": None if points == kernel.LONG_MIN else points,
-        "kernel_points": None if points == kernel.LONG_MIN else points,
-        "oom_score": _system_oom_score(p, scene),
-        "protected": True,
-        "reason": e.reason,
-        "rules": list(e.rules),
+        "effective_adj": effective_adj,
+        "badness": badness,
+        "kernel_points": kernel_points,
+        "oom_score": oom_score,
+        "protected": reason is not None,
+        "reason": reason,
+        "rules": list(rules),
     }
 
 
@@ -148,16 +193,24 @@ def _table(rows: list[list[str]], right: set[int]) -> str:
 
 
 def run_candidates(
-    plan: Plan, *, guard_name: str | None, top: int | None, as_json: bool, proc_root: str, out: TextIO
+    plan: Plan,
+    *,
+    guard_name: str | None,
+    top: int | None,
+    show_all: bool = False,
+    as_json: bool,
+    proc_root: str,
+    out: TextIO,
 ) -> int:
-    """`uoomd candidates`: the ranked victims of one guard, best first."""
+    """`uoomd candidates`: the ranked victims of one guard, best first; ``show_all``: then the
+    excluded processes, each with its reason (kernel threads last)."""
     guard = _pick_guard(plan, guard_name)
     scene = _scene(plan, guard, proc_root)
     candidates = scene.ranking.candidates[:top] if top is not None else scene.ranking.candidates
+    excluded = sorted(scene.ranking.excluded, key=lambda e: e.process.kthread) if show_all else []
     if as_json:
         rows = [_candidate_row(i, c) for i, c in enumerate(candidates, 1)]
-        rows += [_exclusion_row(e, scene) for e in scene.ranking.excluded if not e.process.kthread]
-        rows += [_exclusion_row(e, scene) for e in scene.ranking.excluded if e.process.kthread]
+        rows += [_exclusion_row(e, scene) for e in excluded]
         out.write(json.dumps(rows, indent=2) + "\n")
         return ExitCode.OK
     header = ["#", "PID", "USER", "NAME", "RSS", "SWAP", "ADJ", "EFF_ADJ", "BADNESS", "OOM_SCORE", "RULES"]
@@ -184,14 +237,39 @@ def run_candidates(
         out.write("no candidates\n")
     else:
         out.write(_table(table, right={0, 1, 4, 5, 6, 7, 8, 9}))
+    if show_all:
+        _write_excluded(excluded, out)
+        return ExitCode.OK
     reasons: dict[str, int] = {}
     for e in scene.ranking.excluded:
         key = "protected by a rule" if e.reason.startswith("protected by rule") else e.reason
         reasons[key] = reasons.get(key, 0) + 1
     if reasons:
-        summary = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
-        out.write(f"# excluded: {summary} (--json lists them)\n")
+        summary = ", ".join(f"{n} {escape(reason)}" for reason, n in sorted(reasons.items()))
+        out.write(f"# excluded: {summary} (--all lists them)\n")
     return ExitCode.OK
+
+
+def _write_excluded(excluded: list[Exclusion], out: TextIO) -> None:
+    """`candidates --all`: the excluded processes after the candidates, each with its reason."""
+    if not excluded:
+        out.write("# excluded: none\n")
+        return
+    out.write(f"# excluded: {len(excluded)}\n")
+    table = [["PID", "USER", "NAME", "RSS", "ADJ", "REASON"]]
+    for e in excluded:
+        p = e.process
+        table.append(
+            [
+                str(p.pid),
+                escape(p.user or str(p.uid)),
+                escape(p.name),
+                format_bytes(p.rss_bytes),
+                str(p.oom_score_adj),
+                escape(e.reason),
+            ]
+        )
+    out.write(_table(table, right={0, 3, 4}))
 
 
 def run_explain(plan: Plan, *, pid: int, guard_name: str | None, proc_root: str, out: TextIO) -> int:
@@ -200,8 +278,7 @@ def run_explain(plan: Plan, *, pid: int, guard_name: str | None, proc_root: str,
     scene = _scene(plan, guard, proc_root)
     process = next((p for p in scene.snapshot.processes if p.pid == pid), None)
     if process is None:
-        out.write(f"no process {pid}\n")
-        return ExitCode.NOT_FOUND
+        raise NoSuchProcessError(f"no process {pid}")
     page_size = scene.snapshot.page_size
     w = out.write
     w(f"process {process.pid} ({escape(process.name)}), user {escape(process.user or str(process.uid))}\n")

@@ -10,12 +10,15 @@ import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TextIO, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TextIO, TypeAlias, TypeVar
 
 from uoomd.errors import ExitCode, PolicyError, SetupError
 from uoomd.logs import Log, escape
 from uoomd.policy.file import open_regular
 from uoomd.policy.paths import default_policy_path
+from uoomd.readings import Pid, ProcessKey
+from uoomd.sources.procfs import read_stat
+from uoomd.startup import describe_stall, guard_levels
 from uoomd.trust import untrusted_reason
 
 if TYPE_CHECKING:
@@ -28,6 +31,49 @@ RECENT_KEPT = 20  # decisions and action results the document lists (`uoomd stat
 _T = TypeVar("_T")
 
 # --- the document, as the daemon builds it --------------------------------------------------
+
+ReloadOutcome: TypeAlias = Literal["applied", "refused"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReloadRecord:
+    """How the last reload ended, as the state file says it at once (``uoomd reload`` waits for it).
+
+    ``started_at`` is when its check started, on CLOCK_MONOTONIC (time.monotonic(), one clock for
+    every process of the machine): a reload command that sent SIGHUP at t takes only a record with
+    ``started_at >= t``, whose check read the policy file after that command began. A check already
+    running at the SIGHUP may have read the file before the edit (uoomd/reload.py coalesces)."""
+
+    started_at: float
+    finished_at: float  # time.time(), for people
+    outcome: ReloadOutcome
+    policy: str
+    error: str | None  # why it was refused: what `uoomd check` would print
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "outcome": self.outcome,
+            "policy": self.policy,
+            "error": self.error,
+        }
+
+
+_own_key: ProcessKey | None = None
+
+
+def own_key(proc_root: str = "/proc") -> ProcessKey | None:
+    """This process's identity, (pid, starttime), read once per process: the state file carries it
+    so that a reader can tell the daemon from a process that was later given its PID."""
+    global _own_key  # noqa: PLW0603 -- a fact of the process, read at its first state file
+    pid = os.getpid()
+    if _own_key is None or _own_key.pid != pid:
+        stat = read_stat(proc_root, pid)
+        if stat is None:
+            return None
+        _own_key = ProcessKey(pid=Pid(pid), starttime_ticks=stat.starttime_ticks)
+    return _own_key
 
 
 class Recent:
@@ -75,8 +121,19 @@ def status_line(watches: Sequence[GuardWatch], recent: Recent) -> str:
     return "; ".join([*parts, last]) if len(watches) > 1 else ", ".join([*parts, last])
 
 
-def status_document(*, plan: Plan, state: State, watches: Sequence[GuardWatch], recent: Recent) -> dict[str, Any]:
-    """The state file's content; :func:`parse_state` reads it back."""
+def status_document(
+    *,
+    plan: Plan,
+    state: State,
+    watches: Sequence[GuardWatch],
+    recent: Recent,
+    metrics: dict[str, list[list[object]]] | None = None,
+    reload: ReloadRecord | None = None,
+) -> dict[str, Any]:
+    """The state file's content; :func:`parse_state` reads it back. ``metrics``: Metrics.dump(),
+    which ``uoomd status --metrics`` renders (uoomd/metrics/collector.py render_dumped).
+    ``reload``: how the last reload ended (None: none yet; the key is there all the same, so that
+    ``uoomd reload`` can tell a daemon with no reload yet from one too old to report it)."""
     guards: list[dict[str, Any]] = []
     for watch in watches:
         gs = state.guard(watch.guard.name)
@@ -96,17 +153,32 @@ def status_document(*, plan: Plan, state: State, watches: Sequence[GuardWatch], 
                     "swap_total_bytes": m.swap_total_bytes,
                     "swap_free_bytes": m.swap_free_bytes,
                 },
-                "psi": [None if t is None else {"mode": str(t.mode), "describe": t.describe()} for t in watch.triggers],
+                "levels": guard_levels(watch.guard, m)["levels"],
+                "psi": [
+                    None
+                    if t is None
+                    else {
+                        "mode": str(t.mode),
+                        "stall_us": t.stall_us,
+                        "window_us": t.window_us,
+                        "describe": f"{describe_stall(t.kind, t.stall_us, t.window_us)} ({t.mode}: {t.reason})",
+                    }
+                    for t in watch.triggers
+                ],
             }
         )
+    me = own_key()
     return {
         "pid": os.getpid(),
+        "starttime_ticks": None if me is None else me.starttime_ticks,
         "policy": plan.source,
         "dry_run": plan.daemon.dry_run,
         "updated_at": time.time(),
         "status": status_line(watches, recent),
         "guards": guards,
         "recent": list(recent),
+        "reload": None if reload is None else reload.as_json(),
+        **({} if metrics is None else {"metrics": metrics}),
     }
 
 
@@ -215,6 +287,7 @@ class GuardState:
     total_bytes: int | None
     available_bytes: int | None
     psi: tuple[str | None, ...]  # each trigger's description; None for one not armed
+    levels: str | None = None  # uoomd.startup.guard_levels()'s text; None from a uoomd before it
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -235,6 +308,17 @@ class StateFile:
     status: str
     guards: tuple[GuardState, ...]
     recent: tuple[RecentEvent, ...]
+    # None from a uoomd that wrote neither (before issue 13): its pid cannot be told from a
+    # newcomer's, and it reports no reload.
+    starttime_ticks: int | None = None
+    reports_reloads: bool = False
+    reload: ReloadRecord | None = None
+
+    @property
+    def key(self) -> ProcessKey | None:
+        if self.starttime_ticks is None:
+            return None
+        return ProcessKey(pid=Pid(self.pid), starttime_ticks=self.starttime_ticks)
 
 
 class MalformedStateError(ValueError):
@@ -292,6 +376,28 @@ def parse_state(data: object) -> StateFile:
         status=_typed(top, "status", str, ""),
         guards=tuple(_guard(item, f"guards[{i}]") for i, item in enumerate(_typed(top, "guards", list, ""))),
         recent=tuple(_recent(item, f"recent[{i}]") for i, item in enumerate(_typed(top, "recent", list, ""))),
+        starttime_ticks=None if top.get("starttime_ticks") is None else _count(top, "starttime_ticks", ""),
+        reports_reloads="reload" in top,
+        reload=_reload(top.get("reload"), "reload"),
+    )
+
+
+def _reload(data: object, where: str) -> ReloadRecord | None:
+    if data is None:
+        return None
+    record = _object(data, where)
+    outcome = _typed(record, "outcome", str, where)
+    if outcome not in ("applied", "refused"):
+        raise MalformedStateError(_join(where, "outcome"), f"'applied' or 'refused' expected, not {_kind(outcome)}")
+    error = _value(record, "error", where)
+    if error is not None and not isinstance(error, str):
+        raise MalformedStateError(_join(where, "error"), f"str or null expected, not {_kind(error)}")
+    return ReloadRecord(
+        started_at=_instant(record, "started_at", where),
+        finished_at=_instant(record, "finished_at", where),
+        outcome="applied" if outcome == "applied" else "refused",
+        policy=_typed(record, "policy", str, where),
+        error=error,
     )
 
 
@@ -316,6 +422,7 @@ def _guard(data: object, where: str) -> GuardState:
         total_bytes=None if memory is None else _bytes(memory, "total_bytes", f"{where}.memory"),
         available_bytes=None if memory is None else _bytes(memory, "available_bytes", f"{where}.memory"),
         psi=tuple(psi),
+        levels=None if guard.get("levels") is None else _typed(guard, "levels", str, where),
     )
 
 
@@ -367,6 +474,13 @@ def _bytes(data: dict[str, Any], key: str, where: str) -> int:
     return value
 
 
+def _count(data: dict[str, Any], key: str, where: str) -> int:
+    value = _typed(data, key, int, where)
+    if not 0 <= value < 1 << 64:  # a start time in clock ticks is an unsigned long long
+        raise MalformedStateError(_join(where, key), f"{_kind(value)} is not a count")
+    return value
+
+
 def _instant(data: dict[str, Any], key: str, where: str) -> float:
     value = _value(data, key, where)
     # json reads NaN and Infinity; time.localtime() refuses them, and years past 9999.
@@ -387,26 +501,87 @@ def _kind(value: object) -> str:
     return {dict: "an object", list: "an array", bool: "a boolean", type(None): "null"}.get(type(value), "?")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only, nothing is sent
-    except ProcessLookupError:
+def is_running(state: StateFile, proc_root: str = "/proc") -> bool:
+    """Whether the daemon that wrote ``state`` runs now: its PID is there, not a zombie, and has
+    the start time the file names (a PID handed to another process since is not the daemon).
+    A file from a uoomd too old to write the start time is judged by its PID alone."""
+    stat = read_stat(proc_root, state.pid)
+    if stat is None or stat.state in ("Z", "X"):
         return False
-    except PermissionError:
-        return True
-    return True
+    return state.starttime_ticks is None or stat.starttime_ticks == state.starttime_ticks
 
 
-def render_status(state: StateFile, now: float | None = None) -> str:
+def running_daemon(state_file: str, proc_root: str = "/proc") -> ProcessKey | None:
+    """The (pid, starttime) of the daemon that writes ``state_file``, while it runs; None when
+    there is no readable state file there, it names no start time, or its daemon is gone."""
+    try:
+        state, _data = read_state(state_file)
+    except SetupError:
+        return None
+    key = state.key
+    return key if key is not None and is_running(state, proc_root) else None
+
+
+def state_file_of(policy_path: str | None) -> str:
+    """The state file the policy names (``uoomd status``, ``uoomd reload`` without --state-file).
+
+    Only the path is wanted: what depends on the machine (a cgroup that is gone while the daemon
+    waits for it to come back) is not checked. PolicyError when the policy does not load."""
+    from uoomd.policy.load import load_plan  # noqa: PLC0415 -- pydantic, for this command only
+
+    return load_plan(policy_path or default_policy_path(), check_system=False).daemon.state_file
+
+
+def format_age(seconds: float) -> str:
+    """How long ago, for people: 4.2s, 12m 5s, 3h 12m, 2d 3h."""
+    if seconds < 60:
+        return f"{max(seconds, 0.0):.1f}s"
+    whole = int(seconds)
+    if whole < 3600:
+        return f"{whole // 60}m {whole % 60}s"
+    if whole < 86400:
+        return f"{whole // 3600}h {whole % 3600 // 60}m"
+    return f"{whole // 86400}d {whole % 86400 // 3600}h"
+
+
+# Who and what first, so that the cut at FACTS_SHOWN_CHARS never takes the victim's name.
+_LEADING_FACTS = ("guard", "action", "trigger", "outcome", "signal", "pid", "name")
+
+
+def _facts_text(facts: Sequence[tuple[str, Scalar]]) -> str:
+    """An event's facts as key=value pairs, the leading ones first and whole; the rest while they
+    fit in FACTS_SHOWN_CHARS, then how many were left out (cut between pairs, never inside one)."""
+    rank = {key: i for i, key in enumerate(_LEADING_FACTS)}
+    ordered = sorted(facts, key=lambda kv: rank.get(kv[0], len(rank)))
+    shown: list[str] = []
+    used = 0
+    for index, (key, value) in enumerate(ordered):
+        pair = f"{escape(key)}={escape(str(value))}"
+        if key not in rank and used + len(pair) > FACTS_SHOWN_CHARS:
+            shown.append(f"(+{len(ordered) - index} more in --json)")
+            break
+        shown.append(pair)
+        used += len(pair) + 1
+    return " ".join(shown)
+
+
+def render_status(state: StateFile, now: float | None = None, *, running: bool | None = None) -> str:
     """The state for people: every string from the file escaped (the daemon wrote process names
-    into it, and a name with an ESC or a newline must not reach the terminal raw)."""
+    into it, and a name with an ESC or a newline must not reach the terminal raw). ``running``:
+    whether its daemon runs (None: is_running() is asked); a stopped one's last state follows a
+    line that says so."""
     age = (time.time() if now is None else now) - state.updated_at
-    running = "running" if _alive(state.pid) else "NOT running"
+    if running is None:
+        running = is_running(state)
     dry = " (dry-run)" if state.dry_run else ""
-    lines = [
-        f"uoomd pid {state.pid} ({running}), policy {escape(state.policy)}{dry}, updated {age:.1f}s ago",
-        f"  {escape(state.status)}",
-    ]
+    if running:
+        head = f"uoomd pid {state.pid} (running), policy {escape(state.policy)}{dry}, updated {age:.1f}s ago"
+    else:
+        head = (
+            f"uoomd is not running (state file from pid {state.pid}, written {format_age(age)} ago); "
+            f"its last state: policy {escape(state.policy)}{dry}"
+        )
+    lines = [head, f"  {escape(state.status)}"]
     for guard in state.guards:
         total, avail = guard.total_bytes or 0, guard.available_bytes or 0
         share = f"{avail / total * 100:.1f}%" if total else "?"
@@ -416,23 +591,51 @@ def render_status(state: StateFile, now: float | None = None) -> str:
         if guard.victim_pid is not None:
             line += f", victim '{escape(guard.victim_name or '')}' ({guard.victim_pid})"
         lines.append(line)
+        if guard.levels is not None:
+            lines.append(f"  levels: {escape(guard.levels)}")
         lines += [f"  psi[{i}]: {escape(d)}" for i, d in enumerate(guard.psi) if d is not None]
+    if state.reload is not None:
+        record = state.reload
+        when = time.strftime("%H:%M:%S", time.localtime(record.finished_at))
+        line = f"last reload: {when} {record.outcome} {escape(record.policy)}"
+        if record.error:
+            line += f": {escape(record.error.splitlines()[0])}"
+        lines.append(line)
     if state.recent:
         lines.append("recent:")
         for event in state.recent[-RECENT_SHOWN:]:
             when = time.strftime("%H:%M:%S", time.localtime(event.at))
-            facts = " ".join(f"{escape(k)}={escape(str(v))}" for k, v in event.facts)
-            lines.append(f"  {when} {escape(event.event)} {facts[:FACTS_SHOWN_CHARS]}")
+            lines.append(f"  {when} {escape(event.event)} {_facts_text(event.facts)}")
     return "\n".join(lines) + "\n"
 
 
-def run_status(*, state_file: str | None, policy_path: str | None, as_json: bool, out: TextIO) -> int:
-    path = state_file
-    if path is None:
-        from uoomd.policy.load import load_plan  # noqa: PLC0415
+def render_metrics(data: dict[str, Any], path: str) -> str:
+    """The Prometheus exposition of the metrics the daemon dumped into its state file; SetupError
+    when there are none or they are malformed (every value is checked, and label values are
+    escaped as the text format says: uoomd/metrics/exposition.py)."""
+    from uoomd.metrics.collector import render_dumped  # noqa: PLC0415 -- only --metrics renders them
 
-        path = load_plan(policy_path or default_policy_path()).daemon.state_file
+    if "metrics" not in data:
+        raise SetupError(f"the state file {escape(path)} holds no metrics", hint="is the daemon older than this uoomd?")
+    try:
+        return render_dumped(data["metrics"])
+    except ValueError as exc:
+        raise SetupError(f"the state file {escape(path)} is not a uoomd state file: {escape(str(exc))}") from None
+
+
+def run_status(
+    *, state_file: str | None, policy_path: str | None, as_json: bool, out: TextIO, as_metrics: bool = False
+) -> int:
+    """`uoomd status`: exit 0 while the daemon runs, NOT_RUNNING (5) with its last state when it is gone."""
+    path = state_file if state_file is not None else state_file_of(policy_path)
     state, data = read_state(path)
+    running = is_running(state)
+    code = ExitCode.OK if running else ExitCode.NOT_RUNNING
+    if as_metrics:
+        out.write(render_metrics(data, path))
+        return code
     # json.dumps writes control characters as \uXXXX escapes: the JSON form needs no escaping.
-    out.write(json.dumps(data, indent=2) + "\n" if as_json else render_status(state))
-    return ExitCode.OK
+    out.write(
+        json.dumps({**data, "running": running}, indent=2) + "\n" if as_json else render_status(state, running=running)
+    )
+    return code

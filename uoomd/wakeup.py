@@ -33,6 +33,11 @@ class Wakeup:
     def _note_signal(self, signum: int, _frame: object) -> None:
         self._pending.add(signum)
 
+    @property
+    def signalled(self) -> bool:
+        """A signal was noted and not yet taken: the loop must not sleep on."""
+        return bool(self._pending)
+
     def take_signals(self) -> set[int]:
         """The signals noted since the last call."""
         pending, self._pending = self._pending, set()

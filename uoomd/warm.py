@@ -242,7 +242,9 @@ class WarmRanking:
         try:
             return frozenset(Pid(p) for p in cgroup_source.read_members(guard.scope.cgroup_path))
         except OSError as exc:
-            self.on_error(f"members:{guard.name}", event="reading_failed", guard=guard.name, error=str(exc))
+            self.on_error(
+                f"members:{guard.name}", event="reading_failed", guard=guard.name, source="members", error=str(exc)
+            )
             return frozenset()
 
     # -- the full scan

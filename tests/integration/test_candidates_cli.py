@@ -59,7 +59,7 @@ def _uoomd(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_candidates_json_ranks_the_adj_1000_child_first(tmp_path: Path, children: dict[str, int]) -> None:
-    result = _uoomd(tmp_path, "candidates", "--json")
+    result = _uoomd(tmp_path, "candidates", "--json", "--all")
     assert result.returncode == ExitCode.OK, result.stderr
     rows = json.loads(result.stdout)
     ours = [r for r in rows if r["pid"] in children.values()]
@@ -72,6 +72,16 @@ def test_candidates_json_ranks_the_adj_1000_child_first(tmp_path: Path, children
     assert keep["rules"] == ["keep"]
     for key in ("pid", "name", "badness", "oom_score", "oom_score_adj", "protected", "rules", "reason"):
         assert key in keep
+
+
+def test_candidates_json_without_all_lists_candidates_only(tmp_path: Path, children: dict[str, int]) -> None:
+    result = _uoomd(tmp_path, "candidates", "--json")
+    assert result.returncode == ExitCode.OK, result.stderr
+    rows = json.loads(result.stdout)
+    assert rows, "the children are candidates"
+    assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1))
+    assert not any(r["protected"] for r in rows), "kernel threads and protected processes only with --all"
+    assert children["uoomd-c-keep"] not in {r["pid"] for r in rows}
 
 
 def test_candidates_table_escapes_and_lists_columns(tmp_path: Path, children: dict[str, int]) -> None:
@@ -102,4 +112,5 @@ def test_explain_of_the_top_child_says_both_would_pick_it(tmp_path: Path, childr
 
 def test_explain_of_a_missing_pid_exits_not_found(tmp_path: Path) -> None:
     result = _uoomd(tmp_path, "explain", "4194304")  # above pid_max's ceiling: never a PID
-    assert result.returncode == ExitCode.NOT_FOUND
+    assert (result.returncode, result.stdout) == (ExitCode.NOT_FOUND, "")
+    assert result.stderr == "uoomd: no process 4194304\n"

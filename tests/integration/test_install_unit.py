@@ -100,7 +100,7 @@ def _verify_copy(root: Path, prefix: str, tmp: Path) -> None:
 
 def _commands_missing_under_root(root: Path) -> list[str]:
     """systemd-analyze verify --root on the unit as installed: the commands it finds missing in
-    the root. (It also misses sysinit.target and /bin/kill there: a bare tree has neither.)"""
+    the root. (It also misses sysinit.target there: a bare tree has none.)"""
     result = subprocess.run(
         ["systemd-analyze", "verify", "--man=no", f"--root={root}", str(root / UNIT)],
         capture_output=True,
@@ -127,6 +127,7 @@ def test_install_then_again_then_uninstall_leaves_nothing(wheels: Path, tmp_path
     settings = _settings(installed)
     assert settings["ExecStartPre"] == f"{SHIPPED_PREFIX}/bin/uoomd check /etc/uoomd/uoomd.toml"
     assert settings["ExecStart"] == f"{SHIPPED_PREFIX}/bin/uoomd run --policy /etc/uoomd/uoomd.toml"
+    assert settings["ExecReload"] == f"{SHIPPED_PREFIX}/bin/uoomd reload --pid $MAINPID"
     assert (root / POLICY).read_bytes() == (ROOT / "etc" / "uoomd.toml").read_bytes()
     for path in (root / UNIT, root / POLICY):
         assert path.stat().st_mode & 0o777 == 0o644, path
@@ -185,6 +186,7 @@ def test_an_edited_policy_survives_uninstall_and_an_enabled_unit_refuses_it(whee
     settings = _settings((root / UNIT).read_text())
     assert settings["ExecStart"] == f"{prefix}/bin/uoomd run --policy /etc/uoomd/uoomd.toml"
     assert settings["ExecStartPre"] == f"{prefix}/bin/uoomd check /etc/uoomd/uoomd.toml"
+    assert settings["ExecReload"] == f"{prefix}/bin/uoomd reload --pid $MAINPID"
     assert "/opt/uoomd/bin" not in (root / UNIT).read_text()
     assert (root / prefix.lstrip("/") / "bin" / "uoomd").exists()
 
@@ -248,6 +250,31 @@ def test_a_prefix_it_did_not_make_is_refused(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "was not made by install-unit: refusing to install over it" in result.stderr
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["opt", "opt/uoomd", "opt/uoomd/data"]
+
+
+def test_a_unit_whose_reload_would_not_wait_is_refused_before_anything_is_made(tmp_path: Path) -> None:
+    # A copy of the tree whose unit still sends a bare SIGHUP (the unit before issue 13).
+    tree = tmp_path / "tree"
+    for name in ("packaging/install-unit", "systemd/uoomd.service", "etc/uoomd.toml", "pyproject.toml"):
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, tree / name)
+    unit = tree / "systemd" / "uoomd.service"
+    text = unit.read_text()
+    assert "ExecReload=/opt/uoomd/bin/uoomd reload --pid $MAINPID\n" in text
+    unit.write_text(text.replace("/opt/uoomd/bin/uoomd reload --pid $MAINPID", "/bin/kill -HUP $MAINPID"))
+    root = tmp_path / "root"
+    root.mkdir()
+    result = subprocess.run(
+        [str(tree / "packaging" / "install-unit"), "--root", str(root), "--python", sys.executable],
+        capture_output=True,
+        text=True,
+        env=_offline_env(),
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "has no 'ExecReload=/opt/uoomd/bin/uoomd reload --pid $MAINPID' line" in result.stderr
+    assert list(root.iterdir()) == []
 
 
 @pytest.mark.parametrize(("script", "shell"), [(INSTALL, "sh"), (ROOT / ".ci" / "run", "bash")])

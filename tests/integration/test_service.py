@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from tests.builders import make_plan, make_rule
 from uoomd import dbus, desktop
 from uoomd.dbus import (
     METHOD_CALL,
@@ -34,8 +35,6 @@ from uoomd.dbus import (
     method_call,
 )
 from uoomd.desktop import DesktopNotices, kill_notice
-from uoomd.plan import Amount, DaemonPlan, EscalationPlan, GuardPlan, MatchPlan, Plan, RulePlan, Scope, ScopeKind
-from uoomd.policy.automaton import compile_regex
 from uoomd.scoring import REASON_INIT, REASON_PARENT, REASON_SELF, rank
 from uoomd.sources import procfs
 
@@ -341,7 +340,8 @@ def test_the_unit_asks_for_what_the_daemon_does() -> None:
         line.split("=", 1) for line in text.splitlines() if "=" in line and not line.lstrip().startswith("#")
     )
     assert settings["Type"] == "notify"
-    assert settings["ExecReload"].endswith("-HUP $MAINPID")
+    # `systemctl reload` waits for the outcome: the command sends SIGHUP and reads the state file.
+    assert settings["ExecReload"] == "/opt/uoomd/bin/uoomd reload --pid $MAINPID"
     caps = set(settings["CapabilityBoundingSet"].split())
     # kill, read every /proc/PID, write other users' files under /sys/fs/cgroup, lock memory, raise priority
     assert {"CAP_KILL", "CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH", "CAP_IPC_LOCK", "CAP_SYS_NICE"} <= caps
@@ -386,16 +386,9 @@ def test_system_service_filter_lacks_process_mrelease_here_so_the_unit_names_it(
 
 
 def test_uoomd_never_picks_itself_its_parent_or_pid_1_even_when_a_rule_prefers_everything() -> None:
-    everything = RulePlan(index=0, label="everything", match=MatchPlan(name=compile_regex("")), adjust=1000)
-    guard = GuardPlan(
-        name="system",
-        scope=Scope(kind=ScopeKind.SYSTEM),
-        mem_available_term=Amount(fraction=0.1),
-        mem_available_kill=Amount(fraction=0.05),
-        swap_free_term=Amount(fraction=0.1),
-        swap_free_kill=Amount(fraction=0.05),
-    )
-    plan = Plan(source="test", daemon=DaemonPlan(), escalation=EscalationPlan(), guards=(guard,), rules=(everything,))
+    everything = make_rule(0, adjust=1000, name="")
+    plan = make_plan(everything)
+    guard = plan.guards[0]
     snapshot = procfs.read_snapshot("/proc", self_pid=os.getpid())
     totalpages = (snapshot.total_ram_bytes + snapshot.total_swap_bytes) // snapshot.page_size
     ranking = rank(snapshot, plan, guard, totalpages=totalpages)

@@ -29,6 +29,8 @@ def test_exit_code_table_is_stable() -> None:
         "USAGE": 2,
         "SETUP": 3,
         "NOT_FOUND": 4,
+        "NOT_RUNNING": 5,
+        "NO_ANSWER": 6,
         "INTERNAL": 70,
     }
 
@@ -123,9 +125,9 @@ def test_a_bug_exits_70_with_a_trace_not_1(monkeypatch: pytest.MonkeyPatch) -> N
     assert "RuntimeError: boom" in err
 
 
-def test_explain_of_a_missing_pid_exits_4() -> None:
-    code, _, _ = run("explain", "999999999", "--policy", str(ROOT / "etc" / "uoomd.toml"))
-    assert code == ExitCode.NOT_FOUND
+def test_explain_of_a_missing_pid_exits_4_saying_so_on_stderr() -> None:
+    code, out, err = run("explain", "999999999", "--policy", str(ROOT / "etc" / "uoomd.toml"))
+    assert (code, out, err) == (ExitCode.NOT_FOUND, "", "uoomd: no process 999999999\n")
 
 
 def test_status_without_a_daemon_is_a_setup_error(tmp_path: Path) -> None:

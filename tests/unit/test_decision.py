@@ -40,8 +40,11 @@ from uoomd.decision import (
     update_psi,
 )
 from uoomd.plan import (
+    Amount,
     DaemonPlan,
     EscalationPlan,
+    EtaAction,
+    EtaPlan,
     GuardPlan,
     HooksPlan,
     Plan,
@@ -50,10 +53,12 @@ from uoomd.plan import (
 )
 from uoomd.readings import GuardReading, MemoryReading, Observation, ProcessInfo, ProcessKey
 from uoomd.scoring import Candidate, Ranking
+from uoomd.trend import Sample, Trend
 
 pytestmark = pytest.mark.unit
 
 GiB = 1 << 30
+MiB = 1 << 20
 TOTAL = 16 * GiB
 HIGH = 8 * GiB  # well above every level
 LOW = 1 * GiB  # below term (10% = 1.6 GiB), above kill (5% = 0.8 GiB)
@@ -197,6 +202,7 @@ class Scene:
     fired: tuple[int, ...] = ()
     swap_free: int | None = None  # with swap: TOTAL of it, this much free
     left: bool = False  # the in-flight victim is alive but no longer eligible
+    fell_from: int | None = None  # mem_available_eta: the room (available + swap free) 0.3 s before
 
     def readings(self) -> int | dict[str, MemoryReading]:
         if self.swap_free is None:
@@ -218,13 +224,20 @@ _SCENES: dict[Event, Scene] = {
     Event.RECOVERY_TIMEOUT: Scene(now=KILL_TIMEOUT, available=LOW, swap_free=HIGH),
     Event.HOLD_EXPIRED: Scene(now=TERM_TIMEOUT, available=LOW),
     Event.VICTIM_LEFT: Scene(now=1.0, available=LOW, left=True),
+    # Above the term level, falling 1 GiB/s: the kill level (0.8 GiB) is 1.2 s away, within 3 s.
+    Event.ETA_TERM: Scene(now=1.0, available=GATED, fell_from=GATED + 300 * MiB),
+    Event.ETA_KILL: Scene(now=1.0, available=GATED, fell_from=GATED + 300 * MiB),
 }
 # In recovering, memory above the term level is memory_back, which wins: a PSI term trigger
 # acts there only with RAM short while swap is not (neither crossed nor back).
 _SCENES_IN: dict[tuple[Phase, Event], Scene] = {
     (Phase.RECOVERING, Event.PSI_TERM): Scene(now=1.0, available=LOW, fired=(0,), swap_free=HIGH),
     (Phase.RECOVERING, Event.PSI_KILL): Scene(now=1.0, available=LOW, fired=(0,)),
+    # RAM short and swap not (neither a level nor memory back), both falling 3 GiB/s together.
+    (Phase.RECOVERING, Event.ETA_TERM): Scene(now=1.0, available=LOW, swap_free=HIGH, fell_from=LOW + HIGH + 900 * MiB),
+    (Phase.RECOVERING, Event.ETA_KILL): Scene(now=1.0, available=LOW, swap_free=HIGH, fell_from=LOW + HIGH + 900 * MiB),
 }
+_ETA_ACTION = {Event.ETA_TERM: EtaAction.TERM, Event.ETA_KILL: EtaAction.KILL}
 
 _PSI_ACTION = {Event.PSI_TERM: PsiAction.TERM, Event.PSI_KILL: PsiAction.KILL, Event.PSI_WARN: PsiAction.WARN}
 
@@ -238,13 +251,28 @@ _ROWS = [
 @pytest.mark.parametrize(("dry_run", "phase", "event", "transition"), _ROWS)
 def test_table_row(dry_run: bool, phase: Phase, event: Event, transition: Transition) -> None:
     psi = (make_psi_trigger(_PSI_ACTION[event]),) if event in _PSI_ACTION else ()
-    d = driver(make_guard(psi=psi), dry_run=dry_run)
+    eta = None
+    if event in _ETA_ACTION:
+        eta = EtaPlan(eta_s=3.0, min_fall=Amount(bytes=64 * MiB), sustain_s=0.5, action=_ETA_ACTION[event])
+    d = driver(make_guard(psi=psi, eta=eta), dry_run=dry_run)
     victim = d.rankings["system"].candidates[0]
     held = phase is not Phase.IDLE
-    d.state = State(
-        guards=(GuardState(guard="system", phase=phase, victim=victim if held else None, psi=(PsiTrack(),) * len(psi)),)
-    )
     scene = _SCENES_IN.get((phase, event), _SCENES[event])
+    # An eta's projection has said "within" since 0.6 s before; its lookback's base is 0.3 s before.
+    fell = Trend()
+    if scene.fell_from is not None:
+        fell = Trend(samples=(Sample(at=scene.now - 0.3, room_bytes=scene.fell_from),), since=scene.now - 0.6)
+    d.state = State(
+        guards=(
+            GuardState(
+                guard="system",
+                phase=phase,
+                victim=victim if held else None,
+                psi=(PsiTrack(),) * len(psi),
+                trend=fell,
+            ),
+        )
+    )
     actions = d.poll(
         scene.now,
         scene.readings(),

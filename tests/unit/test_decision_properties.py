@@ -22,8 +22,11 @@ from uoomd.decision import (
     step,
 )
 from uoomd.plan import (
+    Amount,
     DaemonPlan,
     EscalationPlan,
+    EtaAction,
+    EtaPlan,
     GuardPlan,
     HooksPlan,
     Plan,
@@ -42,6 +45,10 @@ TOTAL = 16 * GiB
 LEVELS = (8 * GiB, 2 * GiB, 1 * GiB, GiB // 2)  # high, under the PSI gate, under term, under kill
 DTS = (0.02, 0.3, 1.0, 2.0, 3.0, 5.0, 25.0)
 POOL_SIZE = 6
+ETAS = (
+    EtaPlan(eta_s=3.0, min_fall=Amount(fraction=0.01), sustain_s=0.0),
+    EtaPlan(eta_s=10.0, min_fall=Amount(fraction=0.01), sustain_s=1.0, action=EtaAction.KILL),
+)
 
 
 def world_candidate(pid: int, pages: int, *, starttime_ticks: int, name: str, cgroup: str | None = None) -> Candidate:
@@ -59,13 +66,15 @@ def candidate(i: int) -> Candidate:
 POOL = tuple(candidate(i) for i in range(POOL_SIZE))
 
 
-def guard_plan(name: str, victim: VictimKind, psi_action: PsiAction | None, sustain_s: float) -> GuardPlan:
+def guard_plan(
+    name: str, victim: VictimKind, psi_action: PsiAction | None, sustain_s: float, eta: EtaPlan | None = None
+) -> GuardPlan:
     psi: tuple[PsiTriggerPlan, ...] = ()
     if psi_action is not None:
         psi = (
             make_psi_trigger(psi_action, kind=PsiKind.SOME, stall_us=100_000, window_us=1_000_000, sustain_s=sustain_s),
         )
-    return make_guard(name, psi=psi, victim=victim)
+    return make_guard(name, psi=psi, victim=victim, eta=eta)
 
 
 @st.composite
@@ -77,6 +86,8 @@ def plans(draw: st.DrawFn) -> Plan:
             draw(st.sampled_from(VictimKind)),
             draw(st.none() | st.sampled_from(PsiAction)),
             draw(st.sampled_from((0.0, 1.0, 3.0))),
+            # mem_available_eta: the trend is state too, and is_quiet() must know when it moves.
+            draw(st.none() | st.sampled_from(ETAS)),
         )
         for i in range(n)
     )

@@ -465,6 +465,8 @@ def test_counters_never_go_down_whatever_happens_across_reloads(ops: list[Op]) -
         assert before.keys() <= after.keys(), "a counter series disappeared"
         assert all(after[k] >= v for k, v in before.items()), "a counter went down"
         before = after
+        # The families kept from the last rendering are the ones whose values did not move.
+        assert m.exposition().decode() == render(m.registry)
     text_string_to_metric_families(m.exposition().decode())  # and it still parses
 
 
@@ -621,7 +623,7 @@ def test_a_family_unknown_to_this_version_is_skipped() -> None:
         (5.0, True, False, True),
         (30.0, False, False, False),  # unchanged: only the heartbeat
         (60.0, False, False, True),
-        (30.0, True, True, False),  # a guard is acting: no fsync in its way
+        (30.0, True, True, False),  # a guard is acting: no file write in its way
         (60.0, True, True, True),  # ... but a stuck guard still shows
         (math.inf, False, True, True),  # never written: at once
     ],

@@ -198,7 +198,7 @@ def test_every_string_from_the_state_file_is_printed_escaped(tmp_path: Path) -> 
     code, as_json, _ = run_status_json(path)
     assert code == ExitCode.OK
     assert "\x1b" not in as_json
-    assert json.loads(as_json) == state
+    assert json.loads(as_json) == {**state, "running": True}
 
 
 def run_status_json(path: Path) -> tuple[int, str, str]:
@@ -210,4 +210,5 @@ def run_status_json(path: Path) -> tuple[int, str, str]:
 def test_a_dead_daemons_pid_reads_not_running() -> None:
     state = copy.deepcopy(good_state())
     state["pid"] = 4_194_304  # PID_MAX_LIMIT: never a live process here
-    assert "(NOT running)" in render_status(parse_state(state), now=1_700_000_001.0)
+    first = render_status(parse_state(state), now=1_700_000_001.0).splitlines()[0]
+    assert first.startswith("uoomd is not running (state file from pid 4194304, written 1.0s ago)")

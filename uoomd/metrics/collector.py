@@ -21,7 +21,7 @@ from typing import Final
 
 from uoomd import __version__
 from uoomd.decision import Phase, levels
-from uoomd.metrics.exposition import render
+from uoomd.metrics.exposition import RenderCache, render
 from uoomd.metrics.registry import Family, LabelValues, Registry
 from uoomd.plan import GuardPlan, Plan, PsiAction, ScopeKind
 from uoomd.readings import MemoryReading, PressureReading
@@ -103,7 +103,7 @@ FAMILIES: Final = (
            labels=_G),
 )  # fmt: skip
 
-_TRIGGERS = frozenset({"mem_available_term", "mem_available_kill", "term_timeout", "kill_timeout"})
+_TRIGGERS = frozenset({"mem_available_term", "mem_available_kill", "mem_available_eta", "term_timeout", "kill_timeout"})
 _PSI_TRIGGER = re.compile(r"psi\[\d{1,4}\]")  # decision.describe_psi(): "psi[0] full 200000/2000000us ..."
 _TOKEN = re.compile(r"[a-z][a-z0-9_]{0,39}")  # the daemon's own words: event names, outcomes, levels
 _SIGNALS = frozenset({"SIGTERM", "SIGKILL"})
@@ -147,9 +147,19 @@ def _signal(value: object) -> str:
 def _signal_triggers(guard: GuardPlan) -> dict[str, tuple[str, ...]]:
     """The (signal, trigger) pairs a guard can produce, for the series created at 0."""
     psi = [(f"psi[{i}]", t.action) for i, t in enumerate(guard.psi)]
+    eta = guard.eta.action.value if guard.eta is not None else None  # mem_available_eta: "term" or "kill"
     return {
-        "SIGTERM": ("mem_available_term", *(name for name, action in psi if action is PsiAction.TERM)),
-        "SIGKILL": ("mem_available_kill", "term_timeout", *(name for name, action in psi if action is PsiAction.KILL)),
+        "SIGTERM": (
+            "mem_available_term",
+            *(name for name, action in psi if action is PsiAction.TERM),
+            *(("mem_available_eta",) if eta == "term" else ()),
+        ),
+        "SIGKILL": (
+            "mem_available_kill",
+            "term_timeout",
+            *(name for name, action in psi if action is PsiAction.KILL),
+            *(("mem_available_eta",) if eta == "kill" else ()),
+        ),
     }
 
 
@@ -168,6 +178,7 @@ class Metrics:
         self._scopes: dict[str, str] = {}  # guard -> the scope its pressure baselines belong to
         self._rendered_generation = -1
         self._rendered = b""
+        self._render_cache: RenderCache = {}
         python = ".".join(str(part) for part in sys.version_info[:3])
         reg = self.registry
         reg.set("uoomd_build_info", (__version__, python), 1)
@@ -368,7 +379,7 @@ class Metrics:
     def exposition(self) -> bytes:
         """The text format, rendered again only when a value changed since the last call."""
         if self._rendered_generation != self.registry.generation:
-            self._rendered = render(self.registry).encode()
+            self._rendered = render(self.registry, self._render_cache).encode()
             self._rendered_generation = self.registry.generation
         return self._rendered
 

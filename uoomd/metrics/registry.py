@@ -79,13 +79,15 @@ class _Series:
     family: Family
     values: dict[LabelValues, Value] = field(default_factory=dict)
     histograms: dict[LabelValues, HistogramValue] = field(default_factory=dict)
+    generation: int = 0  # moves when one of this family's values does
 
 
 class Registry:
     """The current value of every series, and a ``generation`` that moves whenever one changes.
 
     ``generation`` lets a writer skip rendering when nothing moved (a gauge set to the value
-    it had is no change)."""
+    it had is no change); :meth:`family_generation` lets it render again only the families
+    that did."""
 
     def __init__(self, families: Iterable[Family]) -> None:
         self._series: dict[str, _Series] = {}
@@ -103,7 +105,7 @@ class Registry:
         if not (amount >= 0 and math.isfinite(amount)):
             raise ValueError(f"{name}: a counter only goes up (amount {amount!r})")
         series.values[labels] = series.values.get(labels, 0) + amount
-        self.generation += 1
+        self._moved(series)
 
     def ensure(self, name: str, labels: LabelValues = ()) -> None:
         """Create a counter's (or histogram's) series at 0 if it does not exist yet: a series
@@ -113,18 +115,18 @@ class Registry:
             series = self._get(name, "histogram", labels)
             if labels not in series.histograms:
                 series.histograms[labels] = HistogramValue(counts=[0] * (len(series.family.buckets) + 1))
-                self.generation += 1
+                self._moved(series)
             return
         series = self._get(name, "counter", labels)
         if labels not in series.values:
             series.values[labels] = 0
-            self.generation += 1
+            self._moved(series)
 
     def set(self, name: str, labels: LabelValues, value: Value) -> None:
         series = self._get(name, "gauge", labels)
         if series.values.get(labels) != value:
             series.values[labels] = value
-            self.generation += 1
+            self._moved(series)
 
     def observe(self, name: str, labels: LabelValues, value: float) -> None:
         series = self._get(name, "histogram", labels)
@@ -134,13 +136,13 @@ class Registry:
         hist.counts[slot] += 1
         hist.sum += value
         hist.count += 1
-        self.generation += 1
+        self._moved(series)
 
     def remove(self, name: str, labels: LabelValues) -> None:
         """Drop a gauge's series (its guard is gone, or its value unknown). Counters stay."""
         series = self._get(name, "gauge", labels)
         if series.values.pop(labels, None) is not None:
-            self.generation += 1
+            self._moved(series)
 
     def remove_matching(self, name: str, label: str, value: str) -> None:
         """Drop every series of a gauge whose ``label`` is ``value`` (all of a removed guard's)."""
@@ -152,7 +154,11 @@ class Registry:
         for key in gone:
             del series.values[key]
         if gone:
-            self.generation += 1
+            self._moved(series)
+
+    def _moved(self, series: _Series) -> None:
+        series.generation += 1
+        self.generation += 1
 
     def _get(self, name: str, kind: MetricKind, labels: LabelValues) -> _Series:
         series = self._series[name]
@@ -169,6 +175,10 @@ class Registry:
 
     def series(self, name: str) -> Mapping[LabelValues, Value]:
         return self._series[name].values
+
+    def family_generation(self, name: str) -> int:
+        """Moves whenever a value of the family ``name`` changes."""
+        return self._series[name].generation
 
     def family_list(self) -> tuple[Family, ...]:
         """Every family, in registration order."""
@@ -200,7 +210,7 @@ class Registry:
         for family, values, histograms in loaded:
             self._series[family.name].values.update(values)
             self._series[family.name].histograms.update(histograms)
-            self.generation += 1
+            self._moved(self._series[family.name])
 
 
 def _check_top(dumped: object) -> dict[str, object]:

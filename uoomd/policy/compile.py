@@ -9,6 +9,8 @@ from uoomd.plan import (
     Amount,
     DaemonPlan,
     EscalationPlan,
+    EtaAction,
+    EtaPlan,
     GuardPlan,
     HooksPlan,
     LogFormat,
@@ -81,6 +83,9 @@ def compile_policy(model: PolicyModel, *, source: str, check_system: bool) -> tu
             log_format=LogFormat(model.daemon.log_format),
             state_file=model.daemon.state_file,
             notify_desktop=model.daemon.notify_desktop,
+            metrics_file=model.daemon.metrics_file,
+            metrics_listen=model.daemon.metrics_listen,
+            metrics_interval_s=duration_s(model.daemon.metrics_interval),
         ),
         escalation=EscalationPlan(
             term_timeout_s=duration_s(model.escalation.term_timeout),
@@ -169,6 +174,18 @@ def _compile_guard(index: int, guard: GuardModel, issues: list[Issue], *, check_
         ignore_positive_adj=guard.ignore_positive_adj,
         psi_mem_gate=amounts["psi_mem_gate"],
         psi=triggers,
+        eta=_compile_eta(guard),
+    )
+
+
+def _compile_eta(guard: GuardModel) -> EtaPlan | None:
+    if guard.mem_available_eta is None:
+        return None
+    return EtaPlan(
+        eta_s=duration_s(guard.mem_available_eta),
+        min_fall=to_amount(guard.mem_available_eta_min_fall),
+        sustain_s=duration_s(guard.mem_available_eta_sustain),
+        action=EtaAction(guard.mem_available_eta_action),
     )
 
 

@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from uoomd.metrics.listener import parse_listen
+from uoomd.metrics.textfile import DEFAULT_HEARTBEAT_S, textfile_problem
 from uoomd.policy.regex import MAX_PATTERN_CHARS
 from uoomd.units import (
     MAX_DURATION_S,
@@ -23,6 +25,8 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 # windows outside [500ms, 10s] and stalls not shorter than the window.
 PSI_WINDOW_MIN_US = 500_000
 PSI_WINDOW_MAX_US = 10_000_000
+METRICS_INTERVAL_MIN_S = 1.0
+METRICS_INTERVAL_MAX_S = DEFAULT_HEARTBEAT_S
 
 
 def _check_amount(value: str | int) -> str | int:
@@ -123,6 +127,42 @@ class DaemonModel(_Strict):
     )
     state_file: OsText = Field("/run/uoomd/state.json", description="where `uoomd status` reads what the daemon sees")
     notify_desktop: bool = Field(False, description="send a desktop notification over D-Bus when a process is killed")
+    metrics_file: OsText | None = Field(
+        None,
+        description="Prometheus metrics as a node_exporter textfile, an absolute path ending in .prom (default: none)",
+    )
+    metrics_listen: OsText | None = Field(
+        None,
+        description="serve GET /metrics on an IP address and port ('127.0.0.1:9595', '[::1]:9595') or a unix "
+        "socket path (default: none)",
+    )
+    metrics_interval: DurationValue = Field(
+        "5s", description="the metrics file is rewritten at most this often when its values change (1s..60s)"
+    )
+
+    @field_validator("metrics_file")
+    @classmethod
+    def _metrics_file(cls, value: str | None) -> str | None:
+        problem = None if value is None else textfile_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics_listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_listen(value)  # its ValueError says what is wrong
+        return value
+
+    @field_validator("metrics_interval")
+    @classmethod
+    def _metrics_interval(cls, value: str | int | float) -> str | int | float:
+        # Below 1 s the file would be rewritten at nearly every poll; above the 60 s heartbeat
+        # (uoomd/metrics/textfile.py) the interval would mean nothing.
+        if not METRICS_INTERVAL_MIN_S <= duration_s(value) <= METRICS_INTERVAL_MAX_S:
+            raise ValueError(f"must be between 1s and 60s (got {value})")
+        return value
 
     @model_validator(mode="after")
     def _poll_order(self) -> Self:
@@ -180,6 +220,30 @@ class GuardModel(_Strict):
     )
     psi_mem_gate: AmountValue = Field("20%", description="PSI triggers act only while MemAvailable is below this")
     psi: list[PsiModel] = Field(default_factory=list, description="PSI triggers on this guard's memory.pressure")
+    mem_available_eta: DurationValue | None = Field(
+        None,
+        description="act when the observed fall says MemAvailable (and swap) reaches the kill level within "
+        "this time, even above the term level (README: Act on the trend); default: levels only",
+    )
+    mem_available_eta_min_fall: AmountValue = Field(
+        "1%", description="per second: a slower fall never acts ('1%' of the scope's total, or '50MiB')"
+    )
+    mem_available_eta_sustain: DurationValue = Field(
+        "500ms", description="the projection must hold at every reading this long (a one-off allocation stops)"
+    )
+    mem_available_eta_action: Literal["term", "kill"] = Field("term", description="what the trend does")
+
+    @model_validator(mode="after")
+    def _eta(self) -> Self:
+        rest = {"mem_available_eta_min_fall", "mem_available_eta_sustain", "mem_available_eta_action"}
+        given = sorted(rest & self.model_fields_set)
+        if self.mem_available_eta is None:
+            if given:
+                raise ValueError(f"{', '.join(given)} only with mem_available_eta (the trend is off without it)")
+            return self
+        if duration_s(self.mem_available_eta) <= 0:
+            raise ValueError("mem_available_eta must be more than 0")
+        return self
 
     @field_validator("name")
     @classmethod

@@ -46,6 +46,14 @@ def _guard(guard: GuardPlan, totals: Totals) -> dict[str, Any]:
         "min_badness": guard.min_badness,
         "ignore_positive_adj": guard.ignore_positive_adj,
         "psi_mem_gate": _amount(guard.psi_mem_gate, mem_total),
+        "mem_available_eta": None
+        if guard.eta is None
+        else {
+            "eta_s": guard.eta.eta_s,
+            "min_fall_per_s": _amount(guard.eta.min_fall, mem_total),
+            "sustain_s": guard.eta.sustain_s,
+            "action": str(guard.eta.action),
+        },
         "psi": [
             {
                 "kind": str(t.kind),
@@ -71,6 +79,9 @@ def plan_as_dict(plan: Plan, totals: Totals) -> dict[str, Any]:
             "log_format": str(plan.daemon.log_format),
             "state_file": plan.daemon.state_file,
             "notify_desktop": plan.daemon.notify_desktop,
+            "metrics_file": plan.daemon.metrics_file,
+            "metrics_listen": plan.daemon.metrics_listen,
+            "metrics_interval_s": plan.daemon.metrics_interval_s,
         },
         "escalation": {
             "term_timeout_s": plan.escalation.term_timeout_s,
@@ -111,6 +122,10 @@ def plan_as_toml(plan: Plan, totals: Totals) -> str:
         f'log_format = "{d.log_format}"',
         f"state_file = {json.dumps(d.state_file)}",
         f"notify_desktop = {str(d.notify_desktop).lower()}",
+        # TOML has no null: a key left out is none, and is shown as a comment.
+        f"metrics_file = {json.dumps(d.metrics_file)}" if d.metrics_file else "# metrics_file: none",
+        f"metrics_listen = {json.dumps(d.metrics_listen)}" if d.metrics_listen else "# metrics_listen: none",
+        f'metrics_interval = "{format_duration(d.metrics_interval_s)}"',
         "",
         "[escalation]",
         f'term_timeout = "{format_duration(plan.escalation.term_timeout_s)}"',
@@ -130,6 +145,15 @@ def plan_as_toml(plan: Plan, totals: Totals) -> str:
             f"ignore_positive_adj = {str(g.ignore_positive_adj).lower()}",
             _toml_amount("psi_mem_gate", g.psi_mem_gate, mem_total),
         ]
+        if g.eta is None:
+            out.append("# mem_available_eta: none (levels only)")
+        else:
+            out += [
+                f'mem_available_eta = "{format_duration(g.eta.eta_s)}"',
+                _toml_amount("mem_available_eta_min_fall", g.eta.min_fall, mem_total) + ", per second",
+                f'mem_available_eta_sustain = "{format_duration(g.eta.sustain_s)}"',
+                f'mem_available_eta_action = "{g.eta.action}"',
+            ]
         if swap_total == 0:
             out.append("# no swap: MemAvailable alone decides")
         for t in g.psi:

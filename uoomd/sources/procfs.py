@@ -211,28 +211,13 @@ def _user_name(uid: int) -> str:
     return name
 
 
+_KTHREAD_STATUS = StatusFields(uid=0, has_mm=False)
+
+
 def kthread_info(pid: int, stat: StatFields, details: frozenset[str]) -> ProcessInfo:
     # Kernel threads are never victims (mm/oom_kill.c oom_unkillable_task()):
     # their status and oom_score_adj are never read, the scan's biggest saving.
-    return ProcessInfo(
-        pid=Pid(pid),
-        ppid=Pid(stat.ppid),
-        pgid=stat.pgid,
-        starttime_ticks=stat.starttime_ticks,
-        name=stat.name,
-        state=stat.state,
-        uid=Uid(0),
-        kthread=True,
-        has_mm=False,
-        oom_score_adj=0,
-        rss_anon_bytes=0,
-        rss_file_bytes=0,
-        rss_shmem_bytes=0,
-        swap_bytes=0,
-        pgtables_bytes=0,
-        mm_rss_pages=0,
-        user="root" if "user" in details else None,
-    )
+    return _process_info(pid, stat, _KTHREAD_STATUS, adj=0, kthread=True, user="root" if "user" in details else None)
 
 
 def _read_details(
@@ -264,6 +249,35 @@ def user_process_info(
     status_read_at: float | None = None,
 ) -> ProcessInfo:
     cmdline, exe, cgroup, user = _read_details(base, status.uid, details) if details else (None, None, None, None)
+    return _process_info(
+        pid,
+        stat,
+        status,
+        adj=adj,
+        kthread=False,
+        vm_size_bytes=stat.vsize_bytes,
+        status_read_at=status_read_at,
+        cmdline=cmdline,
+        exe=exe,
+        cgroup=cgroup,
+        user=user,
+    )
+
+
+def _process_info(
+    pid: int,
+    stat: StatFields,
+    status: StatusFields,
+    *,
+    adj: int,
+    kthread: bool,
+    vm_size_bytes: int = 0,
+    status_read_at: float | None = None,
+    cmdline: str | None = None,
+    exe: str | None = None,
+    cgroup: str | None = None,
+    user: str | None = None,
+) -> ProcessInfo:
     return ProcessInfo(
         pid=Pid(pid),
         ppid=Pid(stat.ppid),
@@ -272,7 +286,7 @@ def user_process_info(
         name=stat.name,
         state=stat.state,
         uid=Uid(status.uid),
-        kthread=False,
+        kthread=kthread,
         has_mm=status.has_mm,
         oom_score_adj=adj,
         rss_anon_bytes=status.rss_anon_bytes,
@@ -280,7 +294,7 @@ def user_process_info(
         rss_shmem_bytes=status.rss_shmem_bytes,
         swap_bytes=status.swap_bytes,
         pgtables_bytes=status.pgtables_bytes,
-        vm_size_bytes=stat.vsize_bytes,
+        vm_size_bytes=vm_size_bytes,
         mm_rss_pages=stat.rss_pages if status.has_mm else 0,
         status_read_at=status_read_at,
         cmdline=cmdline,
