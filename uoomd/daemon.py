@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -199,6 +200,8 @@ class Daemon:
             signals=signals_text(self.plan.daemon.dry_run),
             guards=[w.guard.name for w in self.watches],
             pid=os.getpid(),
+            # The renamed command line no longer shows -I -S: say here that the loop runs isolated.
+            isolated=bool(sys.flags.isolated and sys.flags.no_site),
         )
         # Once, with the levels resolved against the first reading: a healthy machine hears
         # nothing more from the daemon, and "5%" means nothing until it meets the scope's total.
