@@ -3,7 +3,8 @@
 Each poll reads every guard through the daemon's own sources (uoomd/sources/watch.py: the
 memory reader, the pressure file and the policy's PSI triggers), paced as the daemon paces
 itself (uoomd/pacing.py), and writes one ``r`` line per guard. Near a level (where the
-daemon keeps its ranking warm) it ranks the guard's processes as the daemon would
+daemon keeps its ranking warm), or while memory falls toward the kill level fast enough
+for a replayed mem_available_eta to act, it ranks the guard's processes as the daemon would
 (uoomd/warm.py) and writes the finalists: the policy's best and the kernel's own picks,
 each with its badness terms, so a replay under another policy can choose among them. A
 finalist that exits gets an ``x`` line: a replay knows when its victim was gone.
@@ -47,6 +48,7 @@ from uoomd.sources.psi import PressureFileGone, PressureReader, PsiTrigger
 from uoomd.sources.watch import GuardWatch, open_watch
 from uoomd.trace import CandidatesLine, EndLine, ExitLine, Header, ReadingLine, TraceGuard, traced
 from uoomd.tracefile import TraceWriter
+from uoomd.trend import room_and_floor
 from uoomd.wakeup import Wakeup
 from uoomd.warm import WarmRanking
 
@@ -64,6 +66,9 @@ MAX_TRACKED = 64
 # of them is seen up to this late.
 EXIT_CHECK_S = 0.1
 ERROR_LOG_INTERVAL_S = 30.0
+# Finalists are listed, far from the levels too, while the last two readings' fall reaches the
+# kill level within this: a replayed mem_available_eta up to this long finds its candidates.
+FALL_HORIZON_S = 10.0
 # Exclusions that depend on no policy: a replay under any policy excludes them the same way.
 _FIXED_REASONS = frozenset({REASON_KTHREAD, REASON_INIT, REASON_NO_MM, REASON_ADJ_MIN, REASON_SELF, REASON_PARENT})
 
@@ -217,9 +222,21 @@ class Recorder:
         return Need.NOW if lv.term_crossed or lv.kill_crossed or reading.psi_fired else Need.WARM
 
     def _near(self, reading: GuardReading) -> bool:
-        """Where the daemon keeps a ranking warm: a replay may choose a victim here."""
+        """Where a replay may choose a victim: where the daemon keeps a ranking warm, or where
+        memory falls fast enough to reach the kill level within FALL_HORIZON_S (a replayed
+        mem_available_eta acts there, far above the levels of a large machine)."""
         watch = next(w for w in self.watches if w.guard.name == reading.guard)
-        return pacing.warm_ranking_needed(reading.memory, watch.guard)
+        guard = watch.guard
+        if pacing.warm_ranking_needed(reading.memory, guard):
+            return True
+        # watch.read() has just remembered this reading: the one before it is watch.previous.
+        if watch.previous is None or watch.last_at <= watch.previous_at:
+            return False
+        room, floor = room_and_floor(reading.memory, guard)
+        before, _ = room_and_floor(watch.previous, guard)
+        fall = (before - room) / (watch.last_at - watch.previous_at)
+        horizon_s = max(FALL_HORIZON_S, guard.eta.eta_s + guard.eta.sustain_s) if guard.eta else FALL_HORIZON_S
+        return fall > 0 and (room - floor) / fall <= horizon_s
 
     def _write_candidates(self, guard: str, ranking: Ranking, now: float, at: float) -> None:
         last = self._listed.get(guard)

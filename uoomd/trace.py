@@ -20,7 +20,8 @@ r           a guard's reading: ``g`` (guard), ``avail``, ``total``, ``swap_free`
 c           a guard's candidates near a level: ``g``, ``totalpages``, ``system_totalpages``, ``procs``:
             [process, ...] (below), best first for the recording policy, then the kernel's own picks
 x           a process listed in a ``c`` line has exited (or become a zombie): ``pid``, ``start``
-d           a decision the live daemon logged (record_on_decision): ``event``, ``facts``
+d           a decision the live daemon logged: ``event``, ``facts`` (for record_on_decision, issue 16;
+            no writer yet, and a replay makes its own decisions)
 end         the recording stopped: ``reason`` ("duration", "signal", "rotated")
 ==========  =====================================================================================
 

@@ -14,14 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.builders import make_guard, make_plan
+from tests.builders import GIB, make_guard, make_memory, make_plan
 from tests.cgroups import ScratchCgroup, scratch_cgroup
 from tests.e2e.daemon_runner import hog_argv, read_record, wait_until
 from uoomd.logs import PipelineLogger, render_json
 from uoomd.plan import Amount, DaemonPlan, Plan, Scope, ScopeKind
+from uoomd.readings import MemoryReading
 from uoomd.recorder import Recorder, make_header
 from uoomd.sources.cgroup import CgroupMemoryReader
 from uoomd.sources.meminfo import read_meminfo_totals
+from uoomd.sources.watch import GuardWatch
 from uoomd.trace import CandidatesLine, ExitLine, Header, ReadingLine
 from uoomd.tracefile import TraceWriter, read_lines
 
@@ -101,3 +103,45 @@ def test_a_recording_of_a_real_hog_has_its_readings_its_badness_and_its_exit(cg:
     exits = [i for i in items if isinstance(i, ExitLine)]
     assert [e.key.pid for e in exits] == [hog.pid]
     assert recorder.stats.exits == 1
+
+
+class ScriptedMemory:
+    """A memory reader that says what the test scripts (a MemoryReader for GuardWatch)."""
+
+    def __init__(self, readings: list[int], total_bytes: int) -> None:
+        self.readings = readings
+        self.total_bytes = total_bytes
+
+    def read(self) -> MemoryReading:
+        return make_memory(self.readings.pop(0), total_bytes=self.total_bytes)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("fall_gib_per_poll", "listed"), [(0, False), (20, True)])
+def test_a_fast_fall_far_above_the_levels_lists_the_finalists_a_replayed_eta_needs(
+    tmp_path: Path, fall_gib_per_poll: int, listed: bool
+) -> None:
+    # A 1 TiB machine at 800 GiB available: far from its levels (10 %, 5 %) for the warm ranking.
+    # Falling 20 GiB a poll (0.1 s apart), the kill level is 3.8 s away: a replay of an eta of a
+    # few seconds acts here, and needs the finalists this machine's /proc has (read, never signalled).
+    total = 1024 * GIB
+    plan = make_plan(guards=(make_guard(),), daemon=DaemonPlan(poll_min_s=0.01, poll_max_s=0.1))
+    start = time.monotonic()
+    header = make_header(plan, policy_text=None, psi_every_poll=False, proc_root="/proc", now=start)
+    path = tmp_path / "trace.jsonl"
+    log = PipelineLogger([], render_json, (tmp_path / "log").open("w"))
+    recorder = Recorder(plan=plan, writer=TraceWriter(str(path), header), log=log, started_at=start)
+    memory = ScriptedMemory([800 * GIB - i * fall_gib_per_poll * GIB for i in range(3)], total)
+    recorder.watches = [GuardWatch(guard=plan.guards[0], memory=memory, pressure=None, triggers=())]
+    try:
+        for i in range(3):
+            recorder.tick(start + i * 0.1)
+    finally:
+        recorder.writer.close()
+        recorder.close()
+    lines = [i.item for i in read_lines([str(path)]) if isinstance(i.item, CandidatesLine)]
+    assert bool(lines) is listed
+    if listed:
+        assert lines[0].processes, "this machine's own processes are the finalists"
