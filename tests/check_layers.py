@@ -45,7 +45,9 @@ PURE = (
     "metrics.exposition",
     "metrics.collector",
     "trace",
+    "tracelines",
     "replay",
+    "replayreport",
     "trend",
 )
 RULES: dict[str, tuple[str, ...]] = dict.fromkeys(PURE, THIRD_PARTY + IO_MODULES)

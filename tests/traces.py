@@ -9,7 +9,7 @@ from collections.abc import Iterable
 
 from tests.builders import GIB, make_memory, make_process
 from uoomd.readings import PressureReading, ProcessInfo
-from uoomd.trace import CandidatesLine, ExitLine, Header, ReadingLine, TracedProcess, TraceGuard, TraceItem
+from uoomd.tracelines import CandidatesLine, ExitLine, Header, ReadingLine, TracedProcess, TraceGuard, TraceItem
 
 TOTAL_BYTES = 16 * GIB
 PAGE = 4096

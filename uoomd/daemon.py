@@ -12,34 +12,32 @@ says is safe.
 from __future__ import annotations
 
 import os
-import select
 import signal
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Protocol, assert_never
+from typing import TYPE_CHECKING
 
 from uoomd import decision, pacing
-from uoomd.actions import Action, KillCgroup, Notify, Output, Record, ReleaseMemory, RunHook, SendSignal
+from uoomd.carrier import Carrier, Notices
 from uoomd.decision import Phase, State
 from uoomd.errors import ExitCode, PolicyError, SetupError
 from uoomd.executor import Executor, LiveExecutor
 from uoomd.logs import Log, Throttle, configure
 from uoomd.metrics.collector import Metrics
-from uoomd.plan import DaemonPlan, GuardPlan, Plan
+from uoomd.metrics.outlets import MetricsOutlets
+from uoomd.plan import GuardPlan, Plan
 from uoomd.policy.isolated import CheckResult, PolicyCheck, load_plan_isolated
 from uoomd.readings import GuardReading, Observation
 from uoomd.reload import Reloads, StartCheck
-from uoomd.results import ActionResult, Outcome
 from uoomd.service import Notifier, Renaming, protect_self
 from uoomd.sources import cgroup as cgroup_source
 from uoomd.sources import procfs
 from uoomd.sources.meminfo import MeminfoError
-from uoomd.sources.psi import PsiTrigger
 from uoomd.sources.watch import GuardWatch, open_watch
 from uoomd.startup import guard_levels, signals_text
-from uoomd.status import Recent, ReloadRecord, StatusBoard, status_document, status_line
+from uoomd.statusboard import Recent, ReloadRecord, StatusBoard, status_document, status_line
 from uoomd.wakeup import Wakeup
 from uoomd.warm import WarmRanking
 
@@ -57,16 +55,6 @@ QUIET_STATE_WRITE_S = 60.0  # `uoomd status` shows the age; a dump costs ~1 ms o
 
 
 WatchOpener = Callable[[GuardPlan, float], GuardWatch]  # (guard, now): its sources, open
-
-
-class Notices(Protocol):
-    """What the loop needs of its desktop notices (uoomd/desktop.py DesktopNotices, or a test's)."""
-
-    @property
-    def running(self) -> int: ...
-    def notify(self, summary: str, body: str, *, now: float) -> None: ...
-    def poll(self, now: float) -> None: ...
-    def close(self) -> None: ...
 
 
 class StopDaemon(Exception):
@@ -116,25 +104,20 @@ class Daemon:
         self.throttle = Throttle(log, clock, ERROR_LOG_INTERVAL_S)
         # The metrics outlive every reload: a counter never goes down (uoomd/metrics/registry.py).
         # Kept by every daemon (the counts are there whenever someone first looks: `uoomd status
-        # --metrics`), written only where the policy says. Kept and not written they cost an idle
-        # daemon 0.3 MiB of RSS and 0.05 s of CPU per hour; the textfile writer and the listener
-        # are imported only when configured (bench/metrics_idle.py, medians of 3 x 60 s on this
-        # 2-core VM; the README's Monitoring section has the rest).
+        # --metrics`), written only where the policy says (uoomd/metrics/outlets.py).
         self.metrics = metrics or Metrics(wall_clock=time.time)
         self.metrics.observe_plan(plan)
-        self.textfile: TextfileExporter | None = None  # opened by open(), changed by a reload
-        self.listener: MetricsListener | None = None
+        self.outlets = MetricsOutlets(self.metrics, log)  # opened by open(), changed by a reload
         self.warm = WarmRanking(proc_root, on_error=self._source_failed)
         self.board = StatusBoard(plan.daemon.state_file, log)
         self.wakeup = Wakeup()
         self._quiet_since: float | None = None  # since when polls take the quiet path (_quiet_tick)
         self.page_size = procfs.read_page_size()
         self.recent = Recent()
-        self._tick_at = 0.0  # clock() before this tick's readings: a signal logs the time since
+        self.carrier = Carrier(executor=executor, log=log, recent=self.recent, clock=clock, forget=self.warm.forget)
         self._state_written_at = float("-inf")
         self._state_marker: tuple[bool, int] = (False, 0)
         self.last_reload: ReloadRecord | None = None  # in the state file, for `uoomd reload`
-        self.desktop: Notices | None = None  # created at the first notice (daemon.notify_desktop)
 
     # -- set-up and tear-down
 
@@ -143,17 +126,28 @@ class Daemon:
         self.watches = [self._open_watch(g, now) for g in self.plan.guards]
         for watch in self.watches:
             self._read(watch, now)
-        self._configure_metrics(None, self.plan.daemon)
+        self.outlets.configure(None, self.plan.daemon)
+
+    @property
+    def textfile(self) -> TextfileExporter | None:
+        return self.outlets.textfile
+
+    @property
+    def listener(self) -> MetricsListener | None:
+        return self.outlets.listener
+
+    @property
+    def desktop(self) -> Notices | None:
+        """The desktop notices, created at the first (uoomd/carrier.py)."""
+        return self.carrier.desktop
+
+    @desktop.setter
+    def desktop(self, notices: Notices | None) -> None:
+        self.carrier.desktop = notices
 
     def close(self) -> None:
         self.reloads.cancel()
-        if self.listener is not None:
-            self.listener.close()
-            self.listener = None
-        if self.textfile is not None:
-            # No file rather than one that goes on saying the last values: absent(uoomd_build_info).
-            self.textfile.remove()
-            self.textfile = None
+        self.outlets.close()
         for watch in self.watches:
             watch.close()
         self.watches = []
@@ -219,43 +213,16 @@ class Daemon:
             self.reload()
 
     def wait(self, timeout_s: float) -> None:
-        """Sleep until the timeout, a PSI event, a victim's exit or a signal.
-
-        A scrape of the metrics listener is answered meanwhile and the sleep goes on: it needs no
-        tick (it reads what the last one made), and a client connecting in a loop must not make
-        the daemon tick in a loop."""
-        deadline = self.clock() + timeout_s
-        owners: dict[int, tuple[GuardWatch, PsiTrigger]] = {}
-        wanted: dict[int, int] = {}
-        for watch in self.watches:
-            for trigger in watch.triggers:
-                if trigger is not None and trigger.pollable:
-                    owners[trigger.fileno()] = (watch, trigger)
-                    wanted[trigger.fileno()] = select.POLLPRI
-        for fd in self.executor.victim_fds():
-            wanted[fd] = select.POLLIN
-        check_fd = self.reloads.fileno()
-        if check_fd is not None:
-            wanted[check_fd] = select.POLLIN  # the checker exited: reloads.poll() has its answer
-        while True:
-            now = self.clock()
-            polled = wanted
-            if self.listener is not None:
-                self.listener.expire(now)
-                polled = {**wanted, **self.listener.poll_fds(now)}
-            ready = self.wakeup.wait(polled, max(0.0, deadline - now))
-            woken = not ready  # the timeout, a signal (its pipe is not in ready), EINTR
-            for fd, revents in ready:
-                if fd in owners:
-                    watch, trigger = owners[fd]
-                    watch.note_revents(trigger, revents, now=self.clock(), log=self.log)
-                    woken = True
-                elif self.listener is not None and self.listener.owns(fd):
-                    self.listener.handle(fd, revents, self.clock())
-                else:
-                    woken = True  # a victim's pidfd, the policy checker's
-            if woken or self.wakeup.signalled:
-                return
+        """Sleep until the timeout, a PSI event, a victim's exit or a signal (uoomd/wakeup.py)."""
+        self.wakeup.sleep(
+            timeout_s,
+            clock=self.clock,
+            watches=self.watches,
+            victim_fds=self.executor.victim_fds(),
+            check_fd=self.reloads.fileno(),
+            listener=self.listener,
+            log=self.log,
+        )
 
     def tick(self, now: float) -> float:
         """One pass; returns how long to sleep."""
@@ -312,7 +279,7 @@ class Daemon:
         return self._next_timeout(now)
 
     def _full_tick(self, now: float) -> float:
-        self._tick_at = now
+        tick_at = now  # before this tick's readings: a signal logs the time since
         readings = [r for r in (self._read(w, now) for w in self.watches) if r is not None]
         alive = frozenset(k for k in self.state.in_flight() if self.executor.alive(k))
         obs = Observation(now=now, guards=tuple(readings), alive=alive)
@@ -334,10 +301,10 @@ class Daemon:
         # says so, and a property test holds it to that): a poll at poll_max stays cheap.
         if rankings or not decision.is_quiet(self.state, obs, self.plan):
             self.state, outputs = decision.step(self.state, obs, self.plan, rankings)
-            self._carry_out(outputs)
+            self.carrier.carry_out(outputs, tick_at=tick_at)
             self.executor.keep_only(self.state.in_flight())
         for result in self.executor.poll(now):
-            self._log_result(result)
+            self.carrier.log_result(result)
         if self.desktop is not None:
             self.desktop.poll(now)
         self._observe(readings)
@@ -365,12 +332,10 @@ class Daemon:
     def _export_metrics(self, now: float, timeout_s: float) -> None:
         """At the end of each tick: the chosen sleep, and the textfile when it is due."""
         self.metrics.observe_sleep(timeout_s)
-        if self.textfile is None:
-            return
         # Busy: a victim in flight must not wait behind a file write (uoomd/metrics/textfile.py
         # write_due); a dry run's hold has none.
         busy = any(gs.phase not in (Phase.IDLE, Phase.AUDIT_HOLD) for gs in self.state.guards)
-        failed = self.textfile.maybe_write(now, self.metrics, busy=busy)
+        failed = self.outlets.write(now, busy=busy)
         if failed is not None:
             self.throttle.warning(
                 f"textfile:{failed.path}",
@@ -379,37 +344,6 @@ class Daemon:
                 error=failed.error,
                 refused=failed.refused,
             )
-
-    def _configure_metrics(self, old: DaemonPlan | None, new: DaemonPlan) -> None:
-        """The textfile exporter and the listener as ``new`` says: at start (``old`` None) and at
-        each reload. A listener that cannot open is logged and left out: guarding goes on."""
-        if old is None or old.metrics_file != new.metrics_file:
-            if self.textfile is not None:
-                self.textfile.remove()  # nobody would update it: node_exporter would serve it for ever
-            self.textfile = None
-            if new.metrics_file is not None:
-                from uoomd.metrics.textfile import TextfileExporter  # noqa: PLC0415 -- see __init__
-
-                self.textfile = TextfileExporter(new.metrics_file, interval_s=new.metrics_interval_s)
-        elif self.textfile is not None:
-            self.textfile.interval_s = new.metrics_interval_s
-        # Unchanged and open: kept (a scrape under way goes on). One that failed is tried again.
-        if old is not None and old.metrics_listen == new.metrics_listen and self.listener is not None:
-            return
-        if self.listener is not None:
-            self.listener.close()
-            self.listener = None
-        if new.metrics_listen is None:
-            return
-        from uoomd.metrics.listener import MetricsListener, parse_listen  # noqa: PLC0415 -- see __init__
-
-        try:
-            self.listener = MetricsListener.open(parse_listen(new.metrics_listen), self.metrics.exposition)
-        except (OSError, ValueError) as exc:
-            error = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
-            self.log.warning("metrics_listen_failed", address=new.metrics_listen, error=error)
-            return
-        self.log.info("metrics_listening", address=self.listener.address.describe())
 
     def _write_state(self, now: float, *, force: bool = False) -> None:
         """The state file: at every tick while a guard may act (the board keeps it to 1/s), every
@@ -436,7 +370,7 @@ class Daemon:
         )
 
     def status_line(self) -> str:
-        """What systemd's STATUS= says now (uoomd/status.py)."""
+        """What systemd's STATUS= says now (uoomd/statusboard.py)."""
         return status_line(self.watches, self.recent)
 
     def _read(self, watch: GuardWatch, now: float) -> GuardReading | None:
@@ -450,59 +384,6 @@ class Daemon:
                 source if isinstance(source, str) else "other", guard if isinstance(guard, str) else None
             )
         self.throttle.warning(key, event, **facts)
-
-    # -- acting and logging
-
-    def _carry_out(self, outputs: list[Output]) -> None:
-        """In order: log each record, execute each action, send each notice whose signal was delivered."""
-        delivered: dict[Action, Outcome] = {}
-        for item in outputs:
-            match item:
-                case Record():
-                    self._log_record(item)
-                case Notify():
-                    if delivered.get(item.after) is Outcome.SENT:
-                        self._notice_desktop(item.record)
-                case SendSignal() | KillCgroup() | ReleaseMemory() | RunHook():
-                    delivered[item] = self._execute(item)
-                case _:
-                    assert_never(item)
-
-    def _execute(self, action: Action) -> Outcome:
-        result = self.executor.execute(action)
-        if isinstance(action, SendSignal):
-            # Detect -> signal: from the reading that crossed (this tick's) to the signal sent.
-            since_ms = round((self.clock() - self._tick_at) * 1000, 3)
-            result = replace(result, details=(*result.details, ("since_reading_ms", since_ms)))
-        self._log_result(result)
-        if isinstance(action, SendSignal) and result.outcome in (Outcome.GONE, Outcome.RECYCLED):
-            # The victim is not there to signal: drop it from the warm ranking so the next
-            # step does not choose it again.
-            self.warm.forget(action.target)
-        return result.outcome
-
-    def _notice_desktop(self, chosen: Record) -> None:
-        """One desktop notice per victim, at its first signal; children, never a blocking call."""
-        # Imported here: only desktop policies pay its memory (0.6 MiB RSS measured).
-        from uoomd.desktop import DesktopNotices, kill_notice  # noqa: PLC0415
-
-        if self.desktop is None:
-            self.desktop = DesktopNotices(self.log)
-        summary, body = kill_notice(chosen.as_dict())
-        self.desktop.notify(summary, body, now=self.clock())
-
-    def _log_record(self, record: Record) -> None:
-        facts = record.as_dict()
-        level = "warning" if record.event in {"term", "kill", "victim_stuck", "rate_limited"} else "info"
-        getattr(self.log, level)(record.event, **facts)
-        self.recent.add(record.event, facts)
-
-    def _log_result(self, result: ActionResult) -> None:
-        facts = result.fields()
-        failed = result.outcome in (Outcome.FAILED, Outcome.REFUSED, Outcome.TIMED_OUT)
-        (self.log.warning if failed else self.log.info)("action_result", **facts)
-        if result.outcome in (Outcome.SENT, Outcome.RELEASED, Outcome.FAILED, Outcome.REFUSED):
-            self.recent.add("action_result", facts)
 
     # -- pacing
 
@@ -571,7 +452,7 @@ class Daemon:
         self.state = _carry_state(self.state, new_plan)
         old_daemon, self.plan = self.plan.daemon, new_plan
         self.metrics.observe_plan(new_plan)
-        self._configure_metrics(old_daemon, new_plan.daemon)
+        self.outlets.configure(old_daemon, new_plan.daemon)
         self.warm.drop()  # ranked with the old plan's rules
         self._quiet_since = None
         self.board = StatusBoard(new_plan.daemon.state_file, self.log)

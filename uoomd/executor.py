@@ -12,19 +12,21 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol, assert_never
 
 from uoomd.actions import Action, KillCgroup, ReleaseMemory, RunHook, SendSignal
-from uoomd.hooks import HookRunner
-from uoomd.kill import (
+from uoomd.cgroupkill import (
     DEFAULT_CGROUP_ROOTS,
-    PidFd,
     cgroup_kill_refusal,
     count_outside_group,
+    resolve_cgroup_dir,
+    signal_cgroup,
+)
+from uoomd.hooks import HookRunner
+from uoomd.kill import (
+    PidFd,
     open_victim,
     open_victim_checked,
     refusal_reason,
     release_memory,
-    resolve_cgroup_dir,
     send_signal,
-    signal_cgroup,
     signal_process_group,
     signame,
 )

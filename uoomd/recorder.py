@@ -46,8 +46,9 @@ from uoomd.sources import procfs
 from uoomd.sources.meminfo import read_meminfo_totals
 from uoomd.sources.psi import PressureFileGone, PressureReader, PsiTrigger
 from uoomd.sources.watch import GuardWatch, open_watch
-from uoomd.trace import CandidatesLine, EndLine, ExitLine, Header, ReadingLine, TraceGuard, traced
+from uoomd.trace import traced
 from uoomd.tracefile import TraceWriter
+from uoomd.tracelines import CandidatesLine, EndLine, ExitLine, Header, ReadingLine, TraceGuard
 from uoomd.trend import room_and_floor
 from uoomd.wakeup import Wakeup
 from uoomd.warm import WarmRanking

@@ -8,7 +8,7 @@ any number of them during a check make one more check.
 
 Each answer is handed on with the time its check started (the clock before the child was
 spawned, or before a file refused without one): ``uoomd reload`` takes only the answer of a
-check that started after its SIGHUP (uoomd/status.py ReloadRecord).
+check that started after its SIGHUP (uoomd/statusboard.py ReloadRecord).
 """
 
 from __future__ import annotations

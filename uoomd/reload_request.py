@@ -4,7 +4,7 @@
 before the new policy was in force (or refused); systemd 252 (Debian 12) has no
 ``Type=notify-reload`` to wait on. This command is the unit's ExecReload instead.
 
-The daemon writes how each reload ended to its state file at once (uoomd/status.py ReloadRecord),
+The daemon writes how each reload ended to its state file at once (uoomd/statusboard.py ReloadRecord),
 stamped with when that reload's check started, on CLOCK_MONOTONIC. A reload whose SIGHUP is sent at
 ``t`` takes only a record stamped ``>= t``: its check read the policy after this command began,
 so after the edit it announces. A check already running at the SIGHUP may have read the file
@@ -27,7 +27,8 @@ from uoomd.logs import escape
 from uoomd.plan import DaemonPlan
 from uoomd.readings import ProcessKey
 from uoomd.results import Outcome
-from uoomd.status import ReloadRecord, StateFile, format_age, read_state, state_file_of
+from uoomd.status import StateFile, format_age, read_state, state_file_of
+from uoomd.statusboard import ReloadRecord
 from uoomd.units import format_duration
 
 POLL_S = 0.05  # the state file is re-read this often; the daemon's exit wakes the wait at once

@@ -8,7 +8,8 @@ from typing import TextIO
 
 from uoomd.errors import ExitCode, SetupError
 from uoomd.plan import LogFormat, Plan
-from uoomd.trace import TraceError, TraceItem
+from uoomd.trace import TraceError
+from uoomd.tracelines import TraceItem
 
 MAX_POLICY_TEXT_BYTES = 256 * 1024  # uoomd/policy/load.py MAX_POLICY_BYTES: a larger one never loaded
 
@@ -81,7 +82,7 @@ def _load(path: str) -> Plan:
 
 def _recorded_plan(paths: Sequence[str], mem_total: int | None, swap_total: int | None) -> Plan:
     from uoomd.policy.load import parse_plan  # noqa: PLC0415
-    from uoomd.trace import Header  # noqa: PLC0415
+    from uoomd.tracelines import Header  # noqa: PLC0415
 
     header = next(_items(paths, mem_total=mem_total, swap_total=swap_total), None)
     if not isinstance(header, Header) or header.policy_text is None:
@@ -103,7 +104,8 @@ def run_replay(
     """``uoomd replay``: one policy's timeline, or two policies' decisions side by side."""
     import json  # noqa: PLC0415
 
-    from uoomd.replay import diff, diff_json, render_diff, render_text, replay, timeline_json  # noqa: PLC0415
+    from uoomd.replay import diff, replay  # noqa: PLC0415
+    from uoomd.replayreport import diff_json, render_diff, render_text, timeline_json  # noqa: PLC0415
 
     if len(policies) > 2:
         raise SetupError("replay compares at most two policies", hint="give --policy once or twice")

@@ -11,7 +11,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from uoomd.trace import MAX_LINE_BYTES, Header, TraceError, TraceItem, encode, encode_header, parse_line
+from uoomd.trace import MAX_LINE_BYTES, TraceError, encode, encode_header, parse_line
+from uoomd.tracelines import Header, TraceItem
 
 DEFAULT_MAX_BYTES = 64 << 20  # per file: a recording keeps at most twice this (FILE and FILE.1)
 MIN_MAX_BYTES = 64 << 10  # a header with a 256 KiB policy text must fit, plus some lines

@@ -7,6 +7,14 @@ import math
 import os
 import select
 import signal
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from uoomd.logs import Log
+    from uoomd.metrics.listener import MetricsListener
+    from uoomd.sources.psi import PsiTrigger
+    from uoomd.sources.watch import GuardWatch
 
 HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
 
@@ -67,6 +75,55 @@ class Wakeup:
             else:
                 ready.append((fd, revents))
         return ready
+
+    def sleep(
+        self,
+        timeout_s: float,
+        *,
+        clock: Callable[[], float],
+        watches: Sequence[GuardWatch],
+        victim_fds: Iterable[int],
+        check_fd: int | None,
+        listener: MetricsListener | None,
+        log: Log,
+    ) -> None:
+        """Sleep until the timeout, a PSI event, a victim's exit (its pidfd), the policy
+        checker's exit (``check_fd``) or a signal.
+
+        A scrape of the metrics listener is answered meanwhile and the sleep goes on: it needs no
+        tick (it reads what the last one made), and a client connecting in a loop must not make
+        the daemon tick in a loop."""
+        deadline = clock() + timeout_s
+        owners: dict[int, tuple[GuardWatch, PsiTrigger]] = {}
+        wanted: dict[int, int] = {}
+        for watch in watches:
+            for trigger in watch.triggers:
+                if trigger is not None and trigger.pollable:
+                    owners[trigger.fileno()] = (watch, trigger)
+                    wanted[trigger.fileno()] = select.POLLPRI
+        for fd in victim_fds:
+            wanted[fd] = select.POLLIN
+        if check_fd is not None:
+            wanted[check_fd] = select.POLLIN  # the checker exited: reloads.poll() has its answer
+        while True:
+            now = clock()
+            polled = wanted
+            if listener is not None:
+                listener.expire(now)
+                polled = {**wanted, **listener.poll_fds(now)}
+            ready = self.wait(polled, max(0.0, deadline - now))
+            woken = not ready  # the timeout, a signal (its pipe is not in ready), EINTR
+            for fd, revents in ready:
+                if fd in owners:
+                    watch, trigger = owners[fd]
+                    watch.note_revents(trigger, revents, now=clock(), log=log)
+                    woken = True
+                elif listener is not None and listener.owns(fd):
+                    listener.handle(fd, revents, clock())
+                else:
+                    woken = True  # a victim's pidfd, the policy checker's
+            if woken or self.signalled:
+                return
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

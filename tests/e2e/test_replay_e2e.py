@@ -21,7 +21,8 @@ import pytest
 from tests.builders import cgroup_policy
 from tests.cgroups import ScratchCgroup
 from tests.e2e.daemon_runner import RunningDaemon, hog_argv, read_record, uoomd_command, wait_until
-from uoomd.trace import Header, parse_line
+from uoomd.trace import parse_line
+from uoomd.tracelines import Header
 
 pytestmark = pytest.mark.e2e
 

@@ -24,8 +24,8 @@ from uoomd.recorder import Recorder, make_header
 from uoomd.sources.cgroup import CgroupMemoryReader
 from uoomd.sources.meminfo import read_meminfo_totals
 from uoomd.sources.watch import GuardWatch
-from uoomd.trace import CandidatesLine, ExitLine, Header, ReadingLine
 from uoomd.tracefile import TraceWriter, read_lines
+from uoomd.tracelines import CandidatesLine, ExitLine, Header, ReadingLine
 
 pytestmark = pytest.mark.integration
 

@@ -23,7 +23,7 @@ from uoomd.logs import configure
 from uoomd.plan import LogFormat, Plan
 from uoomd.policy.isolated import PolicyCheck
 from uoomd.policy.load import load_plan
-from uoomd.status import StatusBoard
+from uoomd.statusboard import StatusBoard
 
 pytestmark = pytest.mark.integration
 

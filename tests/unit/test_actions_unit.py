@@ -9,20 +9,18 @@ from pathlib import Path
 import pytest
 
 from uoomd.actions import Action, KillCgroup, ReleaseMemory, RunHook, SendSignal
+from uoomd.cgroupkill import cgroup_refusal_reason, resolve_cgroup_dir, signal_cgroup
 from uoomd.executor import LiveExecutor, RecordingExecutor, action_kind
 from uoomd.hooks import HOOK_PATH, hook_environment
 from uoomd.kill import (
     MemberCounts,
     PidFd,
-    cgroup_refusal_reason,
     pgid_refusal_reason,
     process_mrelease_nr,
     refusal_reason,
     release_memory,
-    resolve_cgroup_dir,
     send_signal,
     send_to_members,
-    signal_cgroup,
 )
 from uoomd.plan import VictimKind
 from uoomd.readings import Pid, ProcessKey

@@ -13,8 +13,9 @@ from uoomd.errors import ExitCode
 from uoomd.policy.load import parse_plan
 from uoomd.replay import replay
 from uoomd.sources.oomstat import OomstatRow, looks_like_oomstat, oomstat_trace, parse_row, parse_rows, read_oomstat
-from uoomd.trace import Header, ReadingLine, TraceError, TraceItem
+from uoomd.trace import TraceError
 from uoomd.tracefile import read_lines
+from uoomd.tracelines import Header, ReadingLine, TraceItem
 
 pytestmark = pytest.mark.unit
 

@@ -17,9 +17,11 @@ from uoomd.cli import main
 from uoomd.errors import ExitCode
 from uoomd.plan import Amount, DaemonPlan, EscalationPlan, Plan, PsiAction, PsiKind, RulePlan, Scope, ScopeKind
 from uoomd.policy.load import load_plan
-from uoomd.replay import Moment, Timeline, describe, diff, render_diff, render_text, replay
-from uoomd.trace import Header, TraceError, TraceGuard, TraceItem
+from uoomd.replay import Moment, Timeline, diff, replay
+from uoomd.replayreport import describe, render_diff, render_text
+from uoomd.trace import TraceError
 from uoomd.tracefile import read_lines
+from uoomd.tracelines import Header, TraceGuard, TraceItem
 
 pytestmark = pytest.mark.unit
 

@@ -20,15 +20,13 @@ from uoomd.sources.watch import GuardWatch
 from uoomd.status import (
     FACTS_SHOWN_CHARS,
     MalformedStateError,
-    Recent,
-    ReloadRecord,
     format_age,
     is_running,
     parse_state,
     render_status,
     running_daemon,
-    status_document,
 )
+from uoomd.statusboard import Recent, ReloadRecord, status_document
 
 pytestmark = pytest.mark.unit
 

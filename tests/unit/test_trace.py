@@ -10,9 +10,9 @@ import pytest
 from tests.builders import make_candidate, make_memory, make_process
 from uoomd.readings import Pid, PressureReading, ProcessKey
 from uoomd.scoring import Exclusion
-from uoomd.trace import (
-    MAX_LINE_BYTES,
-    MAX_PROCESSES,
+from uoomd.trace import MAX_LINE_BYTES, MAX_PROCESSES, TraceError, encode, parse_line, traced
+from uoomd.tracefile import MIN_MAX_BYTES, TraceWriter, read_lines
+from uoomd.tracelines import (
     VERSION,
     CandidatesLine,
     DecisionLine,
@@ -20,14 +20,9 @@ from uoomd.trace import (
     ExitLine,
     Header,
     ReadingLine,
-    TraceError,
     TraceGuard,
     TraceItem,
-    encode,
-    parse_line,
-    traced,
 )
-from uoomd.tracefile import MIN_MAX_BYTES, TraceWriter, read_lines
 
 pytestmark = pytest.mark.unit
 

@@ -16,8 +16,8 @@ from uoomd.plan import Amount, DaemonPlan, EscalationPlan, EtaAction, EtaPlan, G
 from uoomd.policy.load import parse_plan
 from uoomd.readings import GuardReading, Observation
 from uoomd.replay import Timeline, replay
-from uoomd.trace import TraceItem
 from uoomd.tracefile import read_lines
+from uoomd.tracelines import TraceItem
 from uoomd.trend import LOOKBACK_S, MAX_GAP_S, Trend, reached, update_trend
 
 pytestmark = pytest.mark.unit

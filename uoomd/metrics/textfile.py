@@ -19,6 +19,7 @@ import os
 import stat
 from dataclasses import dataclass
 
+from uoomd.atomicfile import replace_file
 from uoomd.metrics.collector import Metrics
 
 FILE_MODE = 0o644  # node_exporter runs as its own user, and the file holds no secret
@@ -91,9 +92,9 @@ def _open_directory(directory: str) -> int:
 def write_textfile(path: str, payload: bytes) -> None:
     """Replace ``path`` with ``payload``, mode 0644, atomically; raises TextfileRefused or OSError.
 
-    The temp file is opened O_EXCL|O_NOFOLLOW under a random name, so nothing planted there is
-    ever opened; rename(2) replaces the name without following it. A symlink at ``path`` is
-    refused anyway (someone meant it, and the daemon would silently undo it)."""
+    The write itself is :func:`uoomd.atomicfile.replace_file` (nothing planted is ever opened,
+    rename(2) never follows). A symlink at ``path`` is refused anyway (someone meant it, and the
+    daemon would silently undo it)."""
     problem = textfile_problem(path)
     if problem is not None:
         raise TextfileRefused(problem)
@@ -107,22 +108,7 @@ def write_textfile(path: str, payload: bytes) -> None:
         if existing is not None and not stat.S_ISREG(existing.st_mode):
             kind = "a symlink" if stat.S_ISLNK(existing.st_mode) else "not a regular file"
             raise TextfileRefused(f"{path} is {kind}")
-        # os.urandom, not secrets: secrets imports hashlib, hmac and random into the daemon.
-        tmp = f".{name}.{os.urandom(8).hex()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE, dir_fd=dir_fd)
-        try:
-            try:
-                os.fchmod(fd, FILE_MODE)  # not the daemon's umask
-                view = memoryview(payload)
-                while view:
-                    view = view[os.write(fd, view) :]
-            finally:
-                os.close(fd)
-            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=dir_fd)
-            raise
+        replace_file(dir_fd, name, payload, mode=FILE_MODE, exact_mode=True)  # not the daemon's umask
     finally:
         os.close(dir_fd)
 

@@ -29,7 +29,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from uoomd.readings import MemoryReading, PressureReading
-from uoomd.trace import Header, ReadingLine, TraceError, TraceGuard, TraceItem
+from uoomd.trace import TraceError
+from uoomd.tracelines import Header, ReadingLine, TraceGuard, TraceItem
 from uoomd.units import format_bytes
 
 MIB = 1 << 20
