@@ -513,7 +513,8 @@ def needs(state: State, obs: Observation, plan: Plan) -> dict[str, Need]:
         transition = table.get((gs.phase, detected.event)) if detected.event is not None else None
         response = transition.response if transition is not None else Response.NONE
         choosing = gs.phase in CHOOSERS and response in _CHOOSING
-        chooses_now = choosing and len(kill_times) < plan.escalation.max_kills_per_minute
+        at_kill = ctx.lv is not None and ctx.lv.kill_crossed
+        chooses_now = choosing and (len(kill_times) < plan.escalation.max_kills_per_minute or at_kill)
         escalates_group = response in (Response.KILL, Response.WOULD_KILL) and guard.victim is not VictimKind.PROCESS
         gated = reading.memory.available_bytes < guard.psi_mem_gate.resolve_bytes(reading.memory.total_bytes)
         if chooses_now or escalates_group:
@@ -650,7 +651,11 @@ def _choose(
     """Idle -> a victim: the guard conditions (rate limit, a candidate left) and the signal."""
     others, kill_times = ctx.others, ctx.kill_times
     limit = ctx.plan.escalation.max_kills_per_minute
-    if len(kill_times) >= limit:
+    # The limit stops a crash loop from emptying the machine at the term level. Below the
+    # kill level it would only hand the choice to the kernel's OOM killer, which acts there
+    # anyway and knows nothing of the rules (seen in the VM: a forking hog after 4 victims).
+    over_limit = len(kill_times) >= limit
+    if over_limit and not (ctx.lv is not None and ctx.lv.kill_crossed):
         if "rate_limited" in gs.noted:
             return gs, [], False
         rec = Record(
@@ -689,6 +694,7 @@ def _choose(
         fields=(
             *_decision_fields(ctx, trigger, victim, response, runner_up=best[1] if len(best) > 1 else None),
             ("after_victim", gs.phase is Phase.RECOVERING),  # the episode's previous victim was not enough
+            *((("over_rate_limit", True),) if over_limit else ()),
             *facts,
         ),
     )

@@ -64,3 +64,27 @@ def test_a_hog_in_a_recreated_cgroup_gets_sigterm_before_the_kernel_oom_killer(
     assert len(daemon.find("scope_gone")) == 1
     assert len(daemon.find("scope_back")) == 1
     assert not daemon.find("reading_failed")
+
+
+@pytest.mark.parametrize("run", range(3))
+def test_a_cgroup_created_after_the_daemon_starts_is_guarded_once_it_appears(
+    run: int, cgroup: ScratchCgroup, start_daemon: Callable[..., RunningDaemon], tmp_path: Path
+) -> None:
+    # A slice systemd creates only when its first unit starts may come after uoomd: the
+    # daemon starts, says the scope is not there, and guards it once it appears.
+    text = policy(cgroup, tmp_path)
+    cgroup.remove()
+    daemon = start_daemon(text)
+    daemon.wait_for("started")
+    gone = daemon.wait_for("scope_gone", guard="svc")
+    assert "does not exist" in gone["error"]
+    cgroup.recreate()
+    daemon.wait_for("scope_back", guard="svc")
+    record = tmp_path / "hog.rec"
+    hog = cgroup.spawn(hog_argv(record, "--mib-per-step", "32", "--interval-ms", "5", "--max-mib", "600", "--hold"))
+    sigterm = wait_until(lambda: [line for line in read_record(record) if line[0] == "SIGTERM"], 20)
+    assert sigterm, daemon.log_path.read_text()[-3000:]
+    hog.wait(10)
+    assert daemon.wait_for("victim_chosen", action="term")["pid"] == hog.pid
+    assert cgroup.oom_kill_count() == 0
+    assert len(daemon.find("scope_gone")) == 1

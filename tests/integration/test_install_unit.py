@@ -125,7 +125,7 @@ def test_install_then_again_then_uninstall_leaves_nothing(wheels: Path, tmp_path
     installed = (root / UNIT).read_text()
     assert installed == shipped
     settings = _settings(installed)
-    assert settings["ExecStartPre"] == f"{SHIPPED_PREFIX}/bin/uoomd check /etc/uoomd/uoomd.toml"
+    assert "ExecStartPre" not in settings, "the daemon checks its policy itself: twice doubled the start"
     assert settings["ExecStart"] == f"{SHIPPED_PREFIX}/bin/uoomd run --policy /etc/uoomd/uoomd.toml"
     assert settings["ExecReload"] == f"{SHIPPED_PREFIX}/bin/uoomd reload --pid $MAINPID"
     assert (root / POLICY).read_bytes() == (ROOT / "etc" / "uoomd.toml").read_bytes()
@@ -185,7 +185,6 @@ def test_an_edited_policy_survives_uninstall_and_an_enabled_unit_refuses_it(whee
     install_unit("--root", str(root), "--prefix", prefix, "--wheels", str(wheels), "--python", sys.executable)
     settings = _settings((root / UNIT).read_text())
     assert settings["ExecStart"] == f"{prefix}/bin/uoomd run --policy /etc/uoomd/uoomd.toml"
-    assert settings["ExecStartPre"] == f"{prefix}/bin/uoomd check /etc/uoomd/uoomd.toml"
     assert settings["ExecReload"] == f"{prefix}/bin/uoomd reload --pid $MAINPID"
     assert "/opt/uoomd/bin" not in (root / UNIT).read_text()
     assert (root / prefix.lstrip("/") / "bin" / "uoomd").exists()

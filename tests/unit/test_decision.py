@@ -564,6 +564,19 @@ def test_rate_limit_record_repeats_in_a_new_episode() -> None:
     assert records(d.poll(3.0, LOW), "rate_limited")
 
 
+def test_the_rate_limit_never_holds_back_the_kill_level() -> None:
+    # Below the kill level the kernel's OOM killer acts next: holding back there only hands
+    # it the choice (seen in the VM: the global OOM killer fired while uoomd was limited).
+    pool = tuple(cand(100 + i, 9000 - i) for i in range(10))
+    d = driver(cands=pool, max_kills=1)
+    _exit_cycle(d, 0.0)
+    d.rankings["system"] = make_ranking("system", *pool[1:])
+    assert records(d.poll(1.0, LOW), "rate_limited")  # the term level waits
+    actions = d.poll(1.1, CRIT)
+    assert [(s.target, s.signal) for s in signals(actions)] == [(key(101), SIGKILL)]
+    assert records(actions, "victim_chosen")[0].get("over_rate_limit") is True
+
+
 def test_escalating_the_same_victim_is_not_rate_limited() -> None:
     d = driver(max_kills=1)
     d.poll(0.0, LOW)

@@ -7,12 +7,14 @@ these are the ones that need a path, a size or the machine's total.
 
 from __future__ import annotations
 
+import io
 import time
 from pathlib import Path
 
 import pytest
 
-from uoomd.errors import PolicyError
+from uoomd.cli import main
+from uoomd.errors import ExitCode, PolicyError
 from uoomd.policy import compile as compile_module
 from uoomd.policy.isolated import load_plan_isolated
 from uoomd.policy.load import MAX_POLICY_BYTES, load_plan, parse_plan
@@ -121,3 +123,20 @@ def test_the_daemon_start_refuses_what_check_refuses(name: str) -> None:
     with pytest.raises(PolicyError) as caught:
         load_plan_isolated(str(BAD / f"{name}.toml"))
     assert _messages(caught) == (BAD / f"{name}.expected").read_text().strip().splitlines()
+
+
+def test_check_warns_of_a_guarded_cgroup_that_does_not_exist_yet_and_exits_0(tmp_path: Path) -> None:
+    # A service's cgroup appears when systemd starts it, maybe after uoomd: no error (the
+    # daemon waits for it), but a typo guards nothing, so check says so.
+    absent = tmp_path / "no-such-cgroup"
+    policy = tmp_path / "p.toml"
+    policy.write_text(f'[[guard]]\nname = "app"\nscope = "cgroup:{absent}"\n')
+    policy.chmod(0o644)
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["check", str(policy)], out=out, err=err) == ExitCode.OK
+    assert err.getvalue() == (
+        f"{policy}:3: guard[0].scope: warning: cgroup '{absent}' does not exist yet; the guard waits for it to appear\n"
+    )
+    absent.mkdir()  # a directory that is not a cgroup is an error, not a wait
+    assert main(["check", str(policy)], out=io.StringIO(), err=(err := io.StringIO())) == ExitCode.POLICY
+    assert "is not a cgroup directory (no cgroup.procs)" in err.getvalue()

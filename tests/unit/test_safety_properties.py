@@ -36,6 +36,7 @@ from uoomd.decision import (
     Phase,
     State,
     initial_state,
+    levels,
     step,
 )
 from uoomd.plan import Amount, DaemonPlan, EscalationPlan, GuardPlan, Plan, Scope, ScopeKind, VictimKind
@@ -257,7 +258,12 @@ def run_step(world: World, data: st.DataObject) -> None:
                 assert victim is not None
                 check_target(world, snapshot, name, victim.key)
                 assert victim.key in present, "chosen from the table of this step"
-                world.chosen_at.append(world.now)
+                reading = next(r for r in readings if r.guard == name)
+                at_kill_level = levels(reading.memory, plan.guard(name)).kill_crossed
+                if dict(action.fields).get("over_rate_limit"):
+                    assert at_kill_level, "over the rate limit only below the kill level"
+                else:
+                    world.chosen_at.append(world.now)
             case SendSignal() | ReleaseMemory():
                 check_target(world, snapshot, action.guard, action.target)
             case KillCgroup():

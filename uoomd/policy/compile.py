@@ -218,9 +218,13 @@ def hook_program_problem(path: str) -> str | None:
 
 
 def cgroup_scope_problem(path: str) -> str | None:
-    """Why a cgroup scope cannot be guarded, or None. Checked at start: guarding a typo guards nothing."""
+    """Why an existing cgroup scope cannot be guarded, or None. A cgroup that does not exist
+    yet is no error (a service's cgroup appears when systemd starts it, which may be after
+    uoomd): the guard waits for it, and `uoomd check` warns (load.plan_warnings)."""
+    if not os.path.lexists(path):
+        return None
     if not os.path.isdir(path):
-        return f"cgroup directory {path!r} does not exist"
+        return f"{path!r} is not a directory"
     if not os.path.exists(os.path.join(path, "cgroup.procs")):
         return f"{path!r} is not a cgroup directory (no cgroup.procs)"
     if not (

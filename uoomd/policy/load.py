@@ -8,12 +8,13 @@ import re
 import reprlib
 import stat
 import tomllib
+from collections.abc import Iterable
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
 from uoomd.errors import PolicyError, PolicyIssue
-from uoomd.plan import Plan
+from uoomd.plan import GuardPlan, Plan
 from uoomd.policy.compile import compile_policy
 from uoomd.policy.file import open_regular
 from uoomd.policy.identity import identity_warnings
@@ -33,7 +34,7 @@ _TAG_RE = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\]|function-
 
 def load_plan(path: str, *, check_system: bool = True) -> Plan:
     """Load, validate and compile. check_system also checks what depends on this machine
-    (cgroup scopes exist, hook programs exist, file ownership when running as root)."""
+    (cgroup scopes that exist are memory cgroups, hook programs exist, file ownership when running as root)."""
     text = _read_text(path, check_owner=check_system)
     return parse_plan(text, path, check_system=check_system)
 
@@ -43,16 +44,30 @@ def check_plan(path: str, *, check_system: bool = True) -> tuple[Plan, tuple[Pol
     than it seems to (a rule that protects by name alone: uoomd/policy/identity.py)."""
     text = _read_text(path, check_owner=check_system)
     plan = parse_plan(text, path, check_system=check_system)
-    return plan, plan_warnings(plan, text)
+    return plan, plan_warnings(plan, text, check_system=check_system)
 
 
-def plan_warnings(plan: Plan, text: str) -> tuple[PolicyIssue, ...]:
-    """The warnings for a plan parsed from ``text``, located like errors."""
-    found = identity_warnings(plan.rules)
+def plan_warnings(plan: Plan, text: str, *, check_system: bool = False) -> tuple[PolicyIssue, ...]:
+    """The warnings for a plan parsed from ``text``, located like errors; check_system adds
+    what depends on this machine (a guarded cgroup that does not exist yet)."""
+    found = identity_warnings(plan.rules) + (absent_scope_warnings(plan.guards) if check_system else [])
     if not found:
         return ()
     lines = locate_lines(text)
     return tuple(PolicyIssue(key=format_path(p), message=m, line=find_line(lines, p)) for p, m in found)
+
+
+def absent_scope_warnings(guards: Iterable[GuardPlan]) -> list[tuple[KeyPath, str]]:
+    """One warning per guard whose cgroup does not exist now: it is guarded once it appears,
+    and a typo would guard nothing, so say it (the daemon logs scope_gone for it too)."""
+    return [
+        (
+            ("guard", index, "scope"),
+            f"warning: cgroup {guard.scope.cgroup_path!r} does not exist yet; the guard waits for it to appear",
+        )
+        for index, guard in enumerate(guards)
+        if guard.scope.cgroup_path is not None and not os.path.lexists(guard.scope.cgroup_path)
+    ]
 
 
 def parse_plan(text: str, path: str = "<policy>", *, check_system: bool = False) -> Plan:

@@ -179,7 +179,12 @@ class EscalationModel(_Strict):
 
     term_timeout: DurationValue = Field("5s", description="after SIGTERM, how long before SIGKILL")
     kill_timeout: DurationValue = Field("3s", description="after SIGKILL, how long to wait for the memory to come back")
-    max_kills_per_minute: int = Field(10, ge=1, le=1000, description="victims chosen per minute, all guards together")
+    max_kills_per_minute: int = Field(
+        10,
+        ge=1,
+        le=1000,
+        description="victims per minute (all guards) at the term level; never held back at the kill level",
+    )
 
 
 class PsiModel(_Strict):

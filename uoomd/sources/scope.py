@@ -22,7 +22,7 @@ def open_memory_reader(scope: Scope, proc_root: str = "/proc") -> MemoryReader:
     except (OSError, cgroup_source.CgroupError) as exc:
         raise SetupError(
             f"cannot read cgroup {scope.cgroup_path}: {exc}",
-            hint="the scope must be a memory cgroup directory that exists when uoomd starts",
+            hint="the scope must be a memory cgroup directory",
         ) from exc
 
 

@@ -190,8 +190,29 @@ class GuardWatch:
                 trigger.close()
 
 
+class _Absent:
+    """The memory reader of a guard whose cgroup is not there: never read (the watch is gone)."""
+
+    def read(self) -> MemoryReading:
+        raise AssertionError("a gone scope is not read")  # pragma: no cover - reopen() guards it
+
+    def close(self) -> None:
+        pass
+
+
 def open_watch(guard: GuardPlan, *, proc_root: str, now: float, log: Log) -> GuardWatch:
-    """Open a guard's sources; a PSI trigger the kernel refuses falls back to polling, and says so."""
+    """Open a guard's sources; a PSI trigger the kernel refuses falls back to polling, and says so.
+
+    A cgroup that does not exist yet (its service starts after uoomd, or is between restarts)
+    is watched as gone: scope_gone now, scope_back once it appears and is reopened. Refusing
+    to start would leave every other guard down too (seen in the VM with a slice that
+    systemd creates only when its first unit starts)."""
+    path = guard.scope.cgroup_path
+    if path is not None and not cgroup_source.cgroup_exists(path):
+        watch = GuardWatch(guard=guard, memory=_Absent(), pressure=None, triggers=(None,) * len(guard.psi))
+        watch.mark_gone(now, log, error=f"{path} does not exist")
+        watch.retry_at = now  # looked for at the first poll: it may appear at any moment
+        return watch
     watch = open_sources(guard, proc_root=proc_root, now=now)
     if guard.psi and watch.pressure is None:
         log.warning("psi_unavailable", guard=guard.name, scope=guard.scope.describe(), triggers=len(guard.psi))
