@@ -40,6 +40,7 @@ IDLE = os.path.join(FIXTURES, "idle")  # a recorded /proc of an idle machine
 CHILDREN = os.path.join(FIXTURES, "children")  # the same with tests/fixtures/record_proc.py's children
 PAGE = 4096
 GIB = 1 << 30
+MIB = 1 << 20
 TOTAL_BYTES = 16 * GIB  # make_memory()'s machine
 
 
@@ -132,13 +133,19 @@ def make_snapshot(
 
 
 def make_memory(
-    available_bytes: int, *, total_bytes: int = TOTAL_BYTES, swap_total_bytes: int = 0, swap_free_bytes: int = 0
+    available_bytes: int,
+    *,
+    total_bytes: int = TOTAL_BYTES,
+    swap_total_bytes: int = 0,
+    swap_free_bytes: int = 0,
+    refault_bytes: int | None = None,
 ) -> MemoryReading:
     return MemoryReading(
         total_bytes=total_bytes,
         available_bytes=available_bytes,
         swap_total_bytes=swap_total_bytes,
         swap_free_bytes=swap_free_bytes,
+        refault_bytes=refault_bytes,
     )
 
 
@@ -166,8 +173,11 @@ def make_psi_trigger(
     stall_us: int = 200_000,
     window_us: int = 2_000_000,
     sustain_s: float = 0.0,
+    gated: bool = True,
 ) -> PsiTriggerPlan:
-    return PsiTriggerPlan(kind=kind, stall_us=stall_us, window_us=window_us, sustain_s=sustain_s, action=action)
+    return PsiTriggerPlan(
+        kind=kind, stall_us=stall_us, window_us=window_us, sustain_s=sustain_s, action=action, gated=gated
+    )
 
 
 def make_rule(

@@ -49,6 +49,8 @@ PURE = (
     "replay",
     "replayreport",
     "trend",
+    "thrash",
+    "beforekill",
 )
 RULES: dict[str, tuple[str, ...]] = dict.fromkeys(PURE, THIRD_PARTY + IO_MODULES)
 # decision.py names signals by their constants (signal.SIGTERM); it never calls into the module.

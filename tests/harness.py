@@ -59,10 +59,12 @@ class RecordingNotices:
     """Stands in for uoomd.desktop.DesktopNotices: keeps each notice, forks nothing."""
 
     sent: list[tuple[str, str]] = field(default_factory=list)
+    uids: list[int | None] = field(default_factory=list)  # whom each was for (None: every user)
     running: int = 0
 
-    def notify(self, summary: str, body: str, *, now: float) -> None:
+    def notify(self, summary: str, body: str, *, now: float, uid: int | None = None) -> None:
         self.sent.append((summary, body))
+        self.uids.append(uid)
 
     def poll(self, now: float) -> None:
         return None
@@ -97,9 +99,15 @@ class LoopHarness:
 
 @contextmanager
 def loop_harness(
-    plan: Plan, tmp_path: Path, *, available_bytes: int, proc_root: str = CHILDREN
+    plan: Plan,
+    tmp_path: Path,
+    *,
+    available_bytes: int,
+    proc_root: str = CHILDREN,
+    executor: RecordingExecutor | None = None,
 ) -> Iterator[LoopHarness]:
-    """A daemon on ``plan`` whose guards all read ``available_bytes`` until the test says otherwise."""
+    """A daemon on ``plan`` whose guards all read ``available_bytes`` until the test says otherwise;
+    ``executor``: one that answers otherwise (a subclass), else a plain RecordingExecutor."""
     plan = replace(plan, daemon=replace(plan.daemon, state_file=str(tmp_path / "state.json")))
     memory = {g.name: ScriptedMemory(make_memory(available_bytes)) for g in plan.guards}
 
@@ -108,7 +116,7 @@ def loop_harness(
 
     out = io.StringIO()
     clock = Clock()
-    executor = RecordingExecutor()
+    executor = executor or RecordingExecutor()
     metrics = Metrics(wall_clock=lambda: 1_700_000_000.0)  # counts the log's events, as in run_daemon
     daemon = Daemon(
         plan,

@@ -39,6 +39,7 @@ def reading(
     total_bytes: int = TOTAL_BYTES,
     stall_us: int | None = None,
     fired: tuple[int, ...] = (),
+    refault_bytes: int | None = None,
 ) -> ReadingLine:
     """A reading; ``stall_us``: the some and full stall totals (the PSI file was read)."""
     pressure = None
@@ -56,7 +57,7 @@ def reading(
     return ReadingLine(
         at=at,
         guard=guard,
-        memory=make_memory(available_bytes, total_bytes=total_bytes),
+        memory=make_memory(available_bytes, total_bytes=total_bytes, refault_bytes=refault_bytes),
         pressure=pressure,
         fired=fired,
     )

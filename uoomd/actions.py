@@ -58,11 +58,13 @@ class KillCgroup:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RunHook:
-    """Run ``plan.hooks.after_kill`` with the facts as UOOMD_* environment variables, never through a shell."""
+    """Run a hook of ``plan.hooks`` (after_kill, before_kill) with the facts as UOOMD_* environment
+    variables, never through a shell."""
 
     guard: str
     argv: tuple[str, ...]
     env: tuple[tuple[str, str], ...]
+    timeout_s: float | None = None  # None: the executor's (hooks.timeout); before_kill has its own
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -96,9 +98,32 @@ class Notify:
     record: Record
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NotifyWarning:
+    """Tell the likely victim's owner (``uid``) that memory is low and the victim will be stopped
+    if this goes on. Its text is made from ``record``, the warning (memory_warn, psi_warn)."""
+
+    guard: str
+    uid: int
+    record: Record
+
+
 Action = SendSignal | ReleaseMemory | KillCgroup | RunHook
 """What an executor carries out (``uoomd/executor.py``)."""
 
-Output = Action | Notify | Record
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HoldForHook:
+    """Start ``hook`` (before_kill), and carry out ``then`` (the SIGTERM, its notice, what follows it)
+    once the hook exits or after ``hook.timeout_s``, whichever is first; at once when the guard's
+    next signal comes first (the kill level meanwhile). The loop never waits (uoomd/beforekill.py)."""
+
+    guard: str
+    hook: RunHook
+    then: tuple[Action | Notify, ...]
+
+
+Output = Action | Notify | NotifyWarning | HoldForHook | Record
 """What :func:`uoomd.decision.step` returns, in the order it happens: a decision's record first,
-then its signal, the notice of that signal, then the release and the hook."""
+then its signal (held behind a before_kill hook: HoldForHook), the notice of that signal, then
+the release and the hook."""

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterable
 
 
-def replace_file(dir_fd: int, name: str, payload: bytes, *, mode: int, exact_mode: bool) -> None:
-    """Write ``payload`` as ``name`` under ``dir_fd`` via a temp file renamed over it; raises OSError.
+def replace_file(dir_fd: int, name: str, payload: bytes | Iterable[bytes], *, mode: int, exact_mode: bool) -> None:
+    """Write ``payload`` (or its chunks, in order: a trace is written as it is encoded) as ``name``
+    under ``dir_fd`` via a temp file renamed over it; raises OSError.
 
     ``mode`` is the temp file's creation mode (the umask applies); ``exact_mode`` fchmods it
     to ``mode`` as well, whatever the daemon's umask. The temp file is removed on any failure."""
@@ -29,9 +31,10 @@ def replace_file(dir_fd: int, name: str, payload: bytes, *, mode: int, exact_mod
         try:
             if exact_mode:
                 os.fchmod(fd, mode)
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(fd, view) :]
+            for chunk in (payload,) if isinstance(payload, bytes) else payload:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
         finally:
             os.close(fd)
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)

@@ -19,17 +19,19 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from uoomd import decision, pacing
+from uoomd import decision, pacing, thrash
+from uoomd.actions import Output
 from uoomd.carrier import Carrier, Notices
 from uoomd.decision import Phase, State
 from uoomd.errors import ExitCode, PolicyError, SetupError
 from uoomd.executor import Executor, LiveExecutor
+from uoomd.flight import FlightRecorder
 from uoomd.logs import Log, Throttle, configure
 from uoomd.metrics.collector import Metrics
 from uoomd.metrics.outlets import MetricsOutlets
 from uoomd.plan import GuardPlan, Plan
 from uoomd.policy.isolated import CheckResult, PolicyCheck, load_plan_isolated
-from uoomd.readings import GuardReading, Observation
+from uoomd.readings import GuardReading, Observation, ProcessKey
 from uoomd.reload import Reloads, StartCheck
 from uoomd.service import Notifier, Renaming, protect_self
 from uoomd.sources import cgroup as cgroup_source
@@ -114,7 +116,9 @@ class Daemon:
         self._quiet_since: float | None = None  # since when polls take the quiet path (_quiet_tick)
         self.page_size = procfs.read_page_size()
         self.recent = Recent()
-        self.carrier = Carrier(executor=executor, log=log, recent=self.recent, clock=clock, forget=self.warm.forget)
+        self.carrier = Carrier(executor=executor, log=log, recent=self.recent, clock=clock, forget=self._victim_gone)
+        # record_on_decision: the last minutes kept, written as a trace after each decision (uoomd/flight.py).
+        self.flight = FlightRecorder(plan, log=log, started_at=clock(), page_size=self.page_size, proc_root=proc_root)
         self._state_written_at = float("-inf")
         self._state_marker: tuple[bool, int] = (False, 0)
         self.last_reload: ReloadRecord | None = None  # in the state file, for `uoomd reload`
@@ -152,6 +156,8 @@ class Daemon:
             watch.close()
         self.watches = []
         self.warm.close()
+        self.carrier.close()
+        self.flight.close()
         self.executor.close()
         if self.desktop is not None:
             self.desktop.close()
@@ -250,8 +256,9 @@ class Daemon:
         return not any(watch.has_polled_trigger for watch in self.watches)
 
     def _children_running(self) -> bool:
-        """Hooks or desktop-notice children the loop must reap."""
-        return self.executor.hooks_running() or (self.desktop is not None and self.desktop.running > 0)
+        """Hooks, desktop-notice or trace-writing children the loop must reap."""
+        notices = self.desktop is not None and self.desktop.running > 0
+        return self.executor.hooks_running() or notices or self.flight.running > 0
 
     def _quiet_tick(self, now: float) -> float | None:
         """A poll far from every level: read memory, check it is still far, sleep. None: do a full tick.
@@ -274,6 +281,7 @@ class Daemon:
             if pacing.full_tick_needed(memory, watch.guard):  # a warm ranking, or an eta's trend
                 return None
             watch.remember(memory, now)
+            self.flight.memory(now, watch.guard.name, memory, state=self.state)
             self.metrics.observe_guard(watch.guard, memory, None, phase=Phase.IDLE, scope_present=True)
         self.notifier.watchdog(now)
         return self._next_timeout(now)
@@ -299,12 +307,15 @@ class Daemon:
         )
         # Far from every level with nothing in flight, step() would change nothing (is_quiet()
         # says so, and a property test holds it to that): a poll at poll_max stays cheap.
+        before, outputs = self.state, list[Output]()
         if rankings or not decision.is_quiet(self.state, obs, self.plan):
             self.state, outputs = decision.step(self.state, obs, self.plan, rankings)
             self.carrier.carry_out(outputs, tick_at=tick_at)
             self.executor.keep_only(self.state.in_flight())
-        for result in self.executor.poll(now):
-            self.carrier.log_result(result)
+        self.carrier.poll(now, in_flight=self.state.in_flight())  # hooks reaped, held SIGTERMs released
+        # After the signals: a decision's trace is written by a child, never by the loop.
+        self.flight.tick(now, before=before, readings=readings, rankings=rankings, alive=alive, outputs=outputs)
+        self.flight.poll(now)
         if self.desktop is not None:
             self.desktop.poll(now)
         self._observe(readings)
@@ -376,6 +387,11 @@ class Daemon:
     def _read(self, watch: GuardWatch, now: float) -> GuardReading | None:
         return watch.read(now, proc_root=self.proc_root, log=self.log, on_error=self._source_failed)
 
+    def _victim_gone(self, key: ProcessKey) -> None:
+        """A victim found gone when signalled: the warm ranking and the flight recorder forget it."""
+        self.warm.forget(key)
+        self.flight.gone(self.clock(), key)
+
     def _source_failed(self, key: str, event: str = "source_error", **facts: object) -> None:
         """A source that could not be read: counted each time, logged once per ERROR_LOG_INTERVAL_S."""
         if event == "reading_failed":
@@ -398,11 +414,18 @@ class Daemon:
                 continue
             dt = watch.last_at - watch.previous_at if watch.previous is not None else 0.0
             sleep_s = pacing.next_poll_s(watch.last, watch.previous, dt, watch.guard, self.plan.daemon)
-            if self.state.guard(watch.guard.name).phase is not Phase.IDLE:
+            gs = self.state.guard(watch.guard.name)
+            cap = thrash.poll_cap_s(watch.guard, sustaining=any(t.active_since is not None for t in gs.psi))
+            if gs.phase is not Phase.IDLE:
                 sleep_s = self.plan.daemon.poll_min_s
+            elif cap is not None:
+                sleep_s = min(sleep_s, cap)
             timeouts.append(sleep_s)
         if self._children_running():
             timeouts.append(HOOK_POLL_S)
+        release_at = self.carrier.next_release()
+        if release_at is not None:
+            timeouts.append(max(0.0, release_at - now))  # a SIGTERM held behind before_kill goes then
         ping_in = self.notifier.watchdog_due_in(now)
         if ping_in is not None:
             timeouts.append(ping_in)  # never sleep past a watchdog ping
@@ -454,6 +477,7 @@ class Daemon:
         self.metrics.observe_plan(new_plan)
         self.outlets.configure(old_daemon, new_plan.daemon)
         self.warm.drop()  # ranked with the old plan's rules
+        self.flight.reset(new_plan)  # a trace is replayed under one policy
         self._quiet_since = None
         self.board = StatusBoard(new_plan.daemon.state_file, self.log)
         self.log.info("policy_reloaded", policy=new_plan.source, guards=[g.name for g in new_plan.guards])

@@ -21,13 +21,28 @@ from enum import StrEnum
 from typing import assert_never
 
 from uoomd import pacing, trend
-from uoomd.actions import Action, KillCgroup, Notify, Output, Record, ReleaseMemory, RunHook, SendSignal
+from uoomd.actions import (
+    Action,
+    HoldForHook,
+    KillCgroup,
+    Notify,
+    NotifyWarning,
+    Output,
+    Record,
+    ReleaseMemory,
+    RunHook,
+    SendSignal,
+)
 from uoomd.plan import EtaAction, GuardPlan, Plan, PsiAction, PsiTriggerPlan, VictimKind
 from uoomd.readings import GuardReading, MemoryReading, Observation, ProcessInfo, ProcessKey, Snapshot
 from uoomd.scoring import Candidate, Ranking
+from uoomd.thrash import gate_bytes_per_s, has_refault_gate, refault_gate_open
 from uoomd.trend import Trend
 
 RATE_WINDOW_S = 60.0  # max_kills_per_minute counts victims chosen in this sliding window
+# A warning that reaches people (the warn level, a PSI warn trigger) is said at most this often
+# per guard: it names the likely victim (a current ranking, a scan) and may send a desktop notice.
+WARN_INTERVAL_S = 60.0
 
 SIGTERM = int(signal.SIGTERM)
 SIGKILL = int(signal.SIGKILL)
@@ -48,6 +63,8 @@ class Event(StrEnum):
     PSI_TERM = "psi_term"  # a PSI trigger with action "term" sustained, below the PSI memory gate
     PSI_KILL = "psi_kill"
     PSI_WARN = "psi_warn"
+    PSI_HELD = "psi_held"  # a term/kill trigger sustained below psi_mem_gate, held back by psi_refault_gate
+    WARN_LEVEL = "memory_warn"  # available (and swap, where swap_free_warn is set) below the warn level
     # mem_available_eta: the observed fall reaches the kill level within eta, sustained
     # (uoomd/trend.py), with the guard's eta action term or kill; also above the term level.
     ETA_TERM = "eta_term"
@@ -84,6 +101,8 @@ class Transition:
 
 _COMMON: dict[tuple[Phase, Event], Transition] = {
     (Phase.IDLE, Event.PSI_WARN): Transition(Phase.IDLE, Response.WARN),
+    (Phase.IDLE, Event.PSI_HELD): Transition(Phase.IDLE, Response.WARN),
+    (Phase.IDLE, Event.WARN_LEVEL): Transition(Phase.IDLE, Response.WARN),
     (Phase.TERM_SENT, Event.VICTIM_EXITED): Transition(Phase.RECOVERING, Response.NONE),
     # Escalate the same victim; never a second SIGTERM (earlyoom#373: a process that
     # ignores SIGTERM was sent SIGTERM again and again while memory ran out).
@@ -140,6 +159,14 @@ DRY_RUN_TABLE: Mapping[tuple[Phase, Event], Transition] = {
 }
 """The dry-run table: the same decisions, parked in ``audit_hold`` instead of waiting for an exit."""
 
+# The record each warning-only event logs (named here as written: the README's events table is
+# checked against the code's literals, tests/unit/test_readme_tables.py).
+_WARN_RECORDS: Mapping[Event, str] = {
+    Event.PSI_WARN: "psi_warn",
+    Event.PSI_HELD: "psi_held",
+    Event.WARN_LEVEL: "memory_warn",
+}
+
 _CHOOSING = frozenset({Response.TERM, Response.KILL, Response.WOULD_TERM, Response.WOULD_KILL})
 _HOLDING = frozenset({Phase.TERM_SENT, Phase.KILL_SENT, Phase.AUDIT_HOLD})  # phases with an in-flight victim
 CHOOSERS = frozenset({Phase.IDLE, Phase.RECOVERING})  # phases with no victim in flight: a crossing picks one
@@ -171,6 +198,7 @@ class GuardState:
     # again while the episode lasts, so a member still exiting gets no second SIGTERM.
     signalled: frozenset[ProcessKey] = frozenset()
     trend: Trend = field(default_factory=Trend)  # mem_available_eta's readings; empty without an eta or far from it
+    warned_at: float | None = None  # when a warning (memory_warn, psi_warn) was last said: WARN_INTERVAL_S apart
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -222,6 +250,7 @@ class Levels:
     term_crossed: bool
     kill_crossed: bool
     memory_back: bool
+    warn_crossed: bool = False  # below the warn level (mem_available_warn, and swap_free_warn if set)
 
 
 def levels(reading: MemoryReading, guard: GuardPlan) -> Levels:
@@ -243,6 +272,21 @@ def levels(reading: MemoryReading, guard: GuardPlan) -> Levels:
         term_crossed=avail < term_bytes and (no_swap or swap_free < swap_term),
         kill_crossed=avail < kill_bytes and (no_swap or swap_free < swap_kill),
         memory_back=avail >= term_bytes and (no_swap or swap_free >= swap_term),
+        warn_crossed=_warn_crossed(reading, guard),
+    )
+
+
+def _warn_crossed(reading: MemoryReading, guard: GuardPlan) -> bool:
+    """Below the warn level: memory, and swap too where swap_free_warn is set and there is swap."""
+    if guard.mem_available_warn is None:
+        return False
+    if reading.available_bytes >= guard.mem_available_warn.resolve_bytes(reading.total_bytes):
+        return False
+    swap = guard.swap_free_warn
+    return (
+        swap is None
+        or reading.swap_total_bytes == 0
+        or reading.swap_free_bytes < swap.resolve_bytes(reading.swap_total_bytes)
     )
 
 
@@ -322,7 +366,8 @@ def _detect(gs: GuardState, ctx: _Ctx) -> _Detected:
                 return _Detected(event=Event.VICTIM_LEFT, trigger=gs.trigger)
             if lv is not None and lv.kill_crossed:
                 return _Detected(event=Event.KILL_LEVEL, trigger="mem_available_kill")
-            if elapsed_s >= esc.term_timeout_s:
+            # A before_kill hook may hold the SIGTERM this long: the victim's term_timeout starts after it.
+            if elapsed_s >= esc.term_timeout_s + _hold_budget_s(ctx.plan):
                 return _Detected(event=Event.TERM_TIMEOUT, trigger="term_timeout")
         case Phase.KILL_SENT:
             if gs.victim is None or gs.victim.key not in obs.alive:
@@ -335,7 +380,7 @@ def _detect(gs: GuardState, ctx: _Ctx) -> _Detected:
             if lv is not None and lv.memory_back:
                 return _Detected(event=Event.MEMORY_BACK, trigger=gs.trigger)
             crossing = _detect_idle(gs, ctx)
-            if crossing.event is not None and crossing.event is not Event.PSI_WARN:
+            if crossing.event is not None and crossing.event not in (Event.PSI_WARN, Event.PSI_HELD, Event.WARN_LEVEL):
                 return crossing
             if elapsed_s >= esc.kill_timeout_s:
                 return _Detected(event=Event.RECOVERY_TIMEOUT, trigger=gs.trigger)
@@ -360,10 +405,17 @@ def _detect_idle(gs: GuardState, ctx: _Ctx) -> _Detected:
         return _Detected(event=Event.KILL_LEVEL, trigger="mem_available_kill")
     active = [(i, t) for i, t in enumerate(guard.psi) if i < len(gs.psi) and sustained(gs.psi[i], t, now)]
     # nohang#25: PSI alone hit busy but healthy machines; it acts only when memory is short too.
-    gated = reading.memory.available_bytes < lv.gate_bytes
-    psi_kill = [(i, t) for i, t in active if t.action is PsiAction.KILL and gated]
+    # And short memory with a stall is not yet a thrash: a job pushing its cold pages out to
+    # swap stalls in reclaim too (issue 18); the refault gate waits for evicted pages coming
+    # back (uoomd/thrash.py). An ungated trigger is the backstop on a long stall.
+    memory_short = reading.memory.available_bytes < lv.gate_bytes
+    refaults_known = reading.memory.refault_bytes is not None
+    thrashing = refault_gate_open(guard, reading, now)
+    open_to = [(i, t) for i, t in active if not t.gated or (memory_short and thrashing)]
+    thrash_facts = _refault_facts(guard, reading, now) if refaults_known and has_refault_gate(guard) else ()
+    psi_kill = [(i, t) for i, t in open_to if t.action is PsiAction.KILL]
     if psi_kill:
-        return _Detected(event=Event.PSI_KILL, trigger=describe_psi(*psi_kill[0]))
+        return _Detected(event=Event.PSI_KILL, trigger=describe_psi(*psi_kill[0]), facts=thrash_facts)
     eta = guard.eta
     eta_reached = eta is not None and trend.reached(gs.trend, eta, now)
     if eta_reached and eta is not None and eta.action is EtaAction.KILL:
@@ -372,14 +424,31 @@ def _detect_idle(gs: GuardState, ctx: _Ctx) -> _Detected:
         return _Detected(event=Event.TERM_LEVEL, trigger="mem_available_term")
     if eta_reached:
         return _Detected(event=Event.ETA_TERM, trigger="mem_available_eta", facts=_eta_facts(gs.trend))
-    psi_term = [(i, t) for i, t in active if t.action is PsiAction.TERM and gated]
+    psi_term = [(i, t) for i, t in open_to if t.action is PsiAction.TERM]
     if psi_term:
-        return _Detected(event=Event.PSI_TERM, trigger=describe_psi(*psi_term[0]))
+        return _Detected(event=Event.PSI_TERM, trigger=describe_psi(*psi_term[0]), facts=thrash_facts)
+    # Sustained with memory short, held back by the refault gate alone: said once per
+    # episode, so the log shows what the gate spared (and a replay what it would have done).
+    held = [(i, t) for i, t in active if t.action is not PsiAction.WARN and memory_short and not thrashing]
+    if held:
+        return _Detected(event=Event.PSI_HELD, trigger=describe_psi(*held[0]), facts=thrash_facts)
+    if lv.warn_crossed:
+        return _Detected(event=Event.WARN_LEVEL, trigger="mem_available_warn")
     # A warning acts on nothing, so it is not gated: it is how a user learns the trigger fires.
     warn = [(i, t) for i, t in active if t.action is PsiAction.WARN]
     if warn:
         return _Detected(event=Event.PSI_WARN, trigger=describe_psi(*warn[0]))
     return _Detected(event=None, trigger="")
+
+
+def _refault_facts(guard: GuardPlan, reading: GuardReading, now: float) -> tuple[tuple[str, object], ...]:
+    rate = reading.refault_rate
+    since = reading.refault_above_since
+    return (
+        ("refault_bytes_per_s", None if rate is None else int(rate)),
+        ("refault_gate_bytes_per_s", gate_bytes_per_s(guard, reading.memory.total_bytes)),
+        ("refault_above_s", None if since is None else round(now - since, 3)),
+    )
 
 
 def _eta_facts(t: Trend) -> tuple[tuple[str, object], ...]:
@@ -465,7 +534,7 @@ def is_quiet(state: State, obs: Observation, plan: Plan) -> bool:
         if gs.trend.samples or pacing.eta_watch_needed(reading.memory, guard):
             return False  # the trend is sampled at every reading near its eta (advance_trend())
         lv = levels(reading.memory, guard)
-        if lv.term_crossed or lv.kill_crossed:
+        if lv.term_crossed or lv.kill_crossed or lv.warn_crossed:
             return False
     return True
 
@@ -517,8 +586,8 @@ def needs(state: State, obs: Observation, plan: Plan) -> dict[str, Need]:
         chooses_now = choosing and (len(kill_times) < plan.escalation.max_kills_per_minute or at_kill)
         escalates_group = response in (Response.KILL, Response.WOULD_KILL) and guard.victim is not VictimKind.PROCESS
         gated = reading.memory.available_bytes < guard.psi_mem_gate.resolve_bytes(reading.memory.total_bytes)
-        if chooses_now or escalates_group:
-            out[guard.name] = Need.NOW
+        if chooses_now or escalates_group or (response is Response.WARN and _warning_due(gs, detected.event, obs.now)):
+            out[guard.name] = Need.NOW  # a warning due names the likely victim
         elif gs.phase is not Phase.IDLE or choosing or pacing.warm_ranking_needed(reading.memory, guard):
             out[guard.name] = Need.WARM
         elif any(t.active_since is not None for t in gs.psi) and gated:
@@ -558,10 +627,13 @@ def _step_guard(gs: GuardState, ctx: _Ctx) -> tuple[GuardState, list[Output], bo
         return _choose(gs, ctx, transition, detected.trigger, detected.facts)
     match response:
         case Response.WARN:
-            if "psi_warn" in gs.noted:
+            name = _WARN_RECORDS[detected.event]
+            if name in gs.noted:
                 return gs, [], False
-            rec = Record(event="psi_warn", fields=_decision_fields(ctx, detected.trigger, None, Response.WARN))
-            return replace(gs, noted=gs.noted | {"psi_warn"}), [rec], False
+            if detected.event in _WARNINGS:
+                return _warn(gs, ctx, detected)
+            fields = (*_decision_fields(ctx, detected.trigger, None, Response.WARN), *detected.facts)
+            return replace(gs, noted=gs.noted | {name}), [Record(event=name, fields=fields)], False
         case Response.KILL | Response.WOULD_KILL:  # escalation of the in-flight victim
             assert gs.victim is not None
             response = Response.WOULD_KILL if ctx.plan.daemon.dry_run else Response.KILL
@@ -704,6 +776,14 @@ def _choose(
     # signal_act was delivered (a victim already gone was killed by nobody).
     notify = ctx.plan.daemon.notify_desktop and not ctx.plan.daemon.dry_run
     notices = [Notify(guard=ctx.guard.name, after=signal_act, record=rec)] if notify else []
+    # The notice (a fork and a D-Bus call) goes last: after SIGKILL, process_mrelease() must
+    # not wait for it.
+    then: list[Output] = [signal_act, *follow, *notices]
+    if isinstance(signal_act, SendSignal) and sig == SIGTERM and _hold_budget_s(ctx.plan) > 0:
+        # before_kill gathers its facts while the victim still runs; the SIGTERM and what
+        # follows it wait for the hook. At the kill level (SIGKILL) nothing waits.
+        hook = _hook(ctx, victim, sig, trigger, signal_act.victim_kind, stage="before_kill")
+        then = [HoldForHook(guard=ctx.guard.name, hook=hook, then=(signal_act, *follow, *notices))]
     new = replace(
         gs,
         phase=transition.next,
@@ -713,7 +793,43 @@ def _choose(
         noted=frozenset(),
         signalled=gs.signalled | group,
     )
-    return new, [rec, signal_act, *notices, *follow], True
+    return new, [rec, *then], True
+
+
+_WARNINGS = frozenset({Event.WARN_LEVEL, Event.PSI_WARN})  # what reaches people: the likely victim named
+
+
+def _warning_due(gs: GuardState, event: Event | None, now: float) -> bool:
+    """A warning not yet said in this episode, and none said by this guard in the last WARN_INTERVAL_S."""
+    if event not in _WARNINGS or str(event) in gs.noted:
+        return False
+    return gs.warned_at is None or now - gs.warned_at >= WARN_INTERVAL_S
+
+
+def _warn(gs: GuardState, ctx: _Ctx, detected: _Detected) -> tuple[GuardState, list[Output], bool]:
+    """The warn level or a PSI warn trigger: a record naming the likely victim, and for its owner a
+    notice, at most once an episode and once a WARN_INTERVAL_S per guard. A notice promises a
+    SIGTERM "if this goes on": never in a dry run, which sends none (as the kill notice)."""
+    now = ctx.obs.now
+    if not _warning_due(gs, detected.event, now):
+        return gs, [], False  # said less than a minute ago: said again once the minute is over
+    excluded = gs.stuck | ctx.stuck_elsewhere | ctx.others | gs.signalled | ctx.obs.ineligible
+    best = (ctx.ranking or _empty_ranking(ctx.guard.name)).top(2, excluded)
+    victim = best[0] if best else None
+    name = str(detected.event)
+    fields = _decision_fields(
+        ctx, detected.trigger, victim, Response.WARN, runner_up=best[1] if len(best) > 1 else None
+    )
+    rec = Record(event=name, fields=(*fields, *detected.facts))
+    out: list[Output] = [rec]
+    if victim is not None and ctx.plan.daemon.notify_desktop and not ctx.plan.daemon.dry_run:
+        out.append(NotifyWarning(guard=ctx.guard.name, uid=int(victim.process.uid), record=rec))
+    return replace(gs, noted=gs.noted | {name}, warned_at=now), out, False
+
+
+def _hold_budget_s(plan: Plan) -> float:
+    """How long a before_kill hook may hold a SIGTERM: its timeout, or 0 (none, or a dry run, which runs no hook)."""
+    return plan.hooks.before_kill_timeout_s if plan.hooks.before_kill and not plan.daemon.dry_run else 0.0
 
 
 def _empty_ranking(guard: str) -> Ranking:
@@ -781,9 +897,13 @@ def _signal_actions(
     return signal_act, follow, signalled
 
 
-def _hook(ctx: _Ctx, victim: Candidate, sig: int, trigger: str, kind: VictimKind) -> RunHook:
+def _hook(
+    ctx: _Ctx, victim: Candidate, sig: int, trigger: str, kind: VictimKind, *, stage: str = "after_kill"
+) -> RunHook:
+    """The after_kill hook of a signal sent, or (``stage`` before_kill) the hook that holds a SIGTERM."""
     proc = victim.process
     env = (
+        ("UOOMD_HOOK", stage),
         ("UOOMD_GUARD", ctx.guard.name),
         ("UOOMD_PID", str(proc.pid)),
         ("UOOMD_STARTTIME", str(proc.starttime_ticks)),
@@ -796,6 +916,9 @@ def _hook(ctx: _Ctx, victim: Candidate, sig: int, trigger: str, kind: VictimKind
         ("UOOMD_RSS_BYTES", str(proc.rss_bytes)),
         ("UOOMD_CGROUP", proc.cgroup or ""),
     )
+    if stage == "before_kill":
+        hooks = ctx.plan.hooks
+        return RunHook(guard=ctx.guard.name, argv=hooks.before_kill, env=env, timeout_s=hooks.before_kill_timeout_s)
     return RunHook(guard=ctx.guard.name, argv=ctx.plan.hooks.after_kill, env=env)
 
 

@@ -1,4 +1,5 @@
-"""Desktop notices: tell the logged-in users, over their D-Bus session bus, that uoomd killed something.
+"""Desktop notices: tell the logged-in users, over their D-Bus session bus, that uoomd killed something, or
+(a warning) that it will if this goes on.
 
 The notice's text, the one blocking conversation a notice child has with a bus (its bytes
 are uoomd/dbus.py's), and the service that forks and reaps those children.
@@ -71,6 +72,28 @@ def kill_notice(facts: dict[str, object]) -> tuple[str, str]:
     body = (
         f"{verb} {name} (pid {pid}{size}) to keep the system responsive.\n"
         f"guard {markup_safe(str(facts.get('guard', '?')))}{avail}; see `journalctl -u uoomd`."
+    )
+    return summary, body
+
+
+def _size(rss: object) -> str:
+    """2.1 GiB, 340 MiB: as a person reads a process's size."""
+    if not isinstance(rss, int) or isinstance(rss, bool) or rss < 0:
+        return "?"
+    return f"{rss / (1 << 30):.1f} GiB" if rss >= 1 << 30 else f"{rss / (1 << 20):.0f} MiB"
+
+
+def warn_notice(facts: dict[str, object]) -> tuple[str, str]:
+    """(summary, body) for a warning's facts (memory_warn, psi_warn), naming the likely victim:
+    "Memory low: firefox (2.1 GiB) will be stopped if this goes on"."""
+    name = markup_safe(str(facts.get("name", "?")))
+    summary = f"Memory low: {name} ({_size(facts.get('rss_bytes'))}) will be stopped if this goes on"
+    fraction = facts.get("available_fraction")
+    avail = f"{float(fraction) * 100:.1f}% of memory available" if isinstance(fraction, int | float) else "memory low"
+    trigger = markup_safe(str(facts.get("trigger", "?")))
+    body = (
+        f"{avail} (guard {markup_safe(str(facts.get('guard', '?')))}, {trigger}). "
+        "Closing something you do not need now frees memory; see `journalctl -u uoomd`."
     )
     return summary, body
 
@@ -193,10 +216,14 @@ class DesktopNotices:
     def running(self) -> int:
         return len(self._children)
 
-    def notify(self, summary: str, body: str, *, urgency: int = URGENCY_CRITICAL, now: float) -> None:
-        buses = find_session_buses(self._run_user)
+    def notify(
+        self, summary: str, body: str, *, urgency: int = URGENCY_CRITICAL, now: float, uid: int | None = None
+    ) -> None:
+        """To every logged-in user's bus, or (``uid``) to that user's only."""
+        buses = [b for b in find_session_buses(self._run_user) if uid is None or b.uid == uid]
         if not buses:
-            self._log.info("desktop_notice_skipped", reason="no session bus", run_user=self._run_user)
+            reason = "no session bus" if uid is None else "no session bus of that user"
+            self._log.info("desktop_notice_skipped", reason=reason, run_user=self._run_user, uid=uid)
             return
         busy = {child.bus.path for child in self._children}
         for bus in buses:

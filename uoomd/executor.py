@@ -99,7 +99,7 @@ class LiveExecutor:
             case KillCgroup():
                 return self._kill_cgroup(action)
             case RunHook():
-                handle = self.hooks.start(action.argv, action.env, time.monotonic())
+                handle = self.hooks.start(action.argv, action.env, time.monotonic(), action.timeout_s)
                 if handle.result is not None:
                     return handle.result
                 return make_result(ActionKind.HOOK, Outcome.STARTED, pid=handle.pid, argv0=action.argv[0])

@@ -161,8 +161,11 @@ class HookRunner:
         self.timeout_s = timeout_s
         self.running: list[HookHandle] = []
 
-    def start(self, argv: tuple[str, ...], env: Iterable[tuple[str, str]], now: float) -> HookHandle:
-        handle = run_hook(argv, env, self.timeout_s, now)
+    def start(
+        self, argv: tuple[str, ...], env: Iterable[tuple[str, str]], now: float, timeout_s: float | None = None
+    ) -> HookHandle:
+        """``timeout_s``: this hook's own (before_kill's); None: the runner's."""
+        handle = run_hook(argv, env, self.timeout_s if timeout_s is None else timeout_s, now)
         if handle.result is None:
             self.running.append(handle)
         return handle

@@ -103,5 +103,8 @@ def eta_watch_needed(reading: MemoryReading, guard: GuardPlan) -> bool:
 
 
 def full_tick_needed(reading: MemoryReading, guard: GuardPlan) -> bool:
-    """Whether the daemon's poll must step the core: a ranking is kept warm, or the trend is watched."""
-    return warm_ranking_needed(reading, guard) or eta_watch_needed(reading, guard)
+    """Whether the daemon's poll must step the core: a ranking is kept warm, the trend is watched,
+    or memory is below the warn level (the core's memory_warn; swap, if it counts, is its to judge)."""
+    warn = guard.mem_available_warn
+    below_warn = warn is not None and reading.available_bytes < warn.resolve_bytes(reading.total_bytes)
+    return below_warn or warm_ranking_needed(reading, guard) or eta_watch_needed(reading, guard)

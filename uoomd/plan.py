@@ -81,6 +81,7 @@ class PsiTriggerPlan:
     window_us: int
     sustain_s: float
     action: PsiAction
+    gated: bool = True  # False: a backstop that acts whatever psi_mem_gate and psi_refault_gate say
 
     def describe(self) -> str:
         return f"{self.kind} {self.stall_us} {self.window_us}"
@@ -98,6 +99,14 @@ class GuardPlan:
     min_badness: int = 0
     ignore_positive_adj: bool = False
     psi_mem_gate: Amount = field(default_factory=lambda: Amount(fraction=0.2))
+    # The warn level (above the term level): a record and a notice to the likely victim's owner,
+    # no signal. None: no warn level. swap_free_warn None: memory alone decides the warning.
+    mem_available_warn: Amount | None = None
+    swap_free_warn: Amount | None = None
+    # Gated PSI triggers act only while refaults come at least this fast, per second
+    # (uoomd/thrash.py); 0 bytes: no refault gate.
+    psi_refault_gate: Amount = field(default_factory=lambda: Amount(bytes=0))
+    psi_refault_sustain_s: float = 0.0  # ... and have kept coming that fast this long
     psi: tuple[PsiTriggerPlan, ...] = ()
     eta: EtaPlan | None = None  # mem_available_eta: act on the trend (uoomd/trend.py); None: levels only
 
@@ -157,6 +166,12 @@ class DaemonPlan:
     metrics_file: str | None = None  # the node_exporter textfile (uoomd/metrics/textfile.py); None: not written
     metrics_listen: str | None = None  # "127.0.0.1:9595", "[::1]:9595" or a unix socket path; None: no listener
     metrics_interval_s: float = 5.0  # the textfile is rewritten at most this often
+    # record_on_decision: the last record_window_s of readings and rankings kept in memory and
+    # written as a trace into record_dir after each decision, the newest record_keep kept (uoomd/flight.py).
+    record_on_decision: bool = False
+    record_dir: str = "/var/lib/uoomd/traces"
+    record_window_s: float = 120.0
+    record_keep: int = 10
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -170,6 +185,10 @@ class EscalationPlan:
 class HooksPlan:
     after_kill: tuple[str, ...] = ()
     timeout_s: float = 10.0
+    # Run when a SIGTERM victim is chosen; the SIGTERM waits until it exits or for
+    # before_kill_timeout_s, whichever is first (uoomd/beforekill.py). Never at the kill level.
+    before_kill: tuple[str, ...] = ()
+    before_kill_timeout_s: float = 2.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -22,6 +22,10 @@ class MemoryReading:
     available_bytes: int
     swap_total_bytes: int
     swap_free_bytes: int
+    # Pages evicted and then faulted back in, since boot (the cgroup's: since it was made), in
+    # bytes: workingset_refault_anon + _file. None where the scope has no such counters, or
+    # where nothing asked for them (uoomd/thrash.py, psi_refault_gate).
+    refault_bytes: int | None = None
 
     @property
     def available_fraction(self) -> float:
@@ -120,6 +124,8 @@ class GuardReading:
     memory: MemoryReading
     pressure: PressureReading | None = None
     psi_fired: tuple[int, ...] = ()  # indices into GuardPlan.psi of triggers the kernel fired
+    refault_rate: float | None = None  # bytes/s refaulted over the last second or so (thrash.RefaultMeter)
+    refault_above_since: float | None = None  # since when the rate has stayed at or above psi_refault_gate
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

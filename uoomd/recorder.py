@@ -154,7 +154,7 @@ class Recorder:
     def open(self) -> None:
         now = self.clock()
         for guard in self.plan.guards:
-            self.watches.append(open_watch(guard, proc_root=self.proc_root, now=now, log=self.log))
+            self.watches.append(open_watch(guard, proc_root=self.proc_root, now=now, log=self.log, refaults=True))
         if self.psi_every_poll:
             for watch in self.watches:
                 path = cgroup_source.pressure_path_for(watch.guard.scope, self.proc_root)
@@ -355,11 +355,12 @@ def make_header(plan: Plan, *, policy_text: str | None, psi_every_poll: bool, pr
         policy_text=policy_text,
         details=procfs.DETAILS,
         psi_every_poll=psi_every_poll,
-        guards=tuple(_trace_guard(g) for g in plan.guards),
+        guards=tuple(trace_guard(g) for g in plan.guards),
     )
 
 
-def _trace_guard(guard: GuardPlan) -> TraceGuard:
+def trace_guard(guard: GuardPlan) -> TraceGuard:
+    """A guard as a trace's header names it (the daemon's own traces too: uoomd/flight.py)."""
     return TraceGuard(
         name=guard.name,
         scope=guard.scope.describe(),

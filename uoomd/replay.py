@@ -26,8 +26,18 @@ from uoomd.plan import GuardPlan, Plan
 from uoomd.readings import GuardReading, Observation, ProcessKey
 from uoomd.scoring import Candidate, Exclusion, Ranking, score_process, victim_order
 from uoomd.sources.psi import PsiWindow
+from uoomd.thrash import RefaultMeter, advance, gate_bytes_per_s
 from uoomd.trace import TraceError
-from uoomd.tracelines import CandidatesLine, DecisionLine, EndLine, ExitLine, Header, ReadingLine, TraceItem
+from uoomd.tracelines import (
+    RECORDED_BY_UOOMD,
+    CandidatesLine,
+    DecisionLine,
+    EndLine,
+    ExitLine,
+    Header,
+    ReadingLine,
+    TraceItem,
+)
 
 DECISIONS = frozenset({"victim_chosen", "victim_escalated"})
 # Two decisions of two policies for the same guard, on different victims, within this many
@@ -107,6 +117,7 @@ class _GuardReplay:
     recorded_psi: bool  # the trace's `fired` are this guard's own triggers
     computed: list[_ComputedTrigger] = field(default_factory=list)
     ranking: Ranking | None = None
+    refaults: RefaultMeter = field(default_factory=RefaultMeter)  # as the daemon's GuardWatch keeps it
     line: CandidatesLine | None = None
     crossed: tuple[bool, bool] = (False, False)  # term, kill
     readings: int = 0
@@ -137,7 +148,7 @@ def _map_guards(plan: Plan, header: Header, notes: list[str]) -> dict[str, _Guar
                 "its levels are resolved against the recorded totals"
             )
         own = tuple(_trigger_text(guard, i) for i in range(len(guard.psi)))
-        recorded = own == source.psi and header.source == "uoomd record"
+        recorded = own == source.psi and header.source in RECORDED_BY_UOOMD
         replay = _GuardReplay(plan=guard, source=source.name, recorded_psi=recorded)
         if guard.psi and not recorded:
             replay.computed = [_ComputedTrigger(t.stall_us, t.window_us, str(t.kind)) for t in guard.psi]
@@ -248,7 +259,18 @@ class _Replayer:
             if line is None:
                 continue
             fired = line.fired if g.recorded_psi else tuple(i for i, c in enumerate(g.computed) if c.fired(at, line))
-            observed.append(GuardReading(guard=name, memory=line.memory, pressure=line.pressure, psi_fired=fired))
+            gate = gate_bytes_per_s(g.plan, line.memory.total_bytes)
+            g.refaults = advance(g.refaults, line.memory.refault_bytes, at, gate_bytes_per_s=gate)
+            observed.append(
+                GuardReading(
+                    guard=name,
+                    memory=line.memory,
+                    pressure=line.pressure,
+                    psi_fired=fired,
+                    refault_rate=g.refaults.rate,
+                    refault_above_since=g.refaults.above_since,
+                )
+            )
             self.moments += _watch_levels(g, at, line, fired)
         alive = frozenset(k for k in self.state.in_flight() if k not in self.exited)
         obs = Observation(now=at, guards=tuple(observed), alive=alive)

@@ -12,6 +12,7 @@ from typing import Any
 from uoomd.decision import levels
 from uoomd.plan import Amount, GuardPlan, PsiAction, PsiTriggerPlan
 from uoomd.readings import MemoryReading
+from uoomd.thrash import gate_bytes_per_s, has_refault_gate
 from uoomd.units import format_bytes, format_duration
 
 SIGNALS_OFF = "dry-run: nothing will be signalled"
@@ -36,8 +37,33 @@ def _psi_text(index: int, trigger: PsiTriggerPlan, gate: str) -> str:
     text = f"psi[{index}] {describe_stall(str(trigger.kind), trigger.stall_us, trigger.window_us)}"
     if trigger.sustain_s:
         text += f" for {format_duration(trigger.sustain_s)}"
-    # decision._detect_idle: term and kill act only below the PSI memory gate; warn always says so.
-    return f"{text}: {trigger.action}" + ("" if trigger.action is PsiAction.WARN else f" below {gate} available")
+    # decision._detect_idle: term and kill act only through the gates, unless the trigger is
+    # ungated (a backstop); warn always says so.
+    if trigger.action is PsiAction.WARN:
+        return f"{text}: {trigger.action}"
+    return f"{text}: {trigger.action}" + (f" below {gate}" if trigger.gated else ", ungated")
+
+
+def _refault_text(guard: GuardPlan, memory: MemoryReading | None) -> str:
+    """`` and refaults above 41.0MiB/s`` where the guard has a refault gate (thrash.py)."""
+    if not has_refault_gate(guard):
+        return ""
+    sustain = f" for {format_duration(guard.psi_refault_sustain_s)}" if guard.psi_refault_sustain_s else ""
+    if memory is None:
+        return f" and refaults above {guard.psi_refault_gate.describe()}/s{sustain}"
+    return f" and refaults above {format_bytes(gate_bytes_per_s(guard, memory.total_bytes))}/s{sustain}"
+
+
+def _warn_text(guard: GuardPlan, memory: MemoryReading | None) -> str:
+    """``warn below 4.0GiB (25%) available`` (and swap, where swap_free_warn counts): a notice, no signal."""
+    warn, swap = guard.mem_available_warn, guard.swap_free_warn
+    assert warn is not None
+    if memory is None:
+        return f"warn below {warn.describe()} available" + (f" and {swap.describe()} swap free" if swap else "")
+    text = f"warn below {format_bytes(warn.resolve_bytes(memory.total_bytes))}{_share(warn)} available"
+    if swap is not None and memory.swap_total_bytes:
+        text += f" and {format_bytes(swap.resolve_bytes(memory.swap_total_bytes))}{_share(swap)} swap free"
+    return text
 
 
 def guard_levels(guard: GuardPlan, memory: MemoryReading | None) -> dict[str, Any]:
@@ -49,7 +75,7 @@ def guard_levels(guard: GuardPlan, memory: MemoryReading | None) -> dict[str, An
     term, kill = guard.mem_available_term, guard.mem_available_kill
     if memory is None:
         parts = [f"term below {term.describe()} available, kill below {kill.describe()}"]
-        gate = guard.psi_mem_gate.describe()
+        gate = f"{guard.psi_mem_gate.describe()} available{_refault_text(guard, None)}"
         facts.update(mem_total_bytes=None, mem_available_term_bytes=None, mem_available_kill_bytes=None)
     else:
         lv = levels(memory, guard)
@@ -63,7 +89,7 @@ def guard_levels(guard: GuardPlan, memory: MemoryReading | None) -> dict[str, An
         else:
             text += f", kill below {format_bytes(lv.kill_bytes)}{_share(kill)}; no swap"
         parts = [text]
-        gate = format_bytes(lv.gate_bytes)
+        gate = f"{format_bytes(lv.gate_bytes)} available{_refault_text(guard, memory)}"
         facts.update(
             mem_total_bytes=memory.total_bytes,
             mem_available_term_bytes=lv.term_bytes,
@@ -72,6 +98,8 @@ def guard_levels(guard: GuardPlan, memory: MemoryReading | None) -> dict[str, An
             swap_free_term_bytes=lv.swap_term_bytes if memory.swap_total_bytes else None,
             swap_free_kill_bytes=lv.swap_kill_bytes if memory.swap_total_bytes else None,
         )
+    if guard.mem_available_warn is not None:
+        parts.append(_warn_text(guard, memory))
     psi = [_psi_text(i, t, gate) for i, t in enumerate(guard.psi)]
     facts["levels"] = "; ".join(parts + psi)
     facts["psi"] = psi

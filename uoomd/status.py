@@ -17,6 +17,7 @@ from uoomd.policy.paths import default_policy_path
 from uoomd.readings import Pid, ProcessKey
 from uoomd.sources.procfs import read_stat
 from uoomd.statusboard import ReloadRecord
+from uoomd.units import format_bytes
 
 _T = TypeVar("_T")
 
@@ -46,6 +47,7 @@ class GuardState:
     available_bytes: int | None
     psi: tuple[str | None, ...]  # each trigger's description; None for one not armed
     levels: str | None = None  # uoomd.startup.guard_levels()'s text; None from a uoomd before it
+    refault_bytes_per_s: int | None = None  # None: not read (uoomd/thrash.py), or from a uoomd before it
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -181,6 +183,9 @@ def _guard(data: object, where: str) -> GuardState:
         available_bytes=None if memory is None else _bytes(memory, "available_bytes", f"{where}.memory"),
         psi=tuple(psi),
         levels=None if guard.get("levels") is None else _typed(guard, "levels", str, where),
+        refault_bytes_per_s=None
+        if memory is None or memory.get("refault_bytes_per_s") is None
+        else _bytes(memory, "refault_bytes_per_s", f"{where}.memory"),
     )
 
 
@@ -344,6 +349,8 @@ def render_status(state: StateFile, now: float | None = None, *, running: bool |
         total, avail = guard.total_bytes or 0, guard.available_bytes or 0
         share = f"{avail / total * 100:.1f}%" if total else "?"
         line = f"guard {escape(guard.name)} [{escape(guard.scope)}]: {escape(guard.phase)}, available {share}"
+        if guard.refault_bytes_per_s is not None:
+            line += f", refaults {format_bytes(guard.refault_bytes_per_s)}/s"
         if guard.scope_gone:
             line += ", cgroup gone (guarded again once it is back)"
         if guard.victim_pid is not None:

@@ -16,7 +16,7 @@ from uoomd.logs import Log, escape
 from uoomd.readings import Pid, ProcessKey
 from uoomd.sources.procfs import read_stat
 from uoomd.startup import describe_stall, guard_levels
-from uoomd.trust import untrusted_reason
+from uoomd.trust import prepare_directory
 
 if TYPE_CHECKING:
     from uoomd.decision import State
@@ -148,6 +148,8 @@ def status_document(
                     "available_bytes": m.available_bytes,
                     "swap_total_bytes": m.swap_total_bytes,
                     "swap_free_bytes": m.swap_free_bytes,
+                    # Where it is read (a cgroup, or a guard with psi_refault_gate): tuning the gate starts here.
+                    "refault_bytes_per_s": None if watch.refaults.rate is None else int(watch.refaults.rate),
                 },
                 "levels": guard_levels(watch.guard, m)["levels"],
                 "psi": [
@@ -200,7 +202,7 @@ class StatusBoard:
         self._written_at = now
         directory = os.path.dirname(os.path.abspath(self.path))
         try:
-            refused = _prepare_directory(directory)
+            refused = prepare_directory(directory)
             if refused:
                 self._broken = True
                 self._log.warning("state_file_refused", path=self.path, reason=refused)
@@ -214,20 +216,3 @@ class StatusBoard:
         except OSError as exc:
             self._broken = True
             self._log.warning("state_file_unwritable", path=self.path, error=exc.strerror or str(exc))
-
-
-def _prepare_directory(directory: str) -> str | None:
-    """Why the state file must not be written into ``directory`` (None: go ahead), creating it
-    when missing, under a parent judged first so root never mkdirs where a user points it."""
-    owners = {0, os.geteuid()}
-    if not os.path.lexists(directory):
-        existing = os.path.dirname(directory)
-        while not os.path.lexists(existing):
-            existing = os.path.dirname(existing)
-        refused = untrusted_reason(existing, owners=owners)
-        if refused:
-            return refused
-        os.makedirs(directory, mode=0o755, exist_ok=True)
-    # Root writes here: a directory another user owns or can write (even a sticky /tmp) lets
-    # them plant a symlink or a file under the name root is about to use (issue 12).
-    return untrusted_reason(directory, owners=owners)

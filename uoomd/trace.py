@@ -11,17 +11,20 @@ per guard, ~11 MiB. Version 1:
 ==========  =====================================================================================
 header      ``format`` ("uoomd-trace"), ``version``, ``started_at`` (monotonic), ``started_wall``
             (time.time()), ``host``, ``kernel``, ``page_size``, ``ram``/``swap`` (the machine's
-            totals), ``source`` (what wrote it: "uoomd record", "oomstat"), ``policy`` (its path),
-            ``policy_text`` (the policy itself, or null), ``details`` (process details read),
-            ``psi_every_poll``, ``guards``: [{``name``, ``scope``, ``psi``: [trigger, ...]}], ``notes``
+            totals), ``source`` (what wrote it: "uoomd record", "uoomd run" for record_on_decision,
+            "oomstat"), ``policy`` (its path), ``policy_text`` (the policy itself, or null),
+            ``details`` (process details read), ``psi_every_poll``, ``guards``: [{``name``, ``scope``,
+            ``psi``: [trigger, ...]}], ``notes``
 r           a guard's reading: ``g`` (guard), ``avail``, ``total``, ``swap_free``, ``swap_total``;
             ``psi`` [some avg10, some total us, full avg10, full total us] where the pressure
-            file was read; ``fired`` [trigger index, ...] where a PSI trigger fired
+            file was read; ``fired`` [trigger index, ...] where a PSI trigger fired; ``refault``
+            (bytes refaulted since boot or since the cgroup was made) where it was read
 c           a guard's candidates near a level: ``g``, ``totalpages``, ``system_totalpages``, ``procs``:
             [process, ...] (below), best first for the recording policy, then the kernel's own picks
 x           a process listed in a ``c`` line has exited (or become a zombie): ``pid``, ``start``
-d           a decision the live daemon logged: ``event``, ``facts`` (for record_on_decision, issue 16;
-            no writer yet, and a replay makes its own decisions)
+d           a record the live daemon logged (its decisions, warnings, exits): ``event``, ``facts``; in
+            the daemon's own traces (record_on_decision, uoomd/flight.py), for people and tests to
+            compare with: a replay makes its own decisions
 end         the recording stopped: ``reason`` ("duration", "signal", "rotated")
 ==========  =====================================================================================
 
@@ -116,6 +119,8 @@ def encode_reading(line: ReadingLine) -> str:
         "swap_free": mem.swap_free_bytes,
         "swap_total": mem.swap_total_bytes,
     }
+    if mem.refault_bytes is not None:
+        out["refault"] = mem.refault_bytes
     if line.pressure is not None:
         p = line.pressure
         out["psi"] = [p.some_avg10, p.some_total_us, p.full_avg10, p.full_total_us]
@@ -371,6 +376,7 @@ def _parse_reading(f: _Fields) -> ReadingLine:
         available_bytes=f.integer("avail"),
         swap_total_bytes=f.integer("swap_total"),
         swap_free_bytes=f.integer("swap_free"),
+        refault_bytes=f.opt_integer("refault"),
     )
     pressure = None
     if f.obj.get("psi") is not None:

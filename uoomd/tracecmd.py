@@ -14,7 +14,7 @@ from uoomd.tracelines import TraceItem
 MAX_POLICY_TEXT_BYTES = 256 * 1024  # uoomd/policy/load.py MAX_POLICY_BYTES: a larger one never loaded
 
 
-def _policy_text(path: str) -> str | None:
+def policy_text(path: str) -> str | None:
     """The policy's text for the trace's header (a replay can use it), or None if unreadable or too big."""
     from uoomd.errors import PolicyError  # noqa: PLC0415
     from uoomd.policy.file import open_regular  # noqa: PLC0415 -- no pydantic behind it
@@ -51,7 +51,7 @@ def run_record(*, policy_path: str, output: str, duration_s: float | None, max_b
         output=output,
         duration_s=duration_s,
         max_bytes=max_bytes,
-        policy_text=_policy_text(policy_path),
+        policy_text=policy_text(policy_path),
         psi_every_poll=psi_every_poll,
         log=log,
     )

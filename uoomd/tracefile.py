@@ -1,4 +1,5 @@
-"""Trace files: write trace lines bounded by size (FILE, rotated once to FILE.1), and read them back line by line.
+"""Trace files: write trace lines bounded by size (FILE, rotated once to FILE.1), write a whole
+trace into a trusted directory keeping the newest few (record_on_decision), and read them back line by line.
 
 The format is uoomd/trace.py's; this module only moves its lines to and from files.
 """
@@ -7,12 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from uoomd.atomicfile import replace_file
 from uoomd.trace import MAX_LINE_BYTES, TraceError, encode, encode_header, parse_line
 from uoomd.tracelines import Header, TraceItem
+from uoomd.trust import prepare_directory
 
 DEFAULT_MAX_BYTES = 64 << 20  # per file: a recording keeps at most twice this (FILE and FILE.1)
 MIN_MAX_BYTES = 64 << 10  # a header with a 256 KiB policy text must fit, plus some lines
@@ -73,6 +78,63 @@ class TraceWriter:
         with contextlib.suppress(OSError):
             self.flush()
         self._out.close()
+
+
+# What write_trace_file names its files (uoomd/flight.py trace_name), and the only files it removes.
+TRACE_FILE = re.compile(r"uoomd-\d{8}T\d{6}\.\d{3}Z-(\d+|x)\.jsonl")
+CHUNK_LINES = 256  # lines encoded and written at a time: the writer never holds the whole trace
+
+
+def write_trace_file(
+    directory: str, name: str, header: Header, items: Iterable[TraceItem], *, keep: int
+) -> tuple[str, int, int]:
+    """Write a whole trace as ``directory/name`` (0600: command lines of other users' processes are
+    in it), atomically, then remove the oldest of uoomd's traces there beyond ``keep``; returns
+    (path, bytes, lines). The directory is created (0700) under a trusted parent, and refused
+    when another user could plant something in it (uoomd/trust.py); raises OSError."""
+    if not TRACE_FILE.fullmatch(name):
+        raise ValueError(f"not a trace file name: {name!r}")
+    refused = prepare_directory(directory, mode=0o700)
+    if refused:
+        raise PermissionError(f"{directory}: {refused}")
+    counts = [0, 0]  # bytes, lines
+
+    def chunks() -> Iterator[bytes]:
+        batch = [encode_header(header).encode("ascii") + b"\n"]
+        for item in items:
+            batch.append(encode(item).encode("ascii") + b"\n")
+            if len(batch) >= CHUNK_LINES:
+                yield _counted(batch, counts)
+                batch = []
+        yield _counted(batch, counts)
+
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        replace_file(dir_fd, name, chunks(), mode=0o600, exact_mode=True)
+        prune_traces(dir_fd, keep=keep)
+    finally:
+        os.close(dir_fd)
+    return os.path.join(directory, name), counts[0], counts[1]
+
+
+def _counted(batch: list[bytes], counts: list[int]) -> bytes:
+    data = b"".join(batch)
+    counts[0] += len(data)
+    counts[1] += len(batch)
+    return data
+
+
+def prune_traces(dir_fd: int, *, keep: int) -> list[str]:
+    """Remove the oldest trace files beyond ``keep`` (by name: they sort by time); only regular
+    files named as uoomd names them, never followed through a link. Returns what was removed."""
+    names = sorted(n for n in os.listdir(dir_fd) if TRACE_FILE.fullmatch(n))
+    removed: list[str] = []
+    for name in names[: max(0, len(names) - keep)]:
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                os.unlink(name, dir_fd=dir_fd)
+                removed.append(name)
+    return removed
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

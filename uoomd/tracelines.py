@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from uoomd.readings import MemoryReading, PressureReading, ProcessInfo, ProcessKey
 
 VERSION = 1  # of the trace format (uoomd/trace.py): what a Header says by default
+# Header.source of the traces uoomd writes itself: the recorder's, and the daemon's own
+# (record_on_decision, uoomd/flight.py). Their `fired` are the PSI triggers as the daemon read them.
+RECORDED_BY_UOOMD = ("uoomd record", "uoomd run")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

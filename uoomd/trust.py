@@ -25,6 +25,24 @@ def untrusted_reason(path: str, *, owners: Collection[int] = (0,)) -> str | None
     return _chain_problem(absolute, owners, os.lstat) or _chain_problem(os.path.realpath(absolute), owners, os.stat)
 
 
+def prepare_directory(directory: str, *, mode: int = 0o755) -> str | None:
+    """Why root must not write into ``directory`` (None: go ahead), creating it (with ``mode``)
+    when missing, under a parent judged first so root never mkdirs where a user points it.
+    The state file's directory (uoomd/statusboard.py) and record_dir (uoomd/tracefile.py)."""
+    owners = {0, os.geteuid()}
+    if not os.path.lexists(directory):
+        existing = os.path.dirname(directory)
+        while not os.path.lexists(existing):
+            existing = os.path.dirname(existing)
+        refused = untrusted_reason(existing, owners=owners)
+        if refused:
+            return refused
+        os.makedirs(directory, mode=mode, exist_ok=True)
+    # Root writes here: a directory another user owns or can write (even a sticky /tmp) lets
+    # them plant a symlink or a file under the name root is about to use (issue 12).
+    return untrusted_reason(directory, owners=owners)
+
+
 def _chain_problem(path: str, owners: Collection[int], stat_of: Callable[[str], os.stat_result]) -> str | None:
     for part in _chain(path):
         try:

@@ -4,12 +4,13 @@ steps, in what order it logs and acts, how long it sleeps. Nothing is signalled 
 from __future__ import annotations
 
 import errno
+import json
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from tests.builders import CHILDREN, GIB, make_plan, recorded_children
+from tests.builders import CHILDREN, GIB, MIB, make_memory, make_plan, recorded_children
 from tests.harness import RecordingNotices, loop_harness
 from uoomd.actions import SendSignal
 from uoomd.daemon import ERROR_LOG_INTERVAL_S
@@ -129,3 +130,16 @@ def test_a_dry_run_decides_and_logs_but_asks_for_nothing_but_dry_run_signals(tmp
         h.tick()
         assert h.events("victim_chosen")[0]["action"] == "would_term"
         assert [s.dry_run for s in h.signals()] == [True]
+
+
+def test_the_refault_meter_advances_on_quiet_ticks_and_reaches_the_state_file(tmp_path: Path) -> None:
+    # The light path (memory only, no step) still feeds the meter: the rate is there the
+    # moment a PSI trigger asks for it (uoomd/thrash.py).
+    with loop_harness(make_plan(), tmp_path, available_bytes=PLENTY) as h:
+        for i in range(4):
+            h.memory["system"].reading = make_memory(PLENTY, refault_bytes=i * 8 * MIB)
+            h.tick(1.0)
+        assert h.daemon.watches[0].refaults.rate == 8 * MIB
+        h.daemon._write_state(h.clock.now, force=True)
+        state = json.loads((tmp_path / "state.json").read_text())
+        assert state["guards"][0]["memory"]["refault_bytes_per_s"] == 8 * MIB

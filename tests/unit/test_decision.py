@@ -49,6 +49,7 @@ from uoomd.plan import (
     HooksPlan,
     Plan,
     PsiAction,
+    PsiTriggerPlan,
     VictimKind,
 )
 from uoomd.readings import GuardReading, MemoryReading, Observation, ProcessInfo, ProcessKey
@@ -63,6 +64,7 @@ TOTAL = 16 * GiB
 HIGH = 8 * GiB  # well above every level
 LOW = 1 * GiB  # below term (10% = 1.6 GiB), above kill (5% = 0.8 GiB)
 CRIT = GiB // 2  # below kill
+REFAULT_GATE = 64 * MiB  # per second, where a test's guard has a refault gate
 GATED = 2 * GiB  # above term, below the PSI gate (20% = 3.2 GiB)
 TERM_TIMEOUT = 5.0
 KILL_TIMEOUT = 3.0
@@ -146,6 +148,8 @@ class Driver:
         fired: tuple[int, ...] = (),
         snapshot: tuple[ProcessInfo, ...] | None = None,
         ineligible: Iterable[ProcessKey] = (),
+        refault_rate: float | None = None,
+        refault_above_since: float | None = None,
     ) -> list[Output]:
         readings = (
             {g.name: make_memory(available) for g in self.plan.guards}
@@ -154,7 +158,16 @@ class Driver:
         )
         obs = Observation(
             now=now,
-            guards=tuple(GuardReading(guard=n, memory=m, psi_fired=fired) for n, m in readings.items()),
+            guards=tuple(
+                GuardReading(
+                    guard=n,
+                    memory=m,
+                    psi_fired=fired,
+                    refault_rate=refault_rate,
+                    refault_above_since=refault_above_since,
+                )
+                for n, m in readings.items()
+            ),
             alive=self.state.in_flight() if alive is None else frozenset(alive),
             snapshot=None
             if snapshot is None
@@ -203,8 +216,11 @@ class Scene:
     swap_free: int | None = None  # with swap: TOTAL of it, this much free
     left: bool = False  # the in-flight victim is alive but no longer eligible
     fell_from: int | None = None  # mem_available_eta: the room (available + swap free) 0.3 s before
+    refault_rate: float | None = None  # with a refault gate (REFAULT_GATE): refaults read, this fast
 
     def readings(self) -> int | dict[str, MemoryReading]:
+        if self.refault_rate is not None:
+            return {"system": make_memory(self.available, refault_bytes=1 << 30)}
         if self.swap_free is None:
             return self.available
         return {"system": make_memory(self.available, swap_total_bytes=TOTAL, swap_free_bytes=self.swap_free)}
@@ -216,6 +232,9 @@ _SCENES: dict[Event, Scene] = {
     Event.PSI_TERM: Scene(now=1.0, available=GATED, fired=(0,)),
     Event.PSI_KILL: Scene(now=1.0, available=GATED, fired=(0,)),
     Event.PSI_WARN: Scene(now=1.0, available=GATED, fired=(0,)),
+    Event.WARN_LEVEL: Scene(now=1.0, available=GATED),  # above term (10%), below the rows' warn level (50%)
+    # Memory short and the trigger sustained, but pages come back slower than the gate.
+    Event.PSI_HELD: Scene(now=1.0, available=GATED, fired=(0,), refault_rate=REFAULT_GATE / 10),
     Event.VICTIM_EXITED: Scene(now=1.0, available=LOW, alive=False),
     Event.TERM_TIMEOUT: Scene(now=TERM_TIMEOUT, available=LOW),
     Event.KILL_TIMEOUT: Scene(now=KILL_TIMEOUT, available=LOW),
@@ -239,7 +258,12 @@ _SCENES_IN: dict[tuple[Phase, Event], Scene] = {
 }
 _ETA_ACTION = {Event.ETA_TERM: EtaAction.TERM, Event.ETA_KILL: EtaAction.KILL}
 
-_PSI_ACTION = {Event.PSI_TERM: PsiAction.TERM, Event.PSI_KILL: PsiAction.KILL, Event.PSI_WARN: PsiAction.WARN}
+_PSI_ACTION = {
+    Event.PSI_TERM: PsiAction.TERM,
+    Event.PSI_KILL: PsiAction.KILL,
+    Event.PSI_WARN: PsiAction.WARN,
+    Event.PSI_HELD: PsiAction.TERM,
+}
 
 _ROWS = [
     pytest.param(dry, phase, event, tr, id=f"{'dry' if dry else 'live'}:{phase}+{event}->{tr.next}:{tr.response}")
@@ -254,10 +278,12 @@ def test_table_row(dry_run: bool, phase: Phase, event: Event, transition: Transi
     eta = None
     if event in _ETA_ACTION:
         eta = EtaPlan(eta_s=3.0, min_fall=Amount(bytes=64 * MiB), sustain_s=0.5, action=_ETA_ACTION[event])
-    d = driver(make_guard(psi=psi, eta=eta), dry_run=dry_run)
+    scene = _SCENES_IN.get((phase, event), _SCENES[event])
+    gate = Amount(bytes=REFAULT_GATE if scene.refault_rate is not None else 0)
+    warn = Amount(fraction=0.5) if event is Event.WARN_LEVEL else None
+    d = driver(make_guard(psi=psi, eta=eta, psi_refault_gate=gate, mem_available_warn=warn), dry_run=dry_run)
     victim = d.rankings["system"].candidates[0]
     held = phase is not Phase.IDLE
-    scene = _SCENES_IN.get((phase, event), _SCENES[event])
     # An eta's projection has said "within" since 0.6 s before; its lookback's base is 0.3 s before.
     fell = Trend()
     if scene.fell_from is not None:
@@ -279,6 +305,7 @@ def test_table_row(dry_run: bool, phase: Phase, event: Event, transition: Transi
         alive=[victim.key] if scene.alive else [],
         fired=scene.fired,
         ineligible=[victim.key] if scene.left else [],
+        refault_rate=scene.refault_rate,
     )
     if phase is Phase.RECOVERING and transition.response in (Response.TERM, Response.KILL):
         # The previous victim is gone: the next one is chosen, never the one that exited.
@@ -296,7 +323,7 @@ def test_table_row(dry_run: bool, phase: Phase, event: Event, transition: Transi
             assert releases(actions) == ([] if dry_run else [ReleaseMemory(guard="system", target=victim.key)])
         case Response.WARN:
             assert sent == []
-            assert [r.event for r in records(actions)] == ["psi_warn"]
+            assert [r.event for r in records(actions)] == [str(event)]
         case Response.MARK_STUCK:
             assert sent == []
             assert gs.stuck == {victim.key}
@@ -380,8 +407,8 @@ def test_kill_level_from_idle_sends_sigkill_and_release_at_once() -> None:
 def test_a_desktop_notice_follows_the_first_signal_of_a_chosen_victim_only() -> None:
     d = driver(notify_desktop=True)
     chosen = d.poll(0.0, CRIT)
-    assert [type(a).__name__ for a in chosen] == ["Record", "SendSignal", "Notify", "ReleaseMemory"]
-    notice = chosen[2]
+    assert [type(a).__name__ for a in chosen] == ["Record", "SendSignal", "ReleaseMemory", "Notify"]
+    notice = chosen[3]
     assert isinstance(notice, Notify)
     assert notice.after is chosen[1], "the notice names the signal whose delivery it reports"
     assert notice.record is chosen[0]
@@ -690,7 +717,10 @@ def test_psi_warn_records_once_per_episode_and_signals_nothing() -> None:
     assert d.poll(2.0, HIGH, fired=(0,)) == []
     assert d.poll(4.0, HIGH, fired=(0,)) == []
     d.poll(10.0, HIGH)  # inactive: the episode ends
-    assert [r.event for r in records(d.poll(12.0, HIGH, fired=(0,)))] == ["psi_warn"]
+    # A new episode within the minute is not said again (a warning reaches people: once a minute)...
+    assert d.poll(12.0, HIGH, fired=(0,)) == []
+    # ... and is said once the minute is over, if it goes on.
+    assert [r.event for r in records(d.poll(60.0, HIGH, fired=(0,)))] == ["psi_warn"]
     assert signals(d.log) == []
 
 
@@ -966,3 +996,73 @@ def test_needs_is_warm_when_rate_limited() -> None:
     d.poll(0.6, HIGH)  # memory back: idle, one victim in the last minute
     low = Observation(now=1.0, guards=(GuardReading(guard="system", memory=make_memory(LOW)),))
     assert needs(d.state, low, d.plan) == {"system": Need.WARM}
+
+
+# --- the refault gate (issue 18: a thrash, not a job that swaps) -----------------------------
+
+
+def _gated_driver(*triggers: PsiTriggerPlan, sustain_s: float = 0.0) -> Driver:
+    guard = make_guard(psi=triggers, psi_refault_gate=Amount(bytes=REFAULT_GATE), psi_refault_sustain_s=sustain_s)
+    return driver(guard)
+
+
+def _refaulting(available: int = GATED) -> dict[str, MemoryReading]:
+    return {"system": make_memory(available, refault_bytes=1 << 30)}
+
+
+def test_a_stall_with_few_refaults_is_held_and_said_once() -> None:
+    # A job pushing cold pages to swap: memory short, the stall sustained, refaults slow.
+    d = _gated_driver(make_psi_trigger(PsiAction.TERM))
+    first = d.poll(1.0, _refaulting(), fired=(0,), refault_rate=REFAULT_GATE / 10)
+    assert signals(first) == []
+    (held,) = records(first, "psi_held")
+    assert held.get("refault_bytes_per_s") == REFAULT_GATE // 10
+    assert held.get("refault_gate_bytes_per_s") == REFAULT_GATE
+    assert held.get("refault_above_s") is None
+    assert d.poll(1.5, _refaulting(), fired=(0,), refault_rate=REFAULT_GATE / 10) == []
+
+
+def test_refaults_at_the_gate_for_its_sustain_choose_and_the_record_says_how_long() -> None:
+    d = _gated_driver(make_psi_trigger(PsiAction.TERM), sustain_s=10.0)
+
+    def at_gate(now: float) -> list[Output]:
+        return d.poll(now, _refaulting(), fired=(0,), refault_rate=float(REFAULT_GATE), refault_above_since=1.0)
+
+    assert signals(at_gate(1.0)) == []
+    assert signals(at_gate(10.9)) == []  # a burst, so far
+    acts = at_gate(11.0)
+    assert [(s.target, s.signal) for s in signals(acts)] == [(key(101), SIGTERM)]
+    (chosen,) = records(acts, "victim_chosen")
+    assert (chosen.get("refault_bytes_per_s"), chosen.get("refault_above_s")) == (REFAULT_GATE, 10.0)
+
+
+def test_an_unmeasured_rate_holds_where_refaults_can_be_read() -> None:
+    # The first second of a stall: one reading, no whole window yet.
+    d = _gated_driver(make_psi_trigger(PsiAction.KILL))
+    acts = d.poll(1.0, _refaulting(), fired=(0,), refault_rate=None)
+    assert signals(acts) == []
+    assert records(acts, "psi_held")[0].get("refault_bytes_per_s") is None
+
+
+def test_a_scope_without_refault_counters_is_not_held_by_the_gate() -> None:
+    d = _gated_driver(make_psi_trigger(PsiAction.TERM))
+    acts = d.poll(1.0, GATED, fired=(0,), refault_rate=None)  # refault_bytes None: cannot be read
+    assert [s.signal for s in signals(acts)] == [SIGTERM]
+    assert records(acts, "psi_held") == []
+
+
+def test_an_ungated_trigger_acts_with_memory_plentiful_and_no_refaults() -> None:
+    # The backstop: a long full stall is a freeze whatever MemAvailable and refaults say.
+    backstop = make_psi_trigger(PsiAction.TERM, sustain_s=2.0, gated=False)
+    d = _gated_driver(backstop)
+    assert signals(d.poll(1.0, _refaulting(HIGH), fired=(0,), refault_rate=0.0)) == []
+    acts = d.poll(3.0, _refaulting(HIGH), fired=(0,), refault_rate=0.0)
+    assert [s.signal for s in signals(acts)] == [SIGTERM]
+    assert records(acts, "victim_chosen")[0].get("trigger") == describe_psi(0, backstop)
+
+
+def test_the_refault_gate_never_holds_back_a_level() -> None:
+    d = _gated_driver(make_psi_trigger(PsiAction.TERM))
+    acts = d.poll(1.0, _refaulting(LOW), fired=(0,), refault_rate=0.0)
+    assert [s.signal for s in signals(acts)] == [SIGTERM]
+    assert records(acts, "victim_chosen")[0].get("trigger") == "mem_available_term"

@@ -178,6 +178,36 @@ def test_psi_triggers_the_trace_did_not_record_are_computed_from_its_stall_total
     assert any("computed from the stall totals" in note for note in timeline.notes)
 
 
+@pytest.mark.parametrize(
+    ("refaults_per_poll", "chosen"),
+    [(64 << 20, True), (1 << 20, False)],
+    ids=["thrash: 640 MiB/s of refaults", "steady swapping: 10 MiB/s"],
+)
+def test_a_refault_gated_trigger_acts_on_the_thrash_and_holds_on_the_job_that_swaps(
+    refaults_per_poll: int, chosen: bool
+) -> None:
+    # The same stall (a full trigger firing from t=2 s) with memory short; what differs is how
+    # fast evicted pages come back. The gate: 100 MiB/s. The meter runs on the trace's readings.
+    gated = 2 * GIB
+    polls = [
+        reading(t / 10, gated, stall_us=max(0, t - 20) * 30_000, refault_bytes=t * refaults_per_poll) for t in range(60)
+    ]
+    psi = (make_psi_trigger(PsiAction.TERM, kind=PsiKind.SOME, stall_us=200_000, window_us=2_000_000),)
+    timeline = replay(
+        trace(polls, candidates(0.0, hog(101, 900))), plan_of(psi=psi, psi_refault_gate=Amount(bytes=100 << 20))
+    )
+    assert events(timeline, "trigger_fired")
+    if chosen:
+        (decision, *_rest) = timeline.decisions
+        assert decision.get("refault_bytes_per_s") == pytest.approx(640 << 20, rel=0.01)
+        assert events(timeline, "psi_held") == []
+    else:
+        assert timeline.decisions == ()
+        (held,) = events(timeline, "psi_held")
+        assert held.get("refault_bytes_per_s") == pytest.approx(10 << 20, rel=0.01)
+        assert held.get("refault_gate_bytes_per_s") == 100 << 20
+
+
 def test_a_guard_of_another_name_reads_the_only_guard_of_the_trace_and_says_so() -> None:
     items = trace(
         [reading(0.0, HIGH, guard="box"), reading(0.5, LOW, guard="box")],

@@ -107,6 +107,11 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("victim-string", edited(_set((*GUARD, "victim"), "x")), "guards[0].victim: an object expected"),
     ("victim-no-pid", edited(_set((*GUARD, "victim"), {"name": "x"})), "guards[0].victim.pid: missing"),
     ("memory-negative", edited(_set((*GUARD, "memory", "total_bytes"), -1)), "total_bytes: -1 is not a size"),
+    (
+        "refault-rate-string",
+        edited(_set((*GUARD, "memory", "refault_bytes_per_s"), "fast")),
+        "guards[0].memory.refault_bytes_per_s: int expected, not str",
+    ),
     ("psi-describe-number", edited(_set((*GUARD, "psi"), [{"describe": 1}])), "guards[0].psi[0].describe"),
     ("recent-event-number", edited(_set(("recent",), [{"event": 1, "at": 0}])), "recent[0].event: str expected"),
     ("recent-no-at", edited(_set(("recent",), [{"event": "x"}])), "recent[0].at: missing"),
@@ -212,3 +217,13 @@ def test_a_dead_daemons_pid_reads_not_running() -> None:
     state["pid"] = 4_194_304  # PID_MAX_LIMIT: never a live process here
     first = render_status(parse_state(state), now=1_700_000_001.0).splitlines()[0]
     assert first.startswith("uoomd is not running (state file from pid 4194304, written 1.0s ago)")
+
+
+def test_the_refault_rate_is_shown_where_it_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    path.write_bytes(edited(_set((*GUARD, "memory", "refault_bytes_per_s"), 3 << 20)))
+    code, out, _ = run_status(path)
+    assert code in (0, 5)
+    assert "available 41.0%, refaults 3.0MiB/s" in out
+    path.write_bytes(edited(lambda state: None))  # no rate (a uoomd before it, or not read): no clause
+    assert "refaults" not in run_status(path)[1]

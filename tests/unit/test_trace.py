@@ -83,6 +83,7 @@ def every_kind() -> list[TraceItem]:
         header(),
         ReadingLine(at=0.25, guard="system", memory=make_memory(1 << 30), pressure=PRESSURE, fired=(0,)),
         ReadingLine(at=0.5, guard="system", memory=make_memory(2 << 30, swap_total_bytes=4 << 30, swap_free_bytes=3)),
+        ReadingLine(at=0.6, guard="system", memory=make_memory(2 << 30, refault_bytes=123 << 20)),
         CandidatesLine(
             at=0.5,
             guard="system",
@@ -138,6 +139,10 @@ def test_unknown_kinds_and_blank_lines_are_skipped_and_newer_versions_refused() 
         ('{"k": "r", "t": 1, "g": "s", "avail": true, "total": 1, "swap_free": 0, "swap_total": 0}', "'avail'"),
         ('{"k": "r", "t": NaN, "g": "s", "avail": 1, "total": 1, "swap_free": 0, "swap_total": 0}', "finite"),
         ('{"k": "r", "t": 1, "g": "s", "avail": 1, "total": 1, "swap_free": 0, "swap_total": 0, "psi": [1]}', "psi"),
+        (
+            '{"k": "r", "t": 1, "g": "s", "avail": 1, "total": 1, "swap_free": 0, "swap_total": 0, "refault": -1}',
+            "'refault'",
+        ),
         ('{"k": "x", "t": 1, "pid": "1", "start": 2}', "'pid'"),
         ('{"k": "header", "format": "other"}', "not a uoomd trace"),
         ("[" * 100_000 + "]" * 100_000, "not JSON"),
@@ -151,7 +156,7 @@ def test_a_malformed_line_is_refused_saying_what_is_wrong(line: str, message: st
 def test_a_line_over_the_limit_and_too_many_processes_are_refused() -> None:
     with pytest.raises(TraceError, match="limit"):
         parse_line(b"{" + b" " * MAX_LINE_BYTES + b"}")
-    proc = json.loads(encode(every_kind()[3]))["procs"][0]
+    proc = json.loads(encode(next(i for i in every_kind() if isinstance(i, CandidatesLine))))["procs"][0]
     many = {"k": "c", "t": 1, "g": "s", "totalpages": 1, "system_totalpages": 1, "procs": [proc] * (MAX_PROCESSES + 1)}
     with pytest.raises(TraceError, match="processes in one line"):
         parse_line(json.dumps(many))

@@ -68,10 +68,11 @@ def compile_policy(model: PolicyModel, *, source: str, check_system: bool) -> tu
             )
         )
     argv = tuple(model.hooks.after_kill)
-    if check_system and argv:
-        problem = hook_program_problem(argv[0])
+    before = tuple(model.hooks.before_kill)
+    for hook_key, hook_argv in (("after_kill", argv), ("before_kill", before)):
+        problem = hook_program_problem(hook_argv[0]) if check_system and hook_argv else None
         if problem:
-            issues.append((("hooks", "after_kill"), problem))
+            issues.append((("hooks", hook_key), problem))
     if issues:
         return issues, None
     plan = Plan(
@@ -86,6 +87,10 @@ def compile_policy(model: PolicyModel, *, source: str, check_system: bool) -> tu
             metrics_file=model.daemon.metrics_file,
             metrics_listen=model.daemon.metrics_listen,
             metrics_interval_s=duration_s(model.daemon.metrics_interval),
+            record_on_decision=model.daemon.record_on_decision,
+            record_dir=os.path.normpath(model.daemon.record_dir),
+            record_window_s=duration_s(model.daemon.record_window),
+            record_keep=model.daemon.record_keep,
         ),
         escalation=EscalationPlan(
             term_timeout_s=duration_s(model.escalation.term_timeout),
@@ -94,7 +99,12 @@ def compile_policy(model: PolicyModel, *, source: str, check_system: bool) -> tu
         ),
         guards=guards,
         rules=tuple(rules),
-        hooks=HooksPlan(after_kill=argv, timeout_s=duration_s(model.hooks.timeout)),
+        hooks=HooksPlan(
+            after_kill=argv,
+            timeout_s=duration_s(model.hooks.timeout),
+            before_kill=before,
+            before_kill_timeout_s=duration_s(model.hooks.before_kill_timeout),
+        ),
     )
     return [], plan
 
@@ -118,20 +128,25 @@ def _compile_guard(index: int, guard: GuardModel, issues: list[Issue], *, check_
             "swap_free_term",
             "swap_free_kill",
             "psi_mem_gate",
+            "psi_refault_gate",
         )
     }
+    warn_keys = [k for k in ("mem_available_warn", "swap_free_warn") if getattr(guard, k) is not None]
+    amounts |= {key: to_amount(getattr(guard, key)) for key in warn_keys}
     totals: tuple[int, int] | None = None  # (memory, swap) of the scope now, read once if needed
     for term_key, kill_key, which in (
         ("mem_available_term", "mem_available_kill", 0),
         ("swap_free_term", "swap_free_kill", 1),
+        *((k, k.replace("_warn", "_term"), int(k.startswith("swap"))) for k in warn_keys),
     ):
         term, kill = amounts[term_key], amounts[kill_key]
+        upper, lower = _level_name(term_key), _level_name(kill_key)
         if _below(term, kill):
             issues.append(
                 (
                     (*here, term_key),
                     f"{term_key} ({term.describe()}) sits below {kill_key} ({kill.describe()}): "
-                    "the term level must be at or above the kill level",
+                    f"the {upper} level must be at or above the {lower} level",
                 )
             )
         elif check_system and (term.fraction is None) != (kill.fraction is None):
@@ -149,7 +164,7 @@ def _compile_guard(index: int, guard: GuardModel, issues: list[Issue], *, check_
                         f"{term_key} ({term.describe()}, {format_bytes(term_bytes)} here) sits below "
                         f"{kill_key} ({kill.describe()}, {format_bytes(kill_bytes)} here) on this machine's "
                         f"{'memory' if which == 0 else 'swap'} total of {format_bytes(total)}: "
-                        "the term level must be at or above the kill level",
+                        f"the {upper} level must be at or above the {lower} level",
                     )
                 )
     triggers = tuple(
@@ -159,6 +174,7 @@ def _compile_guard(index: int, guard: GuardModel, issues: list[Issue], *, check_
             window_us=round(duration_s(t.window) * 1e6),
             sustain_s=duration_s(t.sustain),
             action=PsiAction(t.action),
+            gated=t.gated,
         )
         for t in guard.psi
     )
@@ -173,6 +189,10 @@ def _compile_guard(index: int, guard: GuardModel, issues: list[Issue], *, check_
         min_badness=guard.min_badness,
         ignore_positive_adj=guard.ignore_positive_adj,
         psi_mem_gate=amounts["psi_mem_gate"],
+        psi_refault_gate=amounts["psi_refault_gate"],
+        psi_refault_sustain_s=duration_s(guard.psi_refault_sustain),
+        mem_available_warn=amounts.get("mem_available_warn"),
+        swap_free_warn=amounts.get("swap_free_warn"),
         psi=triggers,
         eta=_compile_eta(guard),
     )
@@ -187,6 +207,11 @@ def _compile_eta(guard: GuardModel) -> EtaPlan | None:
         sustain_s=duration_s(guard.mem_available_eta_sustain),
         action=EtaAction(guard.mem_available_eta_action),
     )
+
+
+def _level_name(key: str) -> str:
+    """``mem_available_term`` -> ``term``: the level a key sets, for messages."""
+    return key.rsplit("_", 1)[1]
 
 
 def _scope_totals(scope: Scope) -> tuple[int, int]:

@@ -27,6 +27,10 @@ PSI_WINDOW_MIN_US = 500_000
 PSI_WINDOW_MAX_US = 10_000_000
 METRICS_INTERVAL_MIN_S = 1.0
 METRICS_INTERVAL_MAX_S = DEFAULT_HEARTBEAT_S
+RECORD_WINDOW_MIN_S = 10.0
+RECORD_WINDOW_MAX_S = 600.0
+# A before_kill hook holds a SIGTERM: "a few seconds" at most, whatever the policy says.
+BEFORE_KILL_TIMEOUT_MAX_S = 5.0
 
 
 def _check_amount(value: str | int) -> str | int:
@@ -139,6 +143,16 @@ class DaemonModel(_Strict):
     metrics_interval: DurationValue = Field(
         "5s", description="the metrics file is rewritten at most this often when its values change (1s..60s)"
     )
+    record_on_decision: bool = Field(
+        False,
+        description="keep the last record_window of readings and rankings in memory and write them as a trace "
+        "into record_dir after each decision (`uoomd replay` reads it)",
+    )
+    record_dir: OsText = Field(
+        "/var/lib/uoomd/traces", description="where record_on_decision writes its traces: an absolute directory"
+    )
+    record_window: DurationValue = Field("2m", description="how far back a decision's trace goes (10s..10m)")
+    record_keep: int = Field(10, ge=1, le=100, description="the newest this many traces are kept, older ones removed")
 
     @field_validator("metrics_file")
     @classmethod
@@ -153,6 +167,22 @@ class DaemonModel(_Strict):
     def _metrics_listen(cls, value: str | None) -> str | None:
         if value is not None:
             parse_listen(value)  # its ValueError says what is wrong
+        return value
+
+    @field_validator("record_dir")
+    @classmethod
+    def _record_dir(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"{value!r}: record_dir must be an absolute directory path")
+        return value
+
+    @field_validator("record_window")
+    @classmethod
+    def _record_window(cls, value: str | int | float) -> str | int | float:
+        # The ring holds every poll of the window: bounded so that a fast-polling daemon's
+        # memory stays bounded too (uoomd/flight.py caps the readings as well).
+        if not RECORD_WINDOW_MIN_S <= duration_s(value) <= RECORD_WINDOW_MAX_S:
+            raise ValueError(f"must be between 10s and 10m (got {value})")
         return value
 
     @field_validator("metrics_interval")
@@ -197,6 +227,10 @@ class PsiModel(_Strict):
     window: DurationValue = Field("2s", description="... within this window (kernel trigger semantics, 500ms..10s)")
     sustain: DurationValue = Field("0s", description="act only when the trigger keeps firing this long")
     action: Literal["warn", "term", "kill"] = Field("term", description="warn: log only; term/kill: pick a victim")
+    gated: bool = Field(
+        True,
+        description="false: act whatever psi_mem_gate and psi_refault_gate say (a backstop on a long full stall)",
+    )
 
     @model_validator(mode="after")
     def _window(self) -> Self:
@@ -224,6 +258,22 @@ class GuardModel(_Strict):
         False, description="discount the oom_score_adj that browsers raise on their own tabs"
     )
     psi_mem_gate: AmountValue = Field("20%", description="PSI triggers act only while MemAvailable is below this")
+    mem_available_warn: AmountValue | None = Field(
+        None,
+        description="warn below this MemAvailable (at or above the term level): a log record and, with "
+        "notify_desktop, a notice to the likely victim's owner; no signal (default: no warn level)",
+    )
+    swap_free_warn: AmountValue | None = Field(
+        None, description="with swap, warn only when swap free is below this too (default: memory alone decides)"
+    )
+    psi_refault_gate: AmountValue = Field(
+        "0",
+        description="per second: PSI triggers act only while evicted pages come back this fast ('0.5%' of the "
+        "scope's total, or '20MiB'; '0' = no refault gate): a thrash, not a job that swaps its cold pages out",
+    )
+    psi_refault_sustain: DurationValue = Field(
+        "0s", description="refaults must have stayed at or above psi_refault_gate this long (a burst is forgiven)"
+    )
     psi: list[PsiModel] = Field(default_factory=list, description="PSI triggers on this guard's memory.pressure")
     mem_available_eta: DurationValue | None = Field(
         None,
@@ -237,6 +287,12 @@ class GuardModel(_Strict):
         "500ms", description="the projection must hold at every reading this long (a one-off allocation stops)"
     )
     mem_available_eta_action: Literal["term", "kill"] = Field("term", description="what the trend does")
+
+    @model_validator(mode="after")
+    def _warn(self) -> Self:
+        if self.swap_free_warn is not None and self.mem_available_warn is None:
+            raise ValueError("swap_free_warn only with mem_available_warn (there is no warn level without it)")
+        return self
 
     @model_validator(mode="after")
     def _eta(self) -> Self:
@@ -319,8 +375,23 @@ class HooksModel(_Strict):
         default_factory=list, description="argv run after a victim is signalled; facts in UOOMD_* variables"
     )
     timeout: DurationValue = Field("10s", description="a hook still running after this is killed")
+    before_kill: list[OsText] = Field(
+        default_factory=list,
+        description="argv run when a SIGTERM victim is chosen, before the SIGTERM (which waits until it exits "
+        "or before_kill_timeout); never at the kill level; facts in UOOMD_* variables",
+    )
+    before_kill_timeout: DurationValue = Field(
+        "2s", description="the SIGTERM waits at most this long for before_kill (at most 5s); then it is killed"
+    )
 
-    @field_validator("after_kill")
+    @field_validator("before_kill_timeout")
+    @classmethod
+    def _before_kill_timeout(cls, value: str | int | float) -> str | int | float:
+        if not 0 < duration_s(value) <= BEFORE_KILL_TIMEOUT_MAX_S:
+            raise ValueError(f"must be more than 0 and at most 5s: it holds a SIGTERM (got {value})")
+        return value
+
+    @field_validator("after_kill", "before_kill")
     @classmethod
     def _absolute(cls, value: list[str]) -> list[str]:
         if value and not value[0].startswith("/"):

@@ -46,6 +46,12 @@ def _guard(guard: GuardPlan, totals: Totals) -> dict[str, Any]:
         "min_badness": guard.min_badness,
         "ignore_positive_adj": guard.ignore_positive_adj,
         "psi_mem_gate": _amount(guard.psi_mem_gate, mem_total),
+        "mem_available_warn": None
+        if guard.mem_available_warn is None
+        else _amount(guard.mem_available_warn, mem_total),
+        "swap_free_warn": None if guard.swap_free_warn is None else _amount(guard.swap_free_warn, swap_total),
+        "psi_refault_gate_per_s": _amount(guard.psi_refault_gate, mem_total),
+        "psi_refault_sustain_s": guard.psi_refault_sustain_s,
         "mem_available_eta": None
         if guard.eta is None
         else {
@@ -61,6 +67,7 @@ def _guard(guard: GuardPlan, totals: Totals) -> dict[str, Any]:
                 "window_us": t.window_us,
                 "sustain_s": t.sustain_s,
                 "action": str(t.action),
+                "gated": t.gated,
             }
             for t in guard.psi
         ],
@@ -82,6 +89,10 @@ def plan_as_dict(plan: Plan, totals: Totals) -> dict[str, Any]:
             "metrics_file": plan.daemon.metrics_file,
             "metrics_listen": plan.daemon.metrics_listen,
             "metrics_interval_s": plan.daemon.metrics_interval_s,
+            "record_on_decision": plan.daemon.record_on_decision,
+            "record_dir": plan.daemon.record_dir,
+            "record_window_s": plan.daemon.record_window_s,
+            "record_keep": plan.daemon.record_keep,
         },
         "escalation": {
             "term_timeout_s": plan.escalation.term_timeout_s,
@@ -99,7 +110,12 @@ def plan_as_dict(plan: Plan, totals: Totals) -> dict[str, Any]:
             }
             for r in plan.rules
         ],
-        "hooks": {"after_kill": list(plan.hooks.after_kill), "timeout_s": plan.hooks.timeout_s},
+        "hooks": {
+            "after_kill": list(plan.hooks.after_kill),
+            "timeout_s": plan.hooks.timeout_s,
+            "before_kill": list(plan.hooks.before_kill),
+            "before_kill_timeout_s": plan.hooks.before_kill_timeout_s,
+        },
     }
 
 
@@ -109,6 +125,11 @@ def _toml_amount(key: str, amount: Amount, total: int | None) -> str:
         resolved = amount.resolve_bytes(total)
         line += f"  # = {format_bytes(resolved)} of {format_bytes(total)}"
     return line
+
+
+def _per_second(line: str) -> str:
+    # Inside the comment _toml_amount may have begun: after the value, it would not parse.
+    return line + (", per second" if "  # " in line else "  # per second")
 
 
 def plan_as_toml(plan: Plan, totals: Totals) -> str:
@@ -126,6 +147,10 @@ def plan_as_toml(plan: Plan, totals: Totals) -> str:
         f"metrics_file = {json.dumps(d.metrics_file)}" if d.metrics_file else "# metrics_file: none",
         f"metrics_listen = {json.dumps(d.metrics_listen)}" if d.metrics_listen else "# metrics_listen: none",
         f'metrics_interval = "{format_duration(d.metrics_interval_s)}"',
+        f"record_on_decision = {str(d.record_on_decision).lower()}",
+        f"record_dir = {json.dumps(d.record_dir)}",
+        f'record_window = "{format_duration(d.record_window_s)}"',
+        f"record_keep = {d.record_keep}",
         "",
         "[escalation]",
         f'term_timeout = "{format_duration(plan.escalation.term_timeout_s)}"',
@@ -144,13 +169,23 @@ def plan_as_toml(plan: Plan, totals: Totals) -> str:
             f"min_badness = {g.min_badness}",
             f"ignore_positive_adj = {str(g.ignore_positive_adj).lower()}",
             _toml_amount("psi_mem_gate", g.psi_mem_gate, mem_total),
+            "# mem_available_warn: none (no warn level)"
+            if g.mem_available_warn is None
+            else _toml_amount("mem_available_warn", g.mem_available_warn, mem_total),
+            *(
+                [_toml_amount("swap_free_warn", g.swap_free_warn, swap_total or None)]
+                if g.swap_free_warn is not None
+                else []
+            ),
+            _per_second(_toml_amount("psi_refault_gate", g.psi_refault_gate, mem_total)),
+            f'psi_refault_sustain = "{format_duration(g.psi_refault_sustain_s)}"',
         ]
         if g.eta is None:
             out.append("# mem_available_eta: none (levels only)")
         else:
             out += [
                 f'mem_available_eta = "{format_duration(g.eta.eta_s)}"',
-                _toml_amount("mem_available_eta_min_fall", g.eta.min_fall, mem_total) + ", per second",
+                _per_second(_toml_amount("mem_available_eta_min_fall", g.eta.min_fall, mem_total)),
                 f'mem_available_eta_sustain = "{format_duration(g.eta.sustain_s)}"',
                 f'mem_available_eta_action = "{g.eta.action}"',
             ]
@@ -164,6 +199,7 @@ def plan_as_toml(plan: Plan, totals: Totals) -> str:
                 f'  window = "{format_duration(t.window_us / 1e6)}"',
                 f'  sustain = "{format_duration(t.sustain_s)}"',
                 f'  action = "{t.action}"',
+                f"  gated = {str(t.gated).lower()}",
             ]
     for r in plan.rules:
         out += ["", "[[rule]]", f"name = {json.dumps(r.label)}"]
@@ -174,6 +210,8 @@ def plan_as_toml(plan: Plan, totals: Totals) -> str:
             out.append(f"guards = {json.dumps(list(r.guards))}")
     out += ["", "[hooks]", f"after_kill = {json.dumps(list(plan.hooks.after_kill))}"]
     out.append(f'timeout = "{format_duration(plan.hooks.timeout_s)}"')
+    out.append(f"before_kill = {json.dumps(list(plan.hooks.before_kill))}")
+    out.append(f'before_kill_timeout = "{format_duration(plan.hooks.before_kill_timeout_s)}"')
     return "\n".join(out) + "\n"
 
 

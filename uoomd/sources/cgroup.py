@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import errno
 import os
+from dataclasses import replace
 from enum import StrEnum
 
 from uoomd import kernel
 from uoomd.plan import Scope, ScopeKind
 from uoomd.readings import MemoryReading, Snapshot
 from uoomd.sources.seqfile import Closing, pread_all
+from uoomd.sources.vmstat import refault_pages
 
 # A v1 limit at or above this means "no limit". The kernel stores limits in pages in a
 # page_counter whose maximum is PAGE_COUNTER_MAX = LONG_MAX / PAGE_SIZE
@@ -300,6 +302,7 @@ class CgroupMemoryReader(Closing):
         self.version = detect_version(path)
         self.machine_total_bytes = machine_total_bytes
         self.machine_swap_total_bytes = machine_swap_total_bytes
+        self.page_size = os.sysconf("SC_PAGE_SIZE")
         if self.version is CgroupVersion.V2:
             names = {
                 "usage": "memory.current",
@@ -349,7 +352,10 @@ class CgroupMemoryReader(Closing):
 
     def read(self) -> MemoryReading:
         usage = parse_bytes_value(self._required("usage"), name=self._names["usage"])
-        reclaimable = reclaimable_file_bytes(parse_memory_stat(self._required("stat")), self.version)
+        stat = parse_memory_stat(self._required("stat"))
+        reclaimable = reclaimable_file_bytes(stat, self.version)
+        # v2's memory.stat is hierarchical already; v1's own lines are this cgroup's alone.
+        refaults = refault_pages(stat, "" if self.version is CgroupVersion.V2 else "total_")
         swap_usage_text = self._text("swap_usage")
         swap_limit_text = self._text("swap_limit")
         swap_usage = 0
@@ -370,7 +376,7 @@ class CgroupMemoryReader(Closing):
                 if memsw_limit is not None:
                     # Swap is used once memory sits at its limit: the room for swap is memsw - limit.
                     swap_limit = max(0, memsw_limit - (limit or 0))
-        return compute_cgroup_reading(
+        reading = compute_cgroup_reading(
             usage_bytes=usage,
             limit_bytes=limit,
             reclaimable_bytes=reclaimable,
@@ -379,6 +385,7 @@ class CgroupMemoryReader(Closing):
             machine_total_bytes=self.machine_total_bytes,
             machine_swap_total_bytes=self.machine_swap_total_bytes,
         )
+        return reading if refaults is None else replace(reading, refault_bytes=refaults * self.page_size)
 
     def close(self) -> None:
         fds, self._fds = self._fds, {}

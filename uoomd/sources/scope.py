@@ -11,10 +11,11 @@ from uoomd.sources.meminfo import MeminfoError, MeminfoReader, read_meminfo_tota
 MemoryReader = MeminfoReader | cgroup_source.CgroupMemoryReader
 
 
-def open_memory_reader(scope: Scope, proc_root: str = "/proc") -> MemoryReader:
-    """Raises SetupError naming the scope when it cannot be read."""
+def open_memory_reader(scope: Scope, proc_root: str = "/proc", *, refaults: bool = False) -> MemoryReader:
+    """Raises SetupError naming the scope when it cannot be read. ``refaults``: the readings
+    carry the refault count (a cgroup's always do: its memory.stat is read anyway)."""
     if scope.kind is ScopeKind.SYSTEM:
-        return MeminfoReader(proc_root)
+        return MeminfoReader(proc_root, refaults=refaults)
     assert scope.cgroup_path is not None
     total_ram, total_swap = read_meminfo_totals(proc_root)
     try:

@@ -6,7 +6,7 @@ guard reads nothing, and the cgroup is looked for again until it is back and reo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from uoomd.decision import describe_psi
@@ -18,6 +18,7 @@ from uoomd.sources import cgroup as cgroup_source
 from uoomd.sources.meminfo import MeminfoError
 from uoomd.sources.psi import PressureFileGone, PressureReader, PsiKindName, PsiTrigger, PsiTriggerGone, TriggerMode
 from uoomd.sources.scope import open_memory_reader
+from uoomd.thrash import RefaultMeter, advance, gate_bytes_per_s, has_refault_gate
 
 # A guard whose cgroup was removed (a service restart) looks for it again at most this often:
 # a missing cgroup costs one stat per retry, and a restarted service is guarded within this.
@@ -47,6 +48,7 @@ class GuardWatch:
     psi_event_seen: bool = False  # a kernel trigger's fd signalled since the last reading
     gone_at: float | None = None  # when its cgroup was removed; its files stay closed until it is back
     retry_at: float = 0.0  # when reopen() looks for a gone cgroup next
+    refaults: RefaultMeter = field(default_factory=RefaultMeter)  # at every reading, light ones too
 
     @property
     def has_polled_trigger(self) -> bool:
@@ -58,6 +60,8 @@ class GuardWatch:
         if self.last is not None:
             self.previous, self.previous_at = self.last, self.last_at
         self.last, self.last_at = memory, now
+        gate = gate_bytes_per_s(self.guard, memory.total_bytes)
+        self.refaults = advance(self.refaults, memory.refault_bytes, now, gate_bytes_per_s=gate)
 
     def mark_gone(self, now: float, log: Log, *, error: str) -> None:
         """The cgroup was removed: close every kept file, forget its readings, look for it later.
@@ -69,6 +73,7 @@ class GuardWatch:
         self.pressure = None
         self.triggers = tuple(None for _ in self.triggers)
         self.previous = self.last = None
+        self.refaults = RefaultMeter()
         self.last_pressure = None
         self.psi_event_seen = False
         self.gone_at = now
@@ -151,7 +156,14 @@ class GuardWatch:
             )
         self.remember(memory, now)
         self.last_pressure = pressure or self.last_pressure
-        return GuardReading(guard=name, memory=memory, pressure=pressure, psi_fired=tuple(fired))
+        return GuardReading(
+            guard=name,
+            memory=memory,
+            pressure=pressure,
+            psi_fired=tuple(fired),
+            refault_rate=self.refaults.rate,
+            refault_above_since=self.refaults.above_since,
+        )
 
     def note_revents(self, trigger: PsiTrigger, revents: int, *, now: float, log: Log) -> None:
         """What poll() said of one of our trigger fds."""
@@ -200,7 +212,7 @@ class _Absent:
         pass
 
 
-def open_watch(guard: GuardPlan, *, proc_root: str, now: float, log: Log) -> GuardWatch:
+def open_watch(guard: GuardPlan, *, proc_root: str, now: float, log: Log, refaults: bool = False) -> GuardWatch:
     """Open a guard's sources; a PSI trigger the kernel refuses falls back to polling, and says so.
 
     A cgroup that does not exist yet (its service starts after uoomd, or is between restarts)
@@ -213,7 +225,7 @@ def open_watch(guard: GuardPlan, *, proc_root: str, now: float, log: Log) -> Gua
         watch.mark_gone(now, log, error=f"{path} does not exist")
         watch.retry_at = now  # looked for at the first poll: it may appear at any moment
         return watch
-    watch = open_sources(guard, proc_root=proc_root, now=now)
+    watch = open_sources(guard, proc_root=proc_root, now=now, refaults=refaults)
     if guard.psi and watch.pressure is None:
         log.warning("psi_unavailable", guard=guard.name, scope=guard.scope.describe(), triggers=len(guard.psi))
     for index, trigger in enumerate(watch.triggers):
@@ -232,11 +244,16 @@ def open_watch(guard: GuardPlan, *, proc_root: str, now: float, log: Log) -> Gua
     return watch
 
 
-def open_sources(guard: GuardPlan, *, proc_root: str, now: float) -> GuardWatch:
+def open_sources(guard: GuardPlan, *, proc_root: str, now: float, refaults: bool = False) -> GuardWatch:
     """A guard's sources, opened without a word logged; when one fails, none stays open (a
-    gone cgroup is retried every SCOPE_RETRY_S: a leak there would be an fd per retry)."""
+    gone cgroup is retried every SCOPE_RETRY_S: a leak there would be an fd per retry).
+    The refault count is read where the guard has a refault gate, or ``refaults`` asks
+    (a recording: any policy may be replayed on it)."""
     watch = GuardWatch(
-        guard=guard, memory=open_memory_reader(guard.scope, proc_root), pressure=None, triggers=(None,) * len(guard.psi)
+        guard=guard,
+        memory=open_memory_reader(guard.scope, proc_root, refaults=refaults or has_refault_gate(guard)),
+        pressure=None,
+        triggers=(None,) * len(guard.psi),
     )
     armed: list[PsiTrigger] = []
     try:
