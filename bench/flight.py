@@ -14,7 +14,8 @@ daemon (/proc/PID/schedstat) over the window, and of its reaped children (utime 
   is full after 82 s (it is allocated, and counted in RSS, from the start).
 - deciding: the same cgroup with the term level above what is available, term_timeout 1 s: a
   would_term every ~1 s, so the recording daemon writes a trace every second (``trace_written``:
-  what the loop spent on it, ``loop_ms``, and what the child did, ``write_s`` and ``bytes``).
+  how long the loop was held by the fork, ``loop_ms``, and its CPU, ``loop_cpu_ms``; what the child
+  did, ``write_s`` and ``bytes``).
 
 The processes are ours (oom_score_adj 1000), stopped by PID with their cgroup at the end.
 """
@@ -67,11 +68,12 @@ def policy_for(base_text: str, workdir: Path, variant: str) -> Path:
     extra = f'state_file = "{workdir}/state.json"\n'
     if variant == "on":
         extra += f'record_on_decision = true\nrecord_dir = "{workdir}/traces"\n'
-    if "[daemon]" in base_text:
-        text = base_text.replace("[daemon]\n", "[daemon]\n" + extra, 1)
-    else:
-        text = "[daemon]\n" + extra + base_text
-    text = text.replace('state_file = "/run/uoomd/state.json"', "", 1)
+    # The keys set here, as the base policy may set them too (etc/uoomd.toml does, commented):
+    ours = ("state_file =", "record_on_decision =", "record_dir =")
+    text = "\n".join(line for line in base_text.splitlines() if not line.startswith(ours)) + "\n"
+    if "[daemon]" not in text:
+        text = "[daemon]\n" + text
+    text = text.replace("[daemon]\n", "[daemon]\n" + extra, 1)
     path = workdir / "policy.toml"
     path.write_text(text)
     return path
@@ -83,6 +85,7 @@ def scenario(name: str, base: Path) -> Iterator[str]:
     if name == "idle":
         yield (ROOT / "etc" / "uoomd.toml").read_text()
         return
+    base.mkdir(mode=0o700, parents=True)
     with near_level(base) as policy:
         text = policy.read_text()
         if name == "deciding":
@@ -139,6 +142,7 @@ def one_round(name: str, seconds: float, base: Path, index: int) -> list[dict[st
                         "decisions": sum(1 for e in events if e.get("event") == "victim_chosen"),
                         "traces": len(written),
                         "loop_ms": statistics.median(float(e["loop_ms"]) for e in written) if written else None,
+                        "loop_cpu_ms": statistics.median(float(e["loop_cpu_ms"]) for e in written) if written else None,
                         "write_s": statistics.median(float(e["write_s"]) for e in written) if written else None,
                         "trace_kib": statistics.median(int(e["bytes"]) for e in written) / 1024 if written else None,
                         "failed": sum(1 for e in events if e.get("event") == "trace_write_failed"),
@@ -176,11 +180,13 @@ def main() -> int:
             extra = ""
             if traces:
                 loop = statistics.median(float(str(r["loop_ms"])) for r in traces)
+                loop_cpu = statistics.median(float(str(r["loop_cpu_ms"])) for r in traces)
                 write = statistics.median(float(str(r["write_s"])) for r in traces)
                 kib = statistics.median(float(str(r["trace_kib"])) for r in traces)
                 per_min = statistics.median(float(str(r["traces"])) / args.seconds * 60 for r in traces)
                 extra = (
-                    f"; {per_min:.0f} traces/min, loop {loop:.2f} ms, child {write * 1000:.0f} ms, {kib:.0f} KiB each"
+                    f"; {per_min:.0f} traces/min, loop held {loop:.2f} ms ({loop_cpu:.2f} ms CPU), "
+                    f"child {write * 1000:.0f} ms, {kib:.0f} KiB each"
                 )
             print(
                 f"median {name:<9} {variant:<3} cpu {cpu:7.2f} ms/min = {cpu * 60 / 1000:6.2f} s/h, "

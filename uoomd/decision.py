@@ -159,13 +159,17 @@ DRY_RUN_TABLE: Mapping[tuple[Phase, Event], Transition] = {
 }
 """The dry-run table: the same decisions, parked in ``audit_hold`` instead of waiting for an exit."""
 
-# The record each warning-only event logs (named here as written: the README's events table is
-# checked against the code's literals, tests/unit/test_readme_tables.py).
-_WARN_RECORDS: Mapping[Event, str] = {
-    Event.PSI_WARN: "psi_warn",
-    Event.PSI_HELD: "psi_held",
-    Event.WARN_LEVEL: "memory_warn",
-}
+def _warn_record(event: Event | None, fields: tuple[tuple[str, object], ...]) -> Record:
+    """The record a warning-only event logs, its name written out (the README's events table is
+    checked against the code's literals, tests/unit/test_readme_tables.py)."""
+    match event:
+        case Event.PSI_HELD:
+            return Record(event="psi_held", fields=fields)
+        case Event.WARN_LEVEL:
+            return Record(event="memory_warn", fields=fields)
+        case _:
+            return Record(event="psi_warn", fields=fields)
+
 
 _CHOOSING = frozenset({Response.TERM, Response.KILL, Response.WOULD_TERM, Response.WOULD_KILL})
 _HOLDING = frozenset({Phase.TERM_SENT, Phase.KILL_SENT, Phase.AUDIT_HOLD})  # phases with an in-flight victim
@@ -627,13 +631,13 @@ def _step_guard(gs: GuardState, ctx: _Ctx) -> tuple[GuardState, list[Output], bo
         return _choose(gs, ctx, transition, detected.trigger, detected.facts)
     match response:
         case Response.WARN:
-            name = _WARN_RECORDS[detected.event]
+            name = str(detected.event)  # psi_warn, psi_held, memory_warn: as _warn_record() names them
             if name in gs.noted:
                 return gs, [], False
             if detected.event in _WARNINGS:
                 return _warn(gs, ctx, detected)
             fields = (*_decision_fields(ctx, detected.trigger, None, Response.WARN), *detected.facts)
-            return replace(gs, noted=gs.noted | {name}), [Record(event=name, fields=fields)], False
+            return replace(gs, noted=gs.noted | {name}), [_warn_record(detected.event, fields)], False
         case Response.KILL | Response.WOULD_KILL:  # escalation of the in-flight victim
             assert gs.victim is not None
             response = Response.WOULD_KILL if ctx.plan.daemon.dry_run else Response.KILL
@@ -820,7 +824,7 @@ def _warn(gs: GuardState, ctx: _Ctx, detected: _Detected) -> tuple[GuardState, l
     fields = _decision_fields(
         ctx, detected.trigger, victim, Response.WARN, runner_up=best[1] if len(best) > 1 else None
     )
-    rec = Record(event=name, fields=(*fields, *detected.facts))
+    rec = _warn_record(detected.event, (*fields, *detected.facts))
     out: list[Output] = [rec]
     if victim is not None and ctx.plan.daemon.notify_desktop and not ctx.plan.daemon.dry_run:
         out.append(NotifyWarning(guard=ctx.guard.name, uid=int(victim.process.uid), record=rec))

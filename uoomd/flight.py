@@ -240,7 +240,8 @@ class _Writer:
     result_fd: int
     started_at: float
     decision: str  # what it was written for: "victim_chosen pid 4711"
-    loop_ms: float  # what it cost the loop: the window's start, the header, the fork
+    loop_ms: float  # how long the loop was held: the fork (wall clock: a busy machine may run the child first)
+    loop_cpu_ms: float  # the CPU that took
 
 
 class FlightRecorder:
@@ -354,9 +355,7 @@ class FlightRecorder:
     def _start(self, now: float, what: str) -> None:
         if self.ring is None:
             return
-        began = time.monotonic()
-        start, notes = self.ring.start(now - self.started_at, self.plan.daemon.record_window_s)
-        header = self._header(notes)
+        began, began_cpu = time.monotonic(), time.thread_time()
         name = trace_name(time.time(), self.plan, what)
         try:
             read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
@@ -366,12 +365,16 @@ class FlightRecorder:
             return
         if pid == 0:  # pragma: no cover - the child; its file is asserted by the tests
             os.close(read_fd)
-            _child_main(self, self.ring, header, start=start, name=name, result_fd=write_fd)
+            _child_main(self, self.ring, at=now - self.started_at, name=name, result_fd=write_fd)
         os.close(write_fd)
         loop_ms = round((time.monotonic() - began) * 1000, 3)
-        self.writer = _Writer(pid=pid, result_fd=read_fd, started_at=now, decision=what, loop_ms=loop_ms)
+        cpu_ms = round((time.thread_time() - began_cpu) * 1000, 3)
+        self.writer = _Writer(
+            pid=pid, result_fd=read_fd, started_at=now, decision=what, loop_ms=loop_ms, loop_cpu_ms=cpu_ms
+        )
 
-    def _header(self, notes: tuple[str, ...]) -> Header:
+    def header(self, notes: tuple[str, ...]) -> Header:
+        """A trace's header: this daemon, its plan and policy text, and what the window says of itself."""
         uname = os.uname()
         return Header(
             started_at=self.started_at,
@@ -421,7 +424,8 @@ class FlightRecorder:
         if "path" in result:
             self.written += 1
             facts = {k: result[k] for k in sorted(result)}
-            self.log.info("trace_written", decision=writer.decision, loop_ms=writer.loop_ms, **facts)
+            loop = {"loop_ms": writer.loop_ms, "loop_cpu_ms": writer.loop_cpu_ms}
+            self.log.info("trace_written", decision=writer.decision, **loop, **facts)
         else:
             error = result.get("error") or ("timed out" if status == -1 else f"wait status {status}")
             self.log.warning("trace_write_failed", decision=writer.decision, error=str(error))
@@ -449,10 +453,9 @@ def trace_name(wall: float, plan: Plan, what: str) -> str:
     return f"uoomd-{stamp}-{pid if pid.isdigit() else 'x'}.jsonl"
 
 
-def _child_main(
-    recorder: FlightRecorder, ring: FlightRing, header: Header, *, start: float, name: str, result_fd: int
-) -> None:
-    """In the forked child: write the trace, say where in one JSON line, _exit. Never returns."""
+def _child_main(recorder: FlightRecorder, ring: FlightRing, *, at: float, name: str, result_fd: int) -> None:
+    """In the forked child: find where the trace starts, write it, say where in one JSON line, _exit.
+    Never returns. Everything but the fork is done here: the loop pays only for the fork."""
     from dataclasses import replace  # noqa: PLC0415
 
     from uoomd.service import unprotect_child  # noqa: PLC0415
@@ -465,10 +468,11 @@ def _child_main(
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
         unprotect_child()  # killable, and behind the loop for the CPU
-        ram, swap = read_meminfo_totals(recorder.proc_root)
-        header = replace(header, ram_bytes=ram, swap_bytes=swap)
         began = time.monotonic()
         plan = recorder.plan.daemon
+        start, notes = ring.start(at, plan.record_window_s)
+        ram, swap = read_meminfo_totals(recorder.proc_root)
+        header = replace(recorder.header(notes), ram_bytes=ram, swap_bytes=swap)
         path, size, lines = write_trace_file(plan.record_dir, name, header, ring.items(start), keep=plan.record_keep)
         report = {"path": path, "bytes": size, "lines": lines, "write_s": round(time.monotonic() - began, 3)}
         os.write(result_fd, json.dumps(report).encode())
