@@ -159,6 +159,7 @@ DRY_RUN_TABLE: Mapping[tuple[Phase, Event], Transition] = {
 }
 """The dry-run table: the same decisions, parked in ``audit_hold`` instead of waiting for an exit."""
 
+
 def _warn_record(event: Event | None, fields: tuple[tuple[str, object], ...]) -> Record:
     """The record a warning-only event logs, its name written out (the README's events table is
     checked against the code's literals, tests/unit/test_readme_tables.py)."""
@@ -804,31 +805,42 @@ _WARNINGS = frozenset({Event.WARN_LEVEL, Event.PSI_WARN})  # what reaches people
 
 
 def _warning_due(gs: GuardState, event: Event | None, now: float) -> bool:
-    """A warning not yet said in this episode, and none said by this guard in the last WARN_INTERVAL_S."""
+    """A warning whose notice may go now: not yet said in this episode, and no notice of this guard's
+    in the last WARN_INTERVAL_S. Only then does the core ask for a current ranking (a scan)."""
     if event not in _WARNINGS or str(event) in gs.noted:
         return False
     return gs.warned_at is None or now - gs.warned_at >= WARN_INTERVAL_S
 
 
 def _warn(gs: GuardState, ctx: _Ctx, detected: _Detected) -> tuple[GuardState, list[Output], bool]:
-    """The warn level or a PSI warn trigger: a record naming the likely victim, and for its owner a
-    notice, at most once an episode and once a WARN_INTERVAL_S per guard. A notice promises a
-    SIGTERM "if this goes on": never in a dry run, which sends none (as the kill notice)."""
+    """The warn level or a PSI warn trigger: once an episode a record naming the likely victim,
+    always; for its owner a notice, at most once a WARN_INTERVAL_S per guard (``notice`` says
+    why not). A notice promises a SIGTERM "if this goes on": never in a dry run, which sends
+    none (as the kill notice)."""
     now = ctx.obs.now
-    if not _warning_due(gs, detected.event, now):
-        return gs, [], False  # said less than a minute ago: said again once the minute is over
+    due = _warning_due(gs, detected.event, now)
     excluded = gs.stuck | ctx.stuck_elsewhere | ctx.others | gs.signalled | ctx.obs.ineligible
+    # Within the minute no scan is asked for: the record names a victim where a ranking is warm anyway.
     best = (ctx.ranking or _empty_ranking(ctx.guard.name)).top(2, excluded)
     victim = best[0] if best else None
-    name = str(detected.event)
+    daemon = ctx.plan.daemon
+    notice = "sent"
+    if not daemon.notify_desktop:
+        notice = "notify_desktop off"
+    elif daemon.dry_run:
+        notice = "dry run"
+    elif not due:
+        notice = "one a minute"
+    elif victim is None:
+        notice = "no likely victim"
     fields = _decision_fields(
         ctx, detected.trigger, victim, Response.WARN, runner_up=best[1] if len(best) > 1 else None
     )
-    rec = _warn_record(detected.event, (*fields, *detected.facts))
+    rec = _warn_record(detected.event, (*fields, *detected.facts, ("notice", notice)))
     out: list[Output] = [rec]
-    if victim is not None and ctx.plan.daemon.notify_desktop and not ctx.plan.daemon.dry_run:
+    if notice == "sent" and victim is not None:
         out.append(NotifyWarning(guard=ctx.guard.name, uid=int(victim.process.uid), record=rec))
-    return replace(gs, noted=gs.noted | {name}, warned_at=now), out, False
+    return replace(gs, noted=gs.noted | {str(detected.event)}, warned_at=now if due else gs.warned_at), out, False
 
 
 def _hold_budget_s(plan: Plan) -> float:

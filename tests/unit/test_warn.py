@@ -11,7 +11,7 @@ from tests.builders import make_guard, make_memory, make_plan, make_psi_trigger
 from tests.harness import RecordingNotices, loop_harness
 from tests.unit.test_decision import GATED, HIGH, LOW, MiB, driver, records, signals
 from uoomd import pacing
-from uoomd.actions import NotifyWarning
+from uoomd.actions import NotifyWarning, Output
 from uoomd.decision import WARN_INTERVAL_S, Need, is_quiet, levels, needs
 from uoomd.desktop import warn_notice
 from uoomd.errors import PolicyError
@@ -42,32 +42,45 @@ def test_below_the_warn_level_the_record_names_the_likely_victim_and_its_owner_g
     assert signals(out) == []
 
 
-def test_a_warning_is_said_once_an_episode_and_once_a_minute_per_guard() -> None:
+def notices(out: list[Output]) -> list[NotifyWarning]:
+    return [o for o in out if isinstance(o, NotifyWarning)]
+
+
+def test_a_warning_is_logged_once_an_episode_and_noticed_once_a_minute_per_guard() -> None:
     d = driver(make_guard(mem_available_warn=WARN), notify_desktop=True)
-    assert records(d.poll(0.0, BELOW_WARN), "memory_warn")
+    first = d.poll(0.0, BELOW_WARN)
+    assert records(first, "memory_warn")[0].get("notice") == "sent"
+    assert len(notices(first)) == 1
     assert d.poll(1.0, BELOW_WARN) == [], "the same episode"
     assert d.poll(2.0, HIGH) == []  # memory back: the episode ends
-    assert d.poll(3.0, BELOW_WARN) == [], "a new episode, but within the minute"
+    again = d.poll(3.0, BELOW_WARN)  # a new episode within the minute: logged, not noticed
+    (rec,) = records(again, "memory_warn")
+    assert (rec.get("notice"), rec.get("pid")) == ("one a minute", 101)  # the ranking at hand names it
+    assert notices(again) == []
+    d.poll(4.0, HIGH)
     later = d.poll(WARN_INTERVAL_S + 0.5, BELOW_WARN)
-    assert records(later, "memory_warn"), "it goes on: said again once the minute is over"
-    assert [o for o in later if isinstance(o, NotifyWarning)]
+    assert records(later, "memory_warn")[0].get("notice") == "sent"
+    assert len(notices(later)) == 1
 
 
 def test_a_dry_run_warns_in_the_log_but_sends_no_notice() -> None:
     # A notice promises a SIGTERM "if this goes on", and a dry run sends none (like the kill notice).
     d = driver(make_guard(mem_available_warn=WARN), notify_desktop=True, dry_run=True)
     out = d.poll(0.0, BELOW_WARN)
-    assert records(out, "memory_warn")
+    assert records(out, "memory_warn")[0].get("notice") == "dry run"
     assert not [o for o in out if isinstance(o, NotifyWarning)]
 
 
 def test_no_notice_without_notify_desktop_and_none_without_a_victim() -> None:
     d = driver(make_guard(mem_available_warn=WARN))
-    assert not [o for o in d.poll(0.0, BELOW_WARN) if isinstance(o, NotifyWarning)]
+    out = d.poll(0.0, BELOW_WARN)
+    assert records(out, "memory_warn")[0].get("notice") == "notify_desktop off"
+    assert not [o for o in out if isinstance(o, NotifyWarning)]
     lonely = driver(make_guard(mem_available_warn=WARN), notify_desktop=True, cands=())
     out = lonely.poll(0.0, BELOW_WARN)
     (rec,) = records(out, "memory_warn")
     assert "pid" not in rec.as_dict(), "nobody to name"
+    assert rec.get("notice") == "no likely victim"
     assert not [o for o in out if isinstance(o, NotifyWarning)]
 
 
