@@ -9,8 +9,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 
 from tests.cgroups import CGROUP_LIMIT_BYTES, ScratchCgroup, scratch_cgroup
+
+# No per-example deadline anywhere: hypothesis's 200 ms measures how busy the machine is
+# (two busy loops beside the suite broke it, issue 13), not what a test means. A property
+# that must be fast says so by its own bound (in CPU time, or in work counted).
+settings.register_profile("uoomd", deadline=None)
+settings.load_profile("uoomd")
 
 
 @pytest.fixture

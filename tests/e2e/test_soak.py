@@ -97,4 +97,8 @@ def test_soak_hogs_again_and_again_no_oom_kill_flat_rss_no_fd_leak(
     )
     print(report)
     assert growth_kib < RSS_GROWTH_MAX_KIB, report
-    assert max(s.fds for s in last) <= max(s.fds for s in first), report
+    # A leak grows with every hog (~38 here); a transient fd does not. Even with the guards idle
+    # the daemon may still hold an fd or two it closes at its next ticks (its warm ranking's
+    # /proc files: 17 vs 16 seen with two busy loops beside the suite), so compare the fewest
+    # fds of each third: a leaked fd raises every later sample, a transient one a few.
+    assert min(s.fds for s in last) <= min(s.fds for s in first), report

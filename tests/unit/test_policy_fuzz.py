@@ -30,7 +30,8 @@ SHIPPED = [ROOT / "etc" / "uoomd.toml", *sorted((ROOT / "policies").glob("*.toml
 TEXTS = {p.name: p.read_bytes() for p in SHIPPED}
 
 # Generous: the promise is "within a second"; a slow CI machine must not make this flaky,
-# while the hangs it guards against took 19 s to hours.
+# while the hangs it guards against took 19 s to hours. CPU seconds of this process (check
+# runs in it), not wall time: two busy loops beside the suite took one case to 5.02 s of wall.
 CASE_BOUND_S = 5.0
 ALLOWED = {0, 1, 2}
 
@@ -144,9 +145,9 @@ def mutated_policies(draw: st.DrawFn) -> tuple[str, bytes]:
 
 def _check(path: Path) -> tuple[int, float, str]:
     out, err = io.StringIO(), io.StringIO()
-    start = time.monotonic()
+    start = time.process_time()
     code = main(["check", str(path)], out, err)
-    return code, time.monotonic() - start, err.getvalue()
+    return code, time.process_time() - start, err.getvalue()
 
 
 def _judge(code: int, elapsed: float, errors: str) -> None:

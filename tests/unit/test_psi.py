@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from uoomd.readings import PressureReading
@@ -81,6 +81,7 @@ def test_rounding_keeps_the_stall_ratio_on_a_2s_multiple(asked: tuple[int, int],
     assert round_for_unprivileged(*asked) == armed
 
 
+@settings(deadline=None)  # pure arithmetic: a deadline only measures how busy the machine is
 @given(st.integers(1, 30_000_000), st.integers(1, 30_000_000))
 def test_rounded_trigger_always_satisfies_the_kernel_rules(stall_us: int, window_us: int) -> None:
     stall, window = round_for_unprivileged(stall_us, window_us)
