@@ -6,8 +6,11 @@ swap, with most of the swap still free (issue 18, measured in the VM). What make
 is refaults: pages evicted and then needed again, because the working set does not fit.
 The kernel counts them (mm/workingset.c workingset_refault(), Linux 6.18: every fault on a
 page whose shadow entry survived eviction adds to workingset_refault_anon/_file, in
-/proc/vmstat and in a cgroup's memory.stat); a job whose cold pages went to swap and stay
-there refaults almost nothing. lmkd gates its thrashing kill the same way, on file
+/proc/vmstat and in a cgroup's memory.stat), and activates those that would have stayed
+resident had its lists been balanced otherwise: a job growing into swap gets part of its hot
+set back that way, in a burst the kernel ends itself. The meter counts the others
+(sources/vmstat.py); a job whose cold pages went to swap and stay there refaults almost
+nothing. lmkd gates its thrashing kill the same way, on file
 refaults against the file LRU's size (system/memory/lmkd/lmkd.cpp, thrashing_limit_pct).
 
 The meter lives beside the sources (GuardWatch keeps one per guard, advanced at every
@@ -88,10 +91,10 @@ def refault_gate_open(guard: GuardPlan, reading: GuardReading, now: float) -> bo
     No gate (0) is always open. A scope whose refaults cannot be read (an old kernel, a v1
     cgroup without the counters) is open too: the gate can only hold back what it can
     measure. Where they can be read, an unmeasured rate (the first second of a stall) holds
-    the trigger back until a whole window is measured. The sustain is what tells a thrash
-    from a job growing into swap: that growth evicts some of the job's own hot pages, which
-    come back in a burst of seconds (8 s at 0.5-1 % of RAM/s in the VM, issue 18), where a
-    thrash refaults for as long as it runs."""
+    the trigger back until a whole window is measured. The sustain forgives what the
+    activation test lets through: a job growing into swap gets its hot pages back mostly
+    activated (8-12 s at up to 1 % of RAM/s in the VM, issue 18), its unactivated refaults
+    stayed above 0.1 %/s for 2 s at most, where a thrash refaults for as long as it runs."""
     if not has_refault_gate(guard) or reading.memory.refault_bytes is None:
         return True
     since = reading.refault_above_since

@@ -18,7 +18,8 @@ header      ``format`` ("uoomd-trace"), ``version``, ``started_at`` (monotonic),
 r           a guard's reading: ``g`` (guard), ``avail``, ``total``, ``swap_free``, ``swap_total``;
             ``psi`` [some avg10, some total us, full avg10, full total us] where the pressure
             file was read; ``fired`` [trigger index, ...] where a PSI trigger fired; ``refault``
-            (bytes refaulted since boot or since the cgroup was made) where it was read
+            (bytes refaulted and not activated since boot or since the cgroup was made,
+            sources/vmstat.py) where it was read
 c           a guard's candidates near a level: ``g``, ``totalpages``, ``system_totalpages``, ``procs``:
             [process, ...] (below), best first for the recording policy, then the kernel's own picks
 x           a process listed in a ``c`` line has exited (or become a zombie): ``pid``, ``start``

@@ -44,7 +44,7 @@ LONG_TOKENS = {
 }
 # A thrash is stopped within this long after it began to swap. The gate cannot act before the
 # thrash refaults: its growth past RAM swaps out for 16-27 s first (the VM, issue 18's phase 1),
-# then the refault rate must hold psi_refault_sustain (10 s) while the PSI trigger is sustained.
+# then the refault rate must hold psi_refault_sustain (5 s) while the PSI trigger is sustained.
 THRASH_BOUND_S = 60.0
 # ... and its passes (the refaulting part) last at most this long before it ends: what bounds its
 # swap-ins whatever the emulated swap device's speed (1.5-4.9k pages/s between boots here).

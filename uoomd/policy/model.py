@@ -268,8 +268,9 @@ class GuardModel(_Strict):
     )
     psi_refault_gate: AmountValue = Field(
         "0",
-        description="per second: PSI triggers act only while evicted pages come back this fast ('0.5%' of the "
-        "scope's total, or '20MiB'; '0' = no refault gate): a thrash, not a job that swaps its cold pages out",
+        description="per second: PSI triggers act only while evicted pages the working set has no room for come back "
+        "this fast ('0.5%' of the scope's total, or '20MiB'; '0' = no refault gate): a thrash, not a job that "
+        "swaps its cold pages out",
     )
     psi_refault_sustain: DurationValue = Field(
         "0s", description="refaults must have stayed at or above psi_refault_gate this long (a burst is forgiven)"

@@ -11,7 +11,7 @@ from uoomd import kernel
 from uoomd.plan import Scope, ScopeKind
 from uoomd.readings import MemoryReading, Snapshot
 from uoomd.sources.seqfile import Closing, pread_all
-from uoomd.sources.vmstat import refault_pages
+from uoomd.sources.vmstat import activations_tell_fit, refault_pages
 
 # A v1 limit at or above this means "no limit". The kernel stores limits in pages in a
 # page_counter whose maximum is PAGE_COUNTER_MAX = LONG_MAX / PAGE_SIZE
@@ -303,6 +303,7 @@ class CgroupMemoryReader(Closing):
         self.machine_total_bytes = machine_total_bytes
         self.machine_swap_total_bytes = machine_swap_total_bytes
         self.page_size = os.sysconf("SC_PAGE_SIZE")
+        self.activations = activations_tell_fit()  # the refaults counted: vmstat.py
         if self.version is CgroupVersion.V2:
             names = {
                 "usage": "memory.current",
@@ -355,7 +356,9 @@ class CgroupMemoryReader(Closing):
         stat = parse_memory_stat(self._required("stat"))
         reclaimable = reclaimable_file_bytes(stat, self.version)
         # v2's memory.stat is hierarchical already; v1's own lines are this cgroup's alone.
-        refaults = refault_pages(stat, "" if self.version is CgroupVersion.V2 else "total_")
+        refaults = refault_pages(
+            stat, "" if self.version is CgroupVersion.V2 else "total_", activations=self.activations
+        )
         swap_usage_text = self._text("swap_usage")
         swap_limit_text = self._text("swap_limit")
         swap_usage = 0
