@@ -121,7 +121,7 @@ def boot(
     memory_mib: int = 1024,
     cpus: int = 2,
 ) -> BootResult:
-    """Boot ``image``'s kernel on the ``root`` disk (image.ensure_root_disk) once with ``payload``
+    """Boot ``image``'s kernel on the ``root`` disk (vm/rootdisk.py) once with ``payload``
     (tar member name -> file or bytes; it must hold an executable ``run``, called with the
     results directory); results land in ``work/results``."""
     work.mkdir(parents=True, exist_ok=True)

@@ -2,12 +2,8 @@
 
 Two layers. The base (``ensure_image``) is Debian packages only (mmdebstrap from the mirror
 apt already uses) plus the Debian cloud kernel, whose NVMe and ext4 drivers are built in, so
-no initramfs is needed; it is kept as a directory tree and rebuilt only when this file, the
-guest files or the package list change. The root disk (``ensure_root_disk``) is that tree with
-uoomd installed by the project's own admin command, ``packaging/install-unit --wheels``, run
-in a chroot of the tree (the guest's own python3 and pip, at native speed: the same install
-inside the emulated guest took more than 5 minutes), then made into an ext4 image with
-``mkfs.ext4 -d``; it is rebuilt when uoomd's sources change (~1 minute).
+no initramfs is needed; it is kept as a directory tree and rebuilt only when this file or the
+guest files change. The root disk made from it, with uoomd installed, is vm/rootdisk.py's.
 
 Usage (root): ``python3 -m vm.image [--cache DIR]`` prints the image directory.
 """
@@ -108,7 +104,6 @@ MASKED_GENERATORS = (
 )
 # A fixed machine-id: systemd skips first-boot setup (and its seconds of emulated work).
 MACHINE_ID = "75606f6d645f766d5f696d6167650a00"[:32]
-IMAGE_SIZE = "2G"
 HOSTNAME = "uoomd-vm"
 NEEDED_TOOLS = ("qemu-system-x86_64", "mmdebstrap", "mkfs.ext4", "dpkg-deb", "apt-get", "apt-cache")
 
@@ -184,7 +179,7 @@ def ensure_image(cache: Path | None = None, *, log: Path | None = None) -> Image
     cache.mkdir(parents=True, exist_ok=True)
     key = image_key()
     final = cache / f"image-{key}"
-    with _locked(cache / "lock"):
+    with locked(cache / "lock"):
         if (final / "manifest.json").exists():
             return _load(final, build_s=None)
         started = time.monotonic()
@@ -230,7 +225,7 @@ def _load(directory: Path, *, build_s: float | None) -> Image:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
     """One builder at a time: a second pytest session waits, then finds the image built."""
     with path.open("a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -240,7 +235,7 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _run(argv: list[str], log_file: TextIO, *, cwd: Path | None = None) -> None:
+def run_logged(argv: list[str], log_file: TextIO, *, cwd: Path | None = None) -> None:
     log_file.write(f"$ {' '.join(argv)}\n")
     log_file.flush()
     # The guest's tools live in sbin; the host's PATH (pyenv shims first) means nothing in a chroot.
@@ -274,7 +269,7 @@ def check_mirror(timeout_s: float = 15.0) -> None:
 
 def _build(work: Path, key: str, kernel_package: str, log_file: TextIO) -> None:
     rootfs = work / "rootfs"
-    _run(
+    run_logged(
         [
             "mmdebstrap",
             "--variant=apt",
@@ -289,16 +284,16 @@ def _build(work: Path, key: str, kernel_package: str, log_file: TextIO) -> None:
     )
     debs = work / "debs"
     debs.mkdir()
-    _run(["apt-get", "download", kernel_package], log_file, cwd=debs)
+    run_logged(["apt-get", "download", kernel_package], log_file, cwd=debs)
     unpacked = work / "kernel"
     (deb,) = debs.glob("*.deb")
-    _run(["dpkg-deb", "-x", str(deb), str(unpacked)], log_file)
+    run_logged(["dpkg-deb", "-x", str(deb), str(unpacked)], log_file)
     # Copy into usr/lib, not lib: extracting over the rootfs would replace its lib -> usr/lib
     # symlink with a directory and break every binary's interpreter path.
     (modules,) = (unpacked / "lib" / "modules").iterdir()
     kernel_version = modules.name
     shutil.copytree(modules, rootfs / "usr" / "lib" / "modules" / kernel_version, symlinks=True)
-    _run(["chroot", str(rootfs), "/usr/sbin/depmod", kernel_version], log_file)
+    run_logged(["chroot", str(rootfs), "/usr/sbin/depmod", kernel_version], log_file)
     shutil.copy2(unpacked / "boot" / f"vmlinuz-{kernel_version}", work / "vmlinuz")
     _configure(rootfs)
     _check_guest_python(rootfs)
@@ -342,61 +337,6 @@ def _configure(rootfs: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             masked.unlink()
         masked.symlink_to("/dev/null")
-
-
-# What install-unit needs of the tree besides the wheels (it refuses a tree without them).
-SOURCE_TREE = ("pyproject.toml", "README.md", "uoomd", "etc", "policies", "systemd", "packaging")
-# A second venv, beside the admin's, for the repo's own tests run inside the guest (pytest).
-TEST_VENV = "/opt/uoomd-vmtest"
-
-
-def ensure_root_disk(image: Image, wheels: Path, repo: Path) -> Path:
-    """The root disk for these wheels: the base tree with uoomd installed by
-    ``packaging/install-unit --wheels`` in a chroot (unit and policy in /etc, venv in
-    /opt/uoomd, not enabled), plus a test venv at TEST_VENV. Raises BuildFailed."""
-    disk = image.directory / f"root-{wheels.name}.img"
-    if disk.exists():
-        return disk
-    with _locked(image.directory.parent / "lock"):
-        if disk.exists():
-            return disk
-        stage = image.directory / "stage"
-        tmp = disk.with_suffix(".tmp")
-        log_path = image.directory / f"root-{wheels.name}.log"
-        try:
-            shutil.rmtree(stage, ignore_errors=True)
-            with log_path.open("w") as log_file:
-                _run(["cp", "-a", "--reflink=auto", str(image.rootfs), str(stage)], log_file)
-                src = stage / "root" / "uoomd-src"
-                for top in SOURCE_TREE:
-                    path = repo / top
-                    if path.is_dir():
-                        shutil.copytree(path, src / top, ignore=shutil.ignore_patterns("__pycache__"))
-                    elif path.exists():
-                        src.mkdir(parents=True, exist_ok=True)
-                        shutil.copy2(path, src / top)
-                shutil.copytree(wheels, stage / "root" / "uoomd-wheels")
-                chroot = ["chroot", str(stage)]
-                _run(
-                    [*chroot, "/bin/sh", "/root/uoomd-src/packaging/install-unit", "--wheels", "/root/uoomd-wheels"],
-                    log_file,
-                )
-                _run([*chroot, "/usr/bin/python3", "-m", "venv", TEST_VENV], log_file)
-                pip = [*chroot, f"{TEST_VENV}/bin/pip", "install", "--quiet", "--no-index"]
-                _run([*pip, "--find-links", "/root/uoomd-wheels", "uoomd", "pytest"], log_file)
-                # The source tree stays in the image (/root/uoomd-src): it is what the admin ran.
-                shutil.rmtree(stage / "root" / "uoomd-wheels")
-                _run(["mkfs.ext4", "-q", "-F", "-L", "uoomdroot", "-d", str(stage), str(tmp), IMAGE_SIZE], log_file)
-        except (subprocess.CalledProcessError, OSError) as exc:
-            tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
-            raise BuildFailed(f"the root disk could not be built ({exc}); log {log_path}:\n{tail}") from exc
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
-        os.rename(tmp, disk)
-        for old in image.directory.glob("root-*"):
-            if old.name not in (disk.name, log_path.name):
-                old.unlink()
-    return disk
 
 
 def _check_guest_python(rootfs: Path) -> None:

@@ -1,7 +1,7 @@
 """What one boot carries into the guest: its scenarios, in order, and the project files they use.
 
 Everything the VM runs comes from this repository: uoomd itself is on the root disk (installed
-by packaging/install-unit from the wheels built from this tree, vm/image.py); the boot brings
+by packaging/install-unit from the wheels built from this tree, vm/rootdisk.py); the boot brings
 the scenarios (vm/scenarios), tests/hogs.py, the shipped policies, the live oom_score test.
 
 Usage: ``python3 -m vm.payload SCENARIO [ARG...]`` boots once and prints where the results are.

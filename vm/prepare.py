@@ -23,10 +23,10 @@ from vm.image import (
     cache_root,
     check_mirror,
     ensure_image,
-    ensure_root_disk,
     is_built,
     why_unavailable,
 )
+from vm.rootdisk import ensure_root_disk
 from vm.wheels import REPO, are_built, ensure_wheels, guest_python
 
 

@@ -20,9 +20,10 @@ REPO = Path(__file__).resolve().parents[1]
 # What the uoomd wheel is made of (pyproject.toml force-includes etc/ and policies/), and what
 # else the root disk built with these wheels takes from the tree (the unit, install-unit).
 SOURCES = ("pyproject.toml", "README.md", "uoomd", "etc", "policies", "systemd", "packaging")
-# pytest runs the repo's live oom_score test inside the guest (scenario cgroup); hatchling is
-# uoomd's build backend: packaging/install-unit builds uoomd from the source tree, offline.
-EXTRA = ("pytest", "hatchling")
+# The test extras: the repo's live oom_score test runs inside the guest under pytest (scenario
+# cgroup), in a venv of TEST_REQUIREMENT (vm/rootdisk.py); hatchling is uoomd's build backend:
+# packaging/install-unit builds uoomd from the source tree, offline.
+EXTRA = ("hatchling",)
 
 
 def source_key(repo: Path = REPO) -> str:
@@ -70,7 +71,7 @@ def ensure_wheels(cache: Path, repo: Path = REPO) -> Path:
     with log.open("w") as log_file:
         pip_wheel = [guest_python(), "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check", "-w", str(work)]
         result = subprocess.run(
-            [*pip_wheel, str(repo), *EXTRA],
+            [*pip_wheel, f"{repo}[test]", *EXTRA],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             env=dict(os.environ, PIP_NO_INPUT="1"),

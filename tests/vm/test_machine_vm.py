@@ -76,12 +76,16 @@ def _check(run: ScenarioRun, case: dict[str, Any]) -> None:
         unit = "hog-coop" if case["case"] == "cooperative" else "hog-stubborn"
         hog = by_name[unit]
         actions = _actions(case, int(hog["pid"]))
+        print(f"{case['policy']} {case['case']}: uoomd did {actions}")
+        assert actions, case["uoomd"]
         if case["case"] == "ignore-term":
             assert killed[unit], hog  # CLD_KILLED by SIGKILL
-        # The cases follow each other within the kill rate limit's minute: a victim chosen past
-        # the limit is chosen at the kill level and gets SIGKILL at once, without a SIGTERM first.
-        if actions[:1] == ["kill (over the rate limit)"]:
-            assert killed[unit], hog
+        # A victim is chosen at the kill level, and gets SIGKILL at once without a SIGTERM first,
+        # when the cases before it used up the kill rate limit's minute, or when memory fell past
+        # both levels between two of the daemon's polls (emulated, a poll can take ~0.3 s: seen
+        # with desktop.toml, whose warn-level notice ran first).
+        if actions[0].startswith("kill"):
+            assert killed[unit], (actions, hog)
         elif case["case"] == "ignore-term":
             assert actions == ["term", "escalated to kill"], actions
         else:  # cooperative: it exits at the SIGTERM, unless memory reached the kill level first
