@@ -96,9 +96,11 @@ FAMILIES: Final = (
            "episode).", labels=_G),
     Family(name="uoomd_psi_events_total", kind="counter", help="PSI trigger events from the kernel (or the polled "
            "fallback).", labels=("guard", "trigger")),
-    Family(name="uoomd_hooks_started_total", kind="counter", help="after_kill hooks started.", labels=_G),
-    Family(name="uoomd_hooks_finished_total", kind="counter", help="after_kill hooks ended, by outcome (completed, "
-           "failed, timed_out; failed includes one that could not start).", labels=("guard", "outcome")),
+    Family(name="uoomd_hooks_started_total", kind="counter", help="Hooks started (before_kill and after_kill).",
+           labels=_G),
+    Family(name="uoomd_hooks_finished_total", kind="counter", help="Hooks (before_kill and after_kill) ended, by "
+           "outcome (completed, failed, timed_out; failed includes one that could not start).",
+           labels=("guard", "outcome")),
     Family(name="uoomd_scope_lost_total", kind="counter", help="Times the guard's cgroup was removed under it.",
            labels=_G),
 )  # fmt: skip

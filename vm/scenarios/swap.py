@@ -9,8 +9,9 @@ swap-out), run in turn with that daemon and nothing else under test running:
   or etc/uoomd.toml as shipped), ``desktop-dry`` (the same in dry-run: it logs what it would
   do), ``desktop-gateunmet`` (its refault gate set out of reach: only an ungated trigger, the
   backstop, can act on a thrash), ``earlyoom``, ``nohang``, ``systemd-oomd`` (configured as
-  machine.PEER_CONFIG says), or ``uoomd@NAME``: uoomd on the policy vm/scenarios/NAME.toml
-  (the payload carries scenarios/).
+  machine.PEER_CONFIG says), ``uoomd@NAME``: uoomd on the policy vm/scenarios/NAME.toml
+  (the payload carries scenarios/), or ``record``: no OOM daemon, ``uoomd record`` on the
+  shipped desktop policy writing ``trace-N.jsonl`` (what ``uoomd replay`` reads).
 - WORKLOAD: ``idle`` (a baseline), ``steady`` (swapload.py steady: the hot set fits, the cold
   pages go to swap once), ``thrash`` (swapload.py thrash: a working set larger than RAM).
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -32,7 +34,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from guestlib import HERE, Scenario, alive, kernel_oom_kills, mark, shipped, show, uoomd_events, use_policy, wait_until
+from guestlib import (
+    HERE,
+    UOOMD,
+    Scenario,
+    alive,
+    kernel_oom_kills,
+    mark,
+    shipped,
+    show,
+    uoomd_events,
+    use_policy,
+    wait_until,
+)
 from machine import start_daemon, stop_daemon
 
 SWAP_MIB = 1024
@@ -254,6 +268,7 @@ class Daemons:
         self.name = "kernel"
         self.unit = ""
         self.runs = 0
+        self.recorder: subprocess.Popen[bytes] | None = None
 
     def use(self, name: str) -> None:
         if name == self.name:
@@ -262,12 +277,27 @@ class Daemons:
         with self.sc.step(f"start {name}"):
             if is_uoomd(name):
                 self.unit = start_uoomd(self.sc, name)
+            elif name == "record":
+                self.start_recorder()
             elif name != "kernel":
                 self.unit = start_daemon(self.sc, name, "")
             self.name = name
             time.sleep(3)  # the daemon's first readings
 
+    def start_recorder(self) -> None:
+        self.runs += 1
+        policy = self.sc.out / "policy-record.toml"
+        policy.write_text(shipped("policies/desktop.toml"))
+        trace = self.sc.out / f"trace-{self.runs}.jsonl"
+        argv = [str(UOOMD), "record", "--policy", str(policy), "-o", str(trace)]
+        self.recorder = subprocess.Popen([*argv, "--max-size", "8MiB"], stderr=subprocess.DEVNULL)
+
     def stop(self) -> None:
+        if self.recorder is not None:
+            with self.sc.step("stop record"):
+                self.recorder.send_signal(signal.SIGINT)  # it closes the trace and exits 0
+                self.recorder.wait(timeout=60)
+            self.recorder = None
         if not self.unit:
             self.name = "kernel"
             return
