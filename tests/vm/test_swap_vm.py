@@ -8,7 +8,7 @@ for half a minute. When the refault gate is not met, the ungated backstop trigge
 on a long full stall.
 
 The table's other daemons (kernel alone, earlyoom, nohang, systemd-oomd, configured as in
-vm/scenarios/peers.py) run on both workloads and both swap kinds only with UOOMD_VM_PEERS=1
+vm/scenarios/peers.py) run on both workloads and both swap kinds only with UOOMD_VM_LONG=1
 (two boots, ~50 min of emulated time): they write vm/results/swap.md.
 """
 
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.vm
 KINDS = ("swapfile", "zram")
 # The boots: (name, tokens of vm/scenarios/swap.py). CI runs "swap" (~5.5 min from a cached
 # image: the steady swapper 60 s past its first swap-out, the thrash under both policies);
-# UOOMD_VM_PEERS=1 adds one boot per swap kind (~25 min each) with the rest: the peers and the
+# UOOMD_VM_LONG=1 adds one boot per swap kind (~25 min each) with the rest: the peers and the
 # kernel alone on both workloads, the steady swapper on zram, the default policy on the
 # swapfile, and the backstop. One uoomd start costs 15-25 s of emulated time: the cases of one
 # policy run together, across swap kinds.
@@ -60,8 +60,8 @@ def swap(vm_env: VmEnv) -> ScenarioRun:
 
 
 def long_boot(vm_env: VmEnv, kind: str) -> ScenarioRun:
-    if os.environ.get("UOOMD_VM_PEERS") != "1":
-        pytest.skip("the peers and the long swap cases run with UOOMD_VM_PEERS=1 (~25 min per swap kind)")
+    if os.environ.get("UOOMD_VM_LONG") != "1":
+        pytest.skip("the peers and the long swap cases run with UOOMD_VM_LONG=1 (~25 min per swap kind)")
     return run_scenario(vm_env, "swap", args=LONG_TOKENS[kind], timeout_s=3600)
 
 
@@ -201,7 +201,7 @@ def test_the_swap_table_is_written(vm_env: VmEnv, swap: ScenarioRun) -> None:
             "60-90 s past its first swap-out (vm/scenarios/swapload.py). Each daemon as shipped (peers as in",
             "vm/scenarios/peers.py); a thrash is called after 120 s.",
             "",
-            "Command: `UOOMD_VM_PEERS=1 python3 -m pytest tests/vm/test_swap_vm.py` (or, from the boots'",
+            "Command: `UOOMD_VM_LONG=1 python3 -m pytest tests/vm/test_swap_vm.py` (or, from the boots'",
             "results, `python3 -m tests.vm.swapstats --table RESULTS_DIR...`).",
             "",
             table,
