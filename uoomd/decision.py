@@ -324,6 +324,13 @@ def update_psi(
     return tuple(out)
 
 
+def _stall_answered(gs: GuardState) -> GuardState:
+    """The guard once its victim exited or was given up as stuck: the stall and the fall of
+    memory so far were that victim's, so a PSI trigger (and the eta projection) must be
+    sustained anew before it can choose the next one (else one old stall would take two)."""
+    return replace(gs, psi=tuple(replace(t, active_since=None) for t in gs.psi), trend=replace(gs.trend, since=None))
+
+
 def sustained(track: PsiTrack, trigger: PsiTriggerPlan, now: float) -> bool:
     return track.active_since is not None and now - track.active_since >= trigger.sustain_s
 
@@ -412,11 +419,13 @@ def _detect_idle(gs: GuardState, ctx: _Ctx) -> _Detected:
     # nohang#25: PSI alone hit busy but healthy machines; it acts only when memory is short too.
     # And short memory with a stall is not yet a thrash: a job pushing its cold pages out to
     # swap stalls in reclaim too (issue 18); the refault gate waits for evicted pages coming
-    # back (uoomd/thrash.py). An ungated trigger is the backstop on a long stall.
+    # back (uoomd/thrash.py). An ungated trigger, the backstop on a long stall, passes the
+    # refault gate, never the memory gate: in the VM a backstop sustained through a thrash
+    # took a bystander once the thrash was killed, with 83% of RAM available.
     memory_short = reading.memory.available_bytes < lv.gate_bytes
     refaults_known = reading.memory.refault_bytes is not None
     thrashing = refault_gate_open(guard, reading, now)
-    open_to = [(i, t) for i, t in active if not t.gated or (memory_short and thrashing)]
+    open_to = [(i, t) for i, t in active if memory_short and (thrashing or not t.gated)]
     thrash_facts = _refault_facts(guard, reading, now) if refaults_known and has_refault_gate(guard) else ()
     psi_kill = [(i, t) for i, t in open_to if t.action is PsiAction.KILL]
     if psi_kill:
@@ -654,6 +663,10 @@ def _step_guard(gs: GuardState, ctx: _Ctx) -> tuple[GuardState, list[Output], bo
             assert gs.victim is not None
             rec = Record(event="victim_stuck", fields=(*_guard_victim_fields(ctx, gs.victim), ("after_s", after_s)))
             new = replace(gs, phase=transition.next, phase_since=now, victim=None, stuck=gs.stuck | {gs.victim.key})
+            # The stall so far was the stuck victim's too: the next victim needs a stall of its own
+            # (seen in the VM: a backstop sustained through a thrash took a 4 KiB bystander 20 s
+            # after the thrash's SIGKILL, with 83% of RAM available, as the thrash took long to exit).
+            new = _stall_answered(new)
             return replace(new, trigger="", noted=frozenset(), signalled=frozenset()), [rec], False
         case Response.NONE:
             return _quiet_transition(gs, ctx, transition, detected.event, after_s)
@@ -707,12 +720,7 @@ def _quiet_transition(
     trigger = gs.trigger if transition.next is not Phase.IDLE else ""
     new = replace(gs, phase=transition.next, phase_since=now, victim=victim, trigger=trigger)
     if transition.next is Phase.RECOVERING:
-        # Stall before the exit is the victim's: a PSI trigger must be sustained anew, after
-        # it, before it can choose the next victim (else one old stall would take two). The
-        # same for a fall of memory: the eta projection is sustained anew after the exit.
-        new = replace(
-            new, psi=tuple(replace(t, active_since=None) for t in gs.psi), trend=replace(gs.trend, since=None)
-        )
+        new = _stall_answered(new)
     if transition.next is Phase.IDLE:
         new = replace(new, noted=frozenset(), signalled=frozenset())
     return new, records, False

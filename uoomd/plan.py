@@ -81,7 +81,7 @@ class PsiTriggerPlan:
     window_us: int
     sustain_s: float
     action: PsiAction
-    gated: bool = True  # False: a backstop that acts whatever psi_mem_gate and psi_refault_gate say
+    gated: bool = True  # False: a backstop that acts whatever psi_refault_gate says (psi_mem_gate still holds)
 
     def describe(self) -> str:
         return f"{self.kind} {self.stall_us} {self.window_us}"

@@ -530,6 +530,29 @@ def test_victim_alive_after_kill_timeout_is_marked_stuck_and_the_next_one_chosen
     assert records(nxt)[0].get("runner_up_pid") == 103  # the stuck one is no runner-up either
 
 
+def test_a_psi_trigger_is_sustained_anew_after_a_victim_is_given_up_as_stuck() -> None:
+    # Seen in the VM: a thrash took its SIGKILL but took longer than kill_timeout to exit; a
+    # trigger sustained through the thrash then took the next process at once, with RAM free.
+    d = driver(make_guard(psi=(make_psi_trigger(PsiAction.TERM, sustain_s=4.0),)))
+    t = 0.0
+    while not signals(d.poll(t, GATED, fired=(0,))):
+        t += 1.0
+    assert t == 4.0
+    chosen_at = t
+    while d.phase() is not Phase.IDLE:  # SIGTERM, SIGKILL, then stuck: the trigger fires all along
+        t += 1.0
+        d.poll(t, GATED, fired=(0,))
+    assert d.state.guard("system").stuck == {key(101)}
+    assert t == chosen_at + TERM_TIMEOUT + KILL_TIMEOUT
+    given_up = t
+    nxt: list[SendSignal] = []
+    while not nxt:
+        t += 1.0
+        nxt = signals(d.poll(t, GATED, fired=(0,)))
+    assert [(s.target, s.signal) for s in nxt] == [(key(102), SIGTERM)]
+    assert t - given_up > 4.0  # a stall of its own: the trigger's whole sustain after the stuck one
+
+
 def test_stuck_victim_is_kept_while_it_exists_and_forgotten_once_gone_from_the_snapshot() -> None:
     d = driver()
     d.poll(0.0, CRIT)
@@ -1048,14 +1071,26 @@ def test_a_scope_without_refault_counters_is_not_held_by_the_gate() -> None:
     assert records(acts, "psi_held") == []
 
 
-def test_an_ungated_trigger_acts_with_memory_plentiful_and_no_refaults() -> None:
-    # The backstop: a long full stall is a freeze whatever MemAvailable and refaults say.
+def test_an_ungated_trigger_acts_with_memory_short_and_no_refaults() -> None:
+    # The backstop: a long full stall with memory short is a freeze whatever refaults say.
     backstop = make_psi_trigger(PsiAction.TERM, sustain_s=2.0, gated=False)
     d = _gated_driver(backstop)
-    assert signals(d.poll(1.0, _refaulting(HIGH), fired=(0,), refault_rate=0.0)) == []
-    acts = d.poll(3.0, _refaulting(HIGH), fired=(0,), refault_rate=0.0)
+    assert signals(d.poll(1.0, _refaulting(GATED), fired=(0,), refault_rate=0.0)) == []
+    acts = d.poll(3.0, _refaulting(GATED), fired=(0,), refault_rate=0.0)
     assert [s.signal for s in signals(acts)] == [SIGTERM]
     assert records(acts, "victim_chosen")[0].get("trigger") == describe_psi(0, backstop)
+    assert records(acts, "psi_held") == []
+
+
+def test_an_ungated_trigger_never_acts_with_memory_plentiful() -> None:
+    # nohang#25 holds for the backstop too; in the VM, its stall sustained through a thrash
+    # outlived the thrash's SIGKILL, and with 83% of RAM back it took a bystander.
+    backstop = make_psi_trigger(PsiAction.TERM, sustain_s=2.0, gated=False)
+    d = _gated_driver(backstop)
+    for t in range(0, 20, 2):
+        acts = d.poll(float(t), _refaulting(HIGH), fired=(0,), refault_rate=0.0)
+        assert signals(acts) == []
+        assert records(acts, "victim_chosen") == []
 
 
 def test_the_refault_gate_never_holds_back_a_level() -> None:

@@ -229,7 +229,8 @@ class PsiModel(_Strict):
     action: Literal["warn", "term", "kill"] = Field("term", description="warn: log only; term/kill: pick a victim")
     gated: bool = Field(
         True,
-        description="false: act whatever psi_mem_gate and psi_refault_gate say (a backstop on a long full stall)",
+        description="false: act whatever psi_refault_gate says, with memory below psi_mem_gate still (a backstop "
+        "on a long full stall)",
     )
 
     @model_validator(mode="after")
