@@ -286,11 +286,17 @@ class Daemons:
 
     def start_recorder(self) -> None:
         self.runs += 1
-        policy = self.sc.out / "policy-record.toml"
+        # Beside the daemon's own: a policy in a directory only root can write (uoomd refuses others).
+        policy = Path("/etc/uoomd/record.toml")
         policy.write_text(shipped("policies/desktop.toml"))
+        policy.chmod(0o644)
         trace = self.sc.out / f"trace-{self.runs}.jsonl"
-        argv = [str(UOOMD), "record", "--policy", str(policy), "-o", str(trace)]
-        self.recorder = subprocess.Popen([*argv, "--max-size", "8MiB"], stderr=subprocess.DEVNULL)
+        argv = [str(UOOMD), "record", "--policy", str(policy), "-o", str(trace), "--max-size", "8MiB"]
+        with (self.sc.out / f"record-{self.runs}.log").open("w") as log:
+            self.recorder = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        time.sleep(5)  # its start-up (seconds when emulated), so the trace holds the whole case
+        if self.recorder.poll() is not None:
+            self.sc.note(f"uoomd record exited {self.recorder.returncode}: see record-{self.runs}.log")
 
     def stop(self) -> None:
         if self.recorder is not None:
