@@ -39,7 +39,7 @@ _PEER_CASES = tuple(f"{d}:{w}" for d in PEER_DAEMONS for w in ("thrash", "steady
 # desktop:thrash runs again in the long boots: the swap-in comparison with the kernel alone is
 # between cases of one boot (the emulated swap's speed varies between boots).
 LONG_TOKENS = {
-    "swapfile": ("swapfile", *_PEER_CASES, "default:thrash", "desktop-gateunmet:thrash", "desktop:thrash"),
+    "swapfile": ("swapfile", *_PEER_CASES, "default:thrash", "desktop-gateunmet:thrash=180", "desktop:thrash"),
     "zram": ("zram", *_PEER_CASES, "desktop:steady=60", "desktop:thrash"),
 }
 # A thrash is stopped within this long after it began to swap. The gate cannot act before the
