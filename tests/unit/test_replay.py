@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -16,7 +17,7 @@ from tests.traces import candidates, exit_of, hog, reading, trace, trace_header
 from uoomd.cli import main
 from uoomd.errors import ExitCode
 from uoomd.plan import Amount, DaemonPlan, EscalationPlan, Plan, PsiAction, PsiKind, RulePlan, Scope, ScopeKind
-from uoomd.policy.load import load_plan
+from uoomd.policy.load import load_plan, parse_plan
 from uoomd.replay import Moment, Timeline, diff, replay
 from uoomd.replayreport import describe, render_diff, render_text
 from uoomd.trace import TraceError
@@ -284,3 +285,28 @@ def test_uoomd_replay_of_a_bad_trace_exits_3_naming_file_and_line(tmp_path: Path
     assert "bad.jsonl:2: not JSON" in err.getvalue()
     three = ["--policy", str(FIXTURES / "two_hogs_live.toml")] * 3
     assert main(["replay", str(bad), *three], out=io.StringIO(), err=io.StringIO()) == ExitCode.SETUP
+
+
+# --- recorded in the VM: a 1 GiB guest with a swapfile (vm/scenarios/swap.py "record") ---------
+
+
+def test_a_vm_recording_of_jobs_that_swap_is_spared_by_the_refault_gate_and_not_without_it() -> None:
+    # `uoomd record` on the shipped desktop policy, no OOM daemon: a 1.2x-RAM job filling RAM
+    # (stopped after 60 s, before its passes), then the steady swapper growing past RAM with its
+    # hot set refaulted, mostly activated (README, Swap). The recorded policy stalls and holds;
+    # the same policy without its refault gate would have taken both (issue 18's first finding).
+    items = fixture("vm_swapfile_steady.jsonl")
+    recorded = recorded_plan(items)
+    spared = replay(items, recorded)
+    assert spared.decisions == ()
+    assert events(spared, "trigger_fired")
+    assert events(spared, "psi_held")
+    header = items[0]
+    assert isinstance(header, Header)
+    assert header.policy_text is not None
+    gate = re.compile(r'^psi_refault_gate = "[^"]*"', flags=re.MULTILINE)
+    ungated_text, found = gate.subn('psi_refault_gate = "0"', header.policy_text)
+    assert found == 1
+    ungated = replay(items, parse_plan(ungated_text, "ungated"))
+    chosen = [d.get("name") for d in ungated.decisions if d.event == "victim_chosen"]
+    assert chosen == ["swap-thrash", "swap-steady"]
