@@ -13,7 +13,6 @@ guest runs 5-10x slower than the host and tests must check outcomes, not latenci
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import io
 import os
 import subprocess
@@ -23,7 +22,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from vm.image import Image, cache_root
+from vm.image import Image, cache_root, locked
 
 IO_DISK_BYTES = 256 << 20  # the results tar (journal, dmesg, logs) must fit; sparse on the host
 KERNEL_ARGS = (
@@ -171,12 +170,8 @@ def _one_vm_at_a_time() -> Iterator[None]:
     # One lock per host, whatever cache each session uses.
     path = Path("/run/lock/uoomd-vm-boot.lock") if os.path.isdir("/run/lock") else cache_root() / "boot.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with locked(path):
+        yield
 
 
 def _unpack_results(io_disk: Path, results: Path) -> int | None:

@@ -226,7 +226,8 @@ def _load(directory: Path, *, build_s: float | None) -> Image:
 
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
-    """One builder at a time: a second pytest session waits, then finds the image built."""
+    """An exclusive flock on ``path`` while the block runs: one image builder at a time (a second
+    pytest session waits, then finds the image built), one boot at a time (vm/boot.py)."""
     with path.open("a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
