@@ -107,9 +107,12 @@ class Carrier:
             self._drop(held, "daemon stopping")
 
     def _hold(self, item: HoldForHook, tick_at: float) -> None:
+        # Held from before the hook is spawned: the executor's own timeout counts from its spawn, so a
+        # release at that timeout is never measured as shorter than it.
+        asked = self.clock()
         started = self._run(item.hook, tick_at)
         now = self.clock()
-        held = self.holds.hold(item, started, now=now, tick_at=tick_at)
+        held = self.holds.hold(item, started, now=asked, tick_at=tick_at)
         if held is None:
             self.log.warning("signal_released", guard=item.guard, reason=str(Release.HOOK_NOT_STARTED), held_s=0.0)
             self.carry_out(item.then, tick_at=tick_at)

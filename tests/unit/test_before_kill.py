@@ -104,10 +104,13 @@ class HookExecutor(RecordingExecutor):
     finished: list[ActionResult] = field(default_factory=list)
     start_outcome: Outcome = Outcome.STARTED
     pids: int = 4000
+    spawning: list[float] | None = None  # a clock the spawn of a hook moves on by 2 ms, as a fork and exec do
 
     def execute(self, action: Action) -> ActionResult:
         self.actions.append(action)
         if isinstance(action, RunHook):
+            if self.spawning is not None:
+                self.spawning[0] += 0.002
             self.pids += 1
             pid = self.pids if self.start_outcome is Outcome.STARTED else None
             return make_result(ActionKind.HOOK, self.start_outcome, pid=pid, guard=action.guard)
@@ -189,6 +192,22 @@ def test_a_hook_past_its_timeout_no_longer_holds_the_sigterm() -> None:
     h.carrier.poll(102.0, in_flight=FLYING)
     assert h.executor.sent() == [SIGTERM]
     assert h.events("signal_released")[0]["reason"] == "hook_timeout"
+
+
+def test_a_hook_the_executor_kills_at_its_own_timeout_was_held_no_less_than_that() -> None:
+    # The executor counts a hook's timeout from just before its spawn; the carrier used to count the
+    # hold from after it: a release at that timeout must never read as shorter than the timeout (CI saw 0.998 s).
+    h = hands()
+    h.executor.spawning = h.clock
+    began = h.clock[0]  # where the executor's own clock starts the hook's timeout, before its spawn
+    h.carrier.carry_out([term_decision()], tick_at=100.0)
+    h.executor.finish(4001, Outcome.TIMED_OUT)
+    h.clock[0] = began + 2.0
+    h.carrier.poll(h.clock[0], in_flight=FLYING)
+    (released,) = h.events("signal_released")
+    assert released["reason"] == "hook_timeout"
+    assert released["held_s"] >= 2.0
+    assert h.events("signal_held")[0]["timeout_s"] <= 2.0
 
 
 def test_the_guards_next_signal_sends_the_held_sigterm_first() -> None:
