@@ -12,6 +12,8 @@ swap-out), run in turn with that daemon and nothing else under test running:
   machine.PEER_CONFIG says), ``uoomd@NAME``: uoomd on the policy vm/scenarios/NAME.toml
   (the payload carries scenarios/), or ``record``: no OOM daemon, ``uoomd record`` on the
   shipped desktop policy writing ``trace-N.jsonl`` (what ``uoomd replay`` reads).
+- ``mglru`` / ``classic-lru``: the multi-gen LRU on or off for the cases after it (each case
+  records /sys/kernel/mm/lru_gen/enabled; the daemon is started anew, as it reads that once).
 - WORKLOAD: ``idle`` (a baseline), ``steady`` (swapload.py steady: the hot set fits, the cold
   pages go to swap once), ``thrash`` (swapload.py thrash: a working set larger than RAM).
 
@@ -350,6 +352,7 @@ def run_case(
     t0 = time.monotonic()
     oom0 = kernel_oom_kills()
     record: dict[str, Any] = {"kind": kind, "daemon": daemons.name, "workload": workload, "t0": round(t0, 3)}
+    record["lru_gen"] = lru_gen()
     mem_total = sampler.sample()["MemTotal"]
     load: Workload | None = None
     if workload == "idle":
@@ -395,6 +398,26 @@ def run_case(
     return record
 
 
+LRU_GEN = Path("/sys/kernel/mm/lru_gen/enabled")
+LRU_TOKENS = {"mglru": True, "classic-lru": False}
+
+
+def lru_gen() -> str | None:
+    """The multi-gen LRU's mask as the kernel shows it (0x0000: the classic LRU); None: no MGLRU."""
+    try:
+        return LRU_GEN.read_text().strip()
+    except OSError:
+        return None
+
+
+def set_lru_gen(on: bool) -> str:
+    """Turn the multi-gen LRU on (every component, "y") or off; its mask after."""
+    if lru_gen() is None:
+        raise RuntimeError("no multi-gen LRU in this kernel (CONFIG_LRU_GEN)")
+    LRU_GEN.write_text("y" if on else "n")
+    return lru_gen() or ""
+
+
 def swap_off(sc: Scenario) -> None:
     for line in Path("/proc/swaps").read_text().splitlines()[1:]:
         sc.must("swapoff", line.split()[0], timeout=600)
@@ -420,6 +443,13 @@ def main() -> int:
                 rec.update(setup_swap(sc, token))
                 kind = token
             sc.facts["swap"][token] = rec
+            continue
+        if token in LRU_TOKENS:
+            # The daemon reads which LRU runs when it opens its readers: the next case starts it anew.
+            daemons.stop()
+            with sc.step(f"lru {token}") as rec:
+                rec["lru_gen"] = set_lru_gen(LRU_TOKENS[token])
+            sc.facts.setdefault("lru", []).append(rec)
             continue
         if not kind:
             sc.note(f"{token}: no swap on, skipped")
