@@ -139,6 +139,7 @@ def make_memory(
     swap_total_bytes: int = 0,
     swap_free_bytes: int = 0,
     refault_bytes: int | None = None,
+    refaults_all: bool = False,
 ) -> MemoryReading:
     return MemoryReading(
         total_bytes=total_bytes,
@@ -146,6 +147,7 @@ def make_memory(
         swap_total_bytes=swap_total_bytes,
         swap_free_bytes=swap_free_bytes,
         refault_bytes=refault_bytes,
+        refaults_all=refaults_all,
     )
 
 
@@ -163,6 +165,8 @@ def make_guard(name: str = "system", **overrides: Any) -> GuardPlan:
         "swap_free_kill": Amount(fraction=0.05),
     }
     fields.update(overrides)
+    # As a policy compiles (policy/compile.py): where every refault counts, the same sustain unless told.
+    fields.setdefault("psi_refault_sustain_all_s", fields.get("psi_refault_sustain_s", 0.0))
     return GuardPlan(**fields)
 
 

@@ -36,7 +36,7 @@ from uoomd.actions import (
 from uoomd.plan import EtaAction, GuardPlan, Plan, PsiAction, PsiTriggerPlan, VictimKind
 from uoomd.readings import GuardReading, MemoryReading, Observation, ProcessInfo, ProcessKey, Snapshot
 from uoomd.scoring import Candidate, Ranking
-from uoomd.thrash import gate_bytes_per_s, has_refault_gate, refault_gate_open
+from uoomd.thrash import gate_bytes_per_s, has_refault_gate, refault_gate_open, refault_sustain_s
 from uoomd.trend import Trend
 
 RATE_WINDOW_S = 60.0  # max_kills_per_minute counts victims chosen in this sliding window
@@ -462,6 +462,8 @@ def _refault_facts(guard: GuardPlan, reading: GuardReading, now: float) -> tuple
         ("refault_bytes_per_s", None if rate is None else int(rate)),
         ("refault_gate_bytes_per_s", gate_bytes_per_s(guard, reading.memory.total_bytes)),
         ("refault_above_s", None if since is None else round(now - since, 3)),
+        ("refault_sustain_s", refault_sustain_s(guard, reading.memory)),
+        ("refaults", "all" if reading.memory.refaults_all else "unactivated"),
     )
 
 

@@ -57,10 +57,11 @@ WRITER_TIMEOUT_S = 30.0  # a writer child still running after this is killed
 NAN = float("nan")
 
 # One row of the ring: when, which guard (its index), the memory reading, the pressure (NaN:
-# not read), the fired triggers as a bit mask, and whether the daemon had nothing open before it.
+# not read), the fired triggers as a bit mask, whether the daemon had nothing open before it,
+# and whether the refault count is every refault (readings.MemoryReading.refaults_all).
 _AT, _GUARD, _AVAIL, _TOTAL, _SWAP_FREE, _SWAP_TOTAL, _REFAULT = range(7)
-_SOME10, _SOME_TOTAL, _FULL10, _FULL_TOTAL, _FIRED, _SETTLED = range(7, 13)
-_WIDTH = 13
+_SOME10, _SOME_TOTAL, _FULL10, _FULL_TOTAL, _FIRED, _SETTLED, _REFAULTS_ALL = range(7, 14)
+_WIDTH = 14
 _FIRED_BITS = 52  # a double holds 52-bit integers exactly; a guard never has that many triggers
 
 
@@ -113,6 +114,7 @@ class FlightRing:
         rows[base + _SWAP_FREE] = memory.swap_free_bytes
         rows[base + _SWAP_TOTAL] = memory.swap_total_bytes
         rows[base + _REFAULT] = NAN if memory.refault_bytes is None else memory.refault_bytes
+        rows[base + _REFAULTS_ALL] = 1.0 if memory.refaults_all else 0.0
         if pressure is None:
             rows[base + _SOME10] = NAN
         else:
@@ -208,6 +210,7 @@ def _reading_line(row: tuple[float, ...], guards: tuple[str, ...]) -> ReadingLin
             swap_total_bytes=int(row[_SWAP_TOTAL]),
             swap_free_bytes=int(row[_SWAP_FREE]),
             refault_bytes=None if math.isnan(row[_REFAULT]) else int(row[_REFAULT]),
+            refaults_all=bool(row[_REFAULTS_ALL]),
         ),
         pressure=pressure,
         fired=tuple(i for i in range(_FIRED_BITS) if mask >> i & 1),

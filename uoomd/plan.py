@@ -107,6 +107,8 @@ class GuardPlan:
     # (uoomd/thrash.py); 0 bytes: no refault gate.
     psi_refault_gate: Amount = field(default_factory=lambda: Amount(bytes=0))
     psi_refault_sustain_s: float = 0.0  # ... and have kept coming that fast this long
+    # ... or this long where the count is every refault (MemoryReading.refaults_all).
+    psi_refault_sustain_all_s: float = 0.0
     psi: tuple[PsiTriggerPlan, ...] = ()
     eta: EtaPlan | None = None  # mem_available_eta: act on the trend (uoomd/trend.py); None: levels only
 

@@ -26,6 +26,10 @@ class MemoryReading:
     # bytes: workingset_refault_anon + _file. None where the scope has no such counters, or
     # where nothing asked for them (uoomd/thrash.py, psi_refault_gate).
     refault_bytes: int | None = None
+    # Whether that count is every refault: the multi-gen LRU, or a v1 cgroup, where no
+    # activation counter tells a page the working set had room for (sources/vmstat.py). Then
+    # only its duration tells a burst from a thrash: psi_refault_sustain_all.
+    refaults_all: bool = False
 
     @property
     def available_fraction(self) -> float:

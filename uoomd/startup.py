@@ -12,7 +12,7 @@ from typing import Any
 from uoomd.decision import levels
 from uoomd.plan import Amount, GuardPlan, PsiAction, PsiTriggerPlan
 from uoomd.readings import MemoryReading
-from uoomd.thrash import gate_bytes_per_s, has_refault_gate
+from uoomd.thrash import gate_bytes_per_s, has_refault_gate, refault_sustain_s
 from uoomd.units import format_bytes, format_duration
 
 SIGNALS_OFF = "dry-run: nothing will be signalled"
@@ -48,10 +48,21 @@ def _refault_text(guard: GuardPlan, memory: MemoryReading | None) -> str:
     """`` and refaults above 41.0MiB/s`` where the guard has a refault gate (thrash.py)."""
     if not has_refault_gate(guard):
         return ""
-    sustain = f" for {format_duration(guard.psi_refault_sustain_s)}" if guard.psi_refault_sustain_s else ""
     if memory is None:
+        sustain = _sustain_text(guard.psi_refault_sustain_s)
+        if guard.psi_refault_sustain_all_s != guard.psi_refault_sustain_s:
+            every = _sustain_text(guard.psi_refault_sustain_all_s).strip() or "none"
+            sustain += f" ({every} where every refault counts)"
         return f" and refaults above {guard.psi_refault_gate.describe()}/s{sustain}"
+    # The reading says which count this scope has (sources/vmstat.py): only its sustain applies.
+    sustain = _sustain_text(refault_sustain_s(guard, memory))
+    if memory.refaults_all and memory.refault_bytes is not None:
+        sustain += " (every refault counts here)"
     return f" and refaults above {format_bytes(gate_bytes_per_s(guard, memory.total_bytes))}/s{sustain}"
+
+
+def _sustain_text(seconds: float) -> str:
+    return f" for {format_duration(seconds)}" if seconds else ""
 
 
 def _warn_text(guard: GuardPlan, memory: MemoryReading | None) -> str:

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from uoomd.plan import GuardPlan
-from uoomd.readings import GuardReading
+from uoomd.readings import GuardReading, MemoryReading
 
 # The rate is taken over at least this long: shorter, a poll every 20 ms would see one
 # page fault burst as a thrash; longer, a thrash would wait for its proof (a PSI trigger
@@ -98,4 +98,12 @@ def refault_gate_open(guard: GuardPlan, reading: GuardReading, now: float) -> bo
     if not has_refault_gate(guard) or reading.memory.refault_bytes is None:
         return True
     since = reading.refault_above_since
-    return since is not None and now - since >= guard.psi_refault_sustain_s
+    return since is not None and now - since >= refault_sustain_s(guard, reading.memory)
+
+
+def refault_sustain_s(guard: GuardPlan, memory: MemoryReading) -> float:
+    """How long the refaults must have lasted: psi_refault_sustain, or psi_refault_sustain_all
+    where the count is every refault. There a job growing into swap refaults its hot set as
+    fast as a thrash, only not for as long (VM, multi-gen LRU: up to 10 s at 0.7-1.8 % of RAM
+    a second; a thrash for as long as it runs)."""
+    return guard.psi_refault_sustain_all_s if memory.refaults_all else guard.psi_refault_sustain_s

@@ -19,7 +19,8 @@ r           a guard's reading: ``g`` (guard), ``avail``, ``total``, ``swap_free`
             ``psi`` [some avg10, some total us, full avg10, full total us] where the pressure
             file was read; ``fired`` [trigger index, ...] where a PSI trigger fired; ``refault``
             (bytes refaulted and not activated since boot or since the cgroup was made,
-            sources/vmstat.py) where it was read
+            sources/vmstat.py) where it was read, and ``refault_all`` true where that count is
+            every refault (the multi-gen LRU, a v1 cgroup: psi_refault_sustain_all)
 c           a guard's candidates near a level: ``g``, ``totalpages``, ``system_totalpages``, ``procs``:
             [process, ...] (below), best first for the recording policy, then the kernel's own picks
 x           a process listed in a ``c`` line has exited (or become a zombie): ``pid``, ``start``
@@ -122,6 +123,8 @@ def encode_reading(line: ReadingLine) -> str:
     }
     if mem.refault_bytes is not None:
         out["refault"] = mem.refault_bytes
+        if mem.refaults_all:
+            out["refault_all"] = True  # every refault counted (readings.py): only where it is so
     if line.pressure is not None:
         p = line.pressure
         out["psi"] = [p.some_avg10, p.some_total_us, p.full_avg10, p.full_total_us]
@@ -378,6 +381,7 @@ def _parse_reading(f: _Fields) -> ReadingLine:
         swap_total_bytes=f.integer("swap_total"),
         swap_free_bytes=f.integer("swap_free"),
         refault_bytes=f.opt_integer("refault"),
+        refaults_all=f.flag("refault_all"),
     )
     pressure = None
     if f.obj.get("psi") is not None:

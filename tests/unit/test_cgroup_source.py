@@ -33,6 +33,8 @@ MIB = 1 << 20
 GIB = 1 << 30
 MACHINE_TOTAL = 24 * GIB
 
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
 # A v1 memory cgroup captured on the development machine (64 MiB limit, a 20 MiB child);
 # file counters edited up (total_*_file) so that reclaimable cache is not zero.
 V1_FILES = {
@@ -302,3 +304,32 @@ def test_v1_memory_cgroup_maps_to_its_v2_twin(tmp_path: Path) -> None:
     assert v2_twin_of(str(v1 / "app.slice"), mountinfo) == str(v2 / "app.slice")
     assert v2_twin_of(str(v1 / "other"), mountinfo) is None  # no twin directory: no PSI
     assert v2_twin_of("/elsewhere/app", mountinfo) is None  # not under a v1 memory mount
+
+
+# --- the refault count (sources/vmstat.py) ---------------------------------------------------------
+
+
+def test_a_v2_cgroup_counts_the_refaults_it_did_not_activate(tmp_path: Path) -> None:
+    stat = (
+        V2_FILES["memory.stat"]
+        + "workingset_refault_anon 90\nworkingset_activate_anon 60\nworkingset_activate_file 4\n"
+    )
+    with CgroupMemoryReader(
+        _tree(tmp_path / "cg", dict(V2_FILES, **{"memory.stat": stat})), MACHINE_TOTAL, 0
+    ) as reader:
+        reader.activations = True  # the classic LRU (this reads the host's /sys/kernel/mm/lru_gen)
+        reading = reader.read()
+        assert (reading.refault_bytes, reading.refaults_all) == ((90 + 10 - 60 - 4) * PAGE, False)
+        reader.activations = False  # the multi-gen LRU: every refault, and the reading says so
+        reading = reader.read()
+        assert (reading.refault_bytes, reading.refaults_all) == ((90 + 10) * PAGE, True)
+
+
+def test_a_v1_cgroup_counts_every_refault_and_says_so(tmp_path: Path) -> None:
+    stat = V1_FILES["memory.stat"] + "total_workingset_refault_anon 7\ntotal_workingset_refault_file 5\n"
+    with CgroupMemoryReader(
+        _tree(tmp_path / "cg", dict(V1_FILES, **{"memory.stat": stat})), MACHINE_TOTAL, 0
+    ) as reader:
+        reader.activations = True
+        reading = reader.read()
+    assert (reading.refault_bytes, reading.refaults_all) == (12 * PAGE, True)  # v1 has no activation counters

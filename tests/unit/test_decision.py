@@ -1021,13 +1021,18 @@ def test_needs_is_warm_when_rate_limited() -> None:
 # --- the refault gate (issue 18: a thrash, not a job that swaps) -----------------------------
 
 
-def _gated_driver(*triggers: PsiTriggerPlan, sustain_s: float = 0.0) -> Driver:
-    guard = make_guard(psi=triggers, psi_refault_gate=Amount(bytes=REFAULT_GATE), psi_refault_sustain_s=sustain_s)
+def _gated_driver(*triggers: PsiTriggerPlan, sustain_s: float = 0.0, sustain_all_s: float | None = None) -> Driver:
+    guard = make_guard(
+        psi=triggers,
+        psi_refault_gate=Amount(bytes=REFAULT_GATE),
+        psi_refault_sustain_s=sustain_s,
+        psi_refault_sustain_all_s=sustain_s if sustain_all_s is None else sustain_all_s,
+    )
     return driver(guard)
 
 
-def _refaulting(available: int = GATED) -> dict[str, MemoryReading]:
-    return {"system": make_memory(available, refault_bytes=1 << 30)}
+def _refaulting(available: int = GATED, *, every: bool = False) -> dict[str, MemoryReading]:
+    return {"system": make_memory(available, refault_bytes=1 << 30, refaults_all=every)}
 
 
 def test_a_stall_with_few_refaults_is_held_and_said_once() -> None:
@@ -1054,6 +1059,23 @@ def test_refaults_at_the_gate_for_its_sustain_choose_and_the_record_says_how_lon
     assert [(s.target, s.signal) for s in signals(acts)] == [(key(101), SIGTERM)]
     (chosen,) = records(acts, "victim_chosen")
     assert (chosen.get("refault_bytes_per_s"), chosen.get("refault_above_s")) == (REFAULT_GATE, 10.0)
+    assert (chosen.get("refault_sustain_s"), chosen.get("refaults")) == (10.0, "unactivated")
+
+
+def test_where_every_refault_counts_the_gate_waits_the_longer_sustain_and_says_why() -> None:
+    # The multi-gen LRU: a growing job's hot set comes back as fast as a thrash, for up to ~12 s.
+    d = _gated_driver(make_psi_trigger(PsiAction.TERM), sustain_s=5.0, sustain_all_s=15.0)
+
+    def at_gate(now: float) -> list[Output]:
+        refaults = _refaulting(every=True)
+        return d.poll(now, refaults, fired=(0,), refault_rate=float(REFAULT_GATE), refault_above_since=1.0)
+
+    (held,) = records(at_gate(7.0), "psi_held")  # 6 s: past the 5 s sustain, not the 15 s one
+    assert (held.get("refault_above_s"), held.get("refault_sustain_s"), held.get("refaults")) == (6.0, 15.0, "all")
+    assert signals(at_gate(15.9)) == []
+    acts = at_gate(16.0)
+    assert [(s.target, s.signal) for s in signals(acts)] == [(key(101), SIGTERM)]
+    assert records(acts, "victim_chosen")[0].get("refault_above_s") == 15.0
 
 
 def test_an_unmeasured_rate_holds_where_refaults_can_be_read() -> None:

@@ -62,11 +62,16 @@ def test_a_reading_comes_back_as_it_went_in_through_the_trace_format() -> None:
     memory = make_memory(3 * GiB, swap_total_bytes=GiB, swap_free_bytes=GiB // 3, refault_bytes=7 << 20)
     ring.reading(1.25, "app", memory, PRESSURE, (0, 2), settled=True)
     ring.reading(1.5, "system", make_memory(5 * GiB), settled=False)
-    first, second = ring.items(0.0)
+    every = make_memory(GiB, refault_bytes=9 << 20, refaults_all=True)  # the multi-gen LRU's count
+    ring.reading(1.75, "system", every, settled=False)
+    first, second, third = ring.items(0.0)
     assert first == ReadingLine(at=1.25, guard="app", memory=memory, pressure=PRESSURE, fired=(0, 2))
     assert second == ReadingLine(at=1.5, guard="system", memory=make_memory(5 * GiB))
+    assert third == ReadingLine(at=1.75, guard="system", memory=every)
     # The trace format keeps what a replay reads (the avg60/avg300 are not part of it).
     assert parse_line(encode(first)) == first
+    assert parse_line(encode(third)) == third
+    assert '"refault_all"' not in encode(first)  # written only where it is so
 
 
 def test_the_ring_holds_its_capacity_of_newest_readings() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -15,7 +17,6 @@ from uoomd.pacing import (
     warm_ranking_needed,
 )
 from uoomd.plan import Amount, DaemonPlan, GuardPlan, PsiAction, PsiTriggerPlan
-from uoomd.readings import MemoryReading
 
 pytestmark = pytest.mark.unit
 
@@ -116,17 +117,8 @@ def test_warm_ranking_needed_within_twice_the_level_or_a_second_of_worst_case_fi
 def test_warm_ranking_margin_is_twice_the_level_on_a_big_machine() -> None:
     big = make_memory(0, total_bytes=512 * GiB)
     level = int(512 * GiB * 0.10)
-    assert warm_ranking_needed(MemoryReading(**{**_fields(big), "available_bytes": 2 * level - 1}), guard())
-    assert not warm_ranking_needed(MemoryReading(**{**_fields(big), "available_bytes": 2 * level}), guard())
-
-
-def _fields(m: MemoryReading) -> dict[str, int]:
-    return {
-        "total_bytes": m.total_bytes,
-        "available_bytes": m.available_bytes,
-        "swap_total_bytes": m.swap_total_bytes,
-        "swap_free_bytes": m.swap_free_bytes,
-    }
+    assert warm_ranking_needed(replace(big, available_bytes=2 * level - 1), guard())
+    assert not warm_ranking_needed(replace(big, available_bytes=2 * level), guard())
 
 
 def test_warm_ranking_below_the_psi_gate_only_when_a_psi_trigger_can_act() -> None:

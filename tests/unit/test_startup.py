@@ -64,6 +64,21 @@ def test_psi_triggers_are_in_milliseconds_with_their_gate() -> None:
     assert describe_stall("some", 200_000, 2_000_000) == "some 200ms in 2s"
 
 
+def test_a_refault_gate_says_the_sustain_this_scope_counts_with() -> None:
+    guard = make_guard(
+        psi=(make_psi_trigger(PsiAction.TERM, sustain_s=2.0),),
+        psi_refault_gate=Amount(fraction=0.001),
+        psi_refault_sustain_s=5.0,
+        psi_refault_sustain_all_s=15.0,
+    )
+    before = guard_levels(guard, None)["psi"][0]
+    assert before.endswith("and refaults above 0.1%/s for 5s (for 15s where every refault counts)"), before
+    classic = guard_levels(guard, make_memory(8 * GIB, refault_bytes=0))["psi"][0]
+    assert classic.endswith("and refaults above 16.4MiB/s for 5s"), classic  # 0.1% of 16 GiB
+    every = guard_levels(guard, make_memory(8 * GIB, refault_bytes=0, refaults_all=True))["psi"][0]
+    assert every.endswith("and refaults above 16.4MiB/s for 15s (every refault counts here)"), every
+
+
 def test_signals_are_said_on_or_off() -> None:
     assert signals_text(True) == SIGNALS_OFF == "dry-run: nothing will be signalled"
     assert signals_text(False).startswith("on:")

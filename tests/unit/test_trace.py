@@ -84,6 +84,7 @@ def every_kind() -> list[TraceItem]:
         ReadingLine(at=0.25, guard="system", memory=make_memory(1 << 30), pressure=PRESSURE, fired=(0,)),
         ReadingLine(at=0.5, guard="system", memory=make_memory(2 << 30, swap_total_bytes=4 << 30, swap_free_bytes=3)),
         ReadingLine(at=0.6, guard="system", memory=make_memory(2 << 30, refault_bytes=123 << 20)),
+        ReadingLine(at=0.7, guard="system", memory=make_memory(2 << 30, refault_bytes=5 << 20, refaults_all=True)),
         CandidatesLine(
             at=0.5,
             guard="system",
@@ -142,6 +143,10 @@ def test_unknown_kinds_and_blank_lines_are_skipped_and_newer_versions_refused() 
         (
             '{"k": "r", "t": 1, "g": "s", "avail": 1, "total": 1, "swap_free": 0, "swap_total": 0, "refault": -1}',
             "'refault'",
+        ),
+        (
+            '{"k": "r", "t": 1, "g": "s", "avail": 1, "total": 1, "swap_free": 0, "swap_total": 0, "refault_all": 1}',
+            "'refault_all'",
         ),
         ('{"k": "x", "t": 1, "pid": "1", "start": 2}', "'pid'"),
         ('{"k": "header", "format": "other"}', "not a uoomd trace"),

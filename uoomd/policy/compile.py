@@ -191,6 +191,9 @@ def _compile_guard(index: int, guard: GuardModel, issues: list[Issue], *, check_
         psi_mem_gate=amounts["psi_mem_gate"],
         psi_refault_gate=amounts["psi_refault_gate"],
         psi_refault_sustain_s=duration_s(guard.psi_refault_sustain),
+        psi_refault_sustain_all_s=duration_s(
+            guard.psi_refault_sustain if guard.psi_refault_sustain_all is None else guard.psi_refault_sustain_all
+        ),
         mem_available_warn=amounts.get("mem_available_warn"),
         swap_free_warn=amounts.get("swap_free_warn"),
         psi=triggers,

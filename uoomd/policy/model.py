@@ -276,6 +276,12 @@ class GuardModel(_Strict):
     psi_refault_sustain: DurationValue = Field(
         "0s", description="refaults must have stayed at or above psi_refault_gate this long (a burst is forgiven)"
     )
+    psi_refault_sustain_all: DurationValue | None = Field(
+        None,
+        description="the same where the kernel's count is every refault (the multi-gen LRU, a v1 cgroup): no "
+        "activation count tells a job growing into swap from a thrash, only how long it lasts "
+        "(default: psi_refault_sustain)",
+    )
     psi: list[PsiModel] = Field(default_factory=list, description="PSI triggers on this guard's memory.pressure")
     mem_available_eta: DurationValue | None = Field(
         None,

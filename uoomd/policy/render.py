@@ -52,6 +52,7 @@ def _guard(guard: GuardPlan, totals: Totals) -> dict[str, Any]:
         "swap_free_warn": None if guard.swap_free_warn is None else _amount(guard.swap_free_warn, swap_total),
         "psi_refault_gate_per_s": _amount(guard.psi_refault_gate, mem_total),
         "psi_refault_sustain_s": guard.psi_refault_sustain_s,
+        "psi_refault_sustain_all_s": guard.psi_refault_sustain_all_s,
         "mem_available_eta": None
         if guard.eta is None
         else {
@@ -179,6 +180,7 @@ def plan_as_toml(plan: Plan, totals: Totals) -> str:
             ),
             _per_second(_toml_amount("psi_refault_gate", g.psi_refault_gate, mem_total)),
             f'psi_refault_sustain = "{format_duration(g.psi_refault_sustain_s)}"',
+            f'psi_refault_sustain_all = "{format_duration(g.psi_refault_sustain_all_s)}"',
         ]
         if g.eta is None:
             out.append("# mem_available_eta: none (levels only)")

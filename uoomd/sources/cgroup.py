@@ -11,7 +11,7 @@ from uoomd import kernel
 from uoomd.plan import Scope, ScopeKind
 from uoomd.readings import MemoryReading, Snapshot
 from uoomd.sources.seqfile import Closing, pread_all
-from uoomd.sources.vmstat import activations_tell_fit, refault_pages
+from uoomd.sources.vmstat import activations_tell_fit, has_activation_counters, refault_pages
 
 # A v1 limit at or above this means "no limit". The kernel stores limits in pages in a
 # page_counter whose maximum is PAGE_COUNTER_MAX = LONG_MAX / PAGE_SIZE
@@ -356,9 +356,9 @@ class CgroupMemoryReader(Closing):
         stat = parse_memory_stat(self._required("stat"))
         reclaimable = reclaimable_file_bytes(stat, self.version)
         # v2's memory.stat is hierarchical already; v1's own lines are this cgroup's alone.
-        refaults = refault_pages(
-            stat, "" if self.version is CgroupVersion.V2 else "total_", activations=self.activations
-        )
+        prefix = "" if self.version is CgroupVersion.V2 else "total_"
+        refaults = refault_pages(stat, prefix, activations=self.activations)
+        refaults_all = not self.activations or not has_activation_counters(stat, prefix)
         swap_usage_text = self._text("swap_usage")
         swap_limit_text = self._text("swap_limit")
         swap_usage = 0
@@ -388,7 +388,9 @@ class CgroupMemoryReader(Closing):
             machine_total_bytes=self.machine_total_bytes,
             machine_swap_total_bytes=self.machine_swap_total_bytes,
         )
-        return reading if refaults is None else replace(reading, refault_bytes=refaults * self.page_size)
+        if refaults is None:
+            return reading
+        return replace(reading, refault_bytes=refaults * self.page_size, refaults_all=refaults_all)
 
     def close(self) -> None:
         fds, self._fds = self._fds, {}

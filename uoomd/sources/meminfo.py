@@ -116,7 +116,7 @@ class MeminfoReader(KeptFile):
         reading = parse_meminfo(self.read_text())
         if self._vmstat is None:
             return reading
-        return replace(reading, refault_bytes=self._vmstat.refault_bytes())
+        return replace(reading, refault_bytes=self._vmstat.refault_bytes(), refaults_all=not self._vmstat.activations)
 
     def close(self) -> None:
         if self._vmstat is not None:

@@ -12,7 +12,13 @@ RAM): a job growing into swap refaulted its hot set at up to 0.5 % of RAM/s for 
 The multi-gen LRU (/sys/kernel/mm/lru_gen/enabled) counts activations by generation instead
 (lru_gen_refault(): a refault of a recently evicted page), which says nothing of whether the
 working set fits; there every refault counts, as it does where no activation counter exists
-(a v1 cgroup's memory.stat has none).
+(a v1 cgroup's memory.stat has none). Such a count cannot tell a growing job's burst from a
+thrash except by how long it lasts: the reading says so (MemoryReading.refaults_all) and the
+gate waits psi_refault_sustain_all. And before Linux 6.5 the multi-gen LRU counted a refault
+only when the page came from the oldest generation (Kalesh Singh's "Fix workingset
+accounting", 2023): in the VM (6.1) a thrash's workingset_refault_anon fell to 0 after
+18-24 s while it went on swapping in 1.5-2 % of RAM a second. So /proc/vmstat's anon part is
+its swap-ins there (pswpin + zswpin), which every kernel counts whatever its LRU.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ _REFAULTS = ("workingset_refault_anon", "workingset_refault_file")
 _REFAULT = "workingset_refault"
 _ACTIVATIONS = ("workingset_activate_anon", "workingset_activate_file")
 _ACTIVATION = "workingset_activate"
+_SWAPINS = ("pswpin", "zswpin")  # from a swap device (zram too), from zswap's pool (Linux >= 5.19)
 LRU_GEN_ENABLED = "/sys/kernel/mm/lru_gen/enabled"
 
 
@@ -50,16 +57,27 @@ def refault_pages(values: Mapping[str, int], prefix: str = "", *, activations: b
     return max(0, refaults - activated)
 
 
+def has_activation_counters(values: Mapping[str, int], prefix: str = "") -> bool:
+    """Whether refault_pages() could subtract activations here (a v1 cgroup's memory.stat: no)."""
+    return any(prefix + key in values for key in (*_ACTIVATIONS, _ACTIVATION))
+
+
 def parse_vmstat_refaults(text: str, *, activations: bool = True) -> int | None:
-    """refault_pages() of /proc/vmstat text; only the workingset lines are split (~190 lines)."""
+    """refault_pages() of /proc/vmstat text; only the workingset and swap-in lines are split
+    (~190 lines). ``activations=False`` (the multi-gen LRU): the anon part is the swap-ins."""
     values: dict[str, int] = {}
     for line in text.splitlines():
-        if line.startswith(("workingset_refault", "workingset_activate")):
+        if line.startswith(("workingset_refault", "workingset_activate", "pswpin", "zswpin")):
             key, _, value = line.partition(" ")
             try:
                 values[key] = int(value)
             except ValueError:
                 continue  # a line we cannot read counts as absent: the gate then stays open
+    if not activations:
+        swapins = [values[key] for key in _SWAPINS if key in values]
+        file_refaults = values.get("workingset_refault_file")
+        if swapins and file_refaults is not None:
+            return sum(swapins) + file_refaults
     return refault_pages(values, activations=activations)
 
 
