@@ -349,3 +349,34 @@ def test_a_vm_recording_of_a_thrash_is_stopped_once_its_refaults_have_lasted_and
     # The gate out of reach: only the backstop can act, and its 90 s are longer than the trace.
     unreached = replay(items, parse_plan(gate.sub('psi_refault_gate = "100%"', header.policy_text), "unreached"))
     assert unreached.decisions == ()
+
+
+def test_a_vm_recording_with_the_multi_gen_lru_spares_the_growing_job_only_with_the_longer_sustain() -> None:
+    # `uoomd record` (desktop.toml) in the guest with /sys/kernel/mm/lru_gen/enabled on: the
+    # steady swapper growing past RAM, then the thrash. Every refault counts there, and the
+    # growing job's hot set came back above the gate for ~13 s: psi_refault_sustain_all 15 s
+    # spares it and takes the thrash; 5 s, the classic LRU's sustain, would take both.
+    items = fixture("vm_mglru_swapfile.jsonl")
+    readings = [i for i in items if isinstance(i, ReadingLine) and i.memory.refault_bytes is not None]
+    assert readings
+    assert all(r.memory.refaults_all for r in readings)
+    header = items[0]
+    assert isinstance(header, Header)
+    assert header.policy_text is not None
+    recorded = recorded_plan(items)
+    (guard,) = recorded.guards
+    assert (guard.psi_refault_sustain_s, guard.psi_refault_sustain_all_s) == (5.0, 15.0)
+    shipped = replay(items, recorded)
+    decided = [(d.event, d.get("name"), d.get("refaults"), d.get("refault_sustain_s")) for d in shipped.decisions]
+    assert decided == [
+        ("victim_chosen", "swap-thrash", "all", 15.0),
+        ("victim_escalated", "swap-thrash", None, None),
+    ]
+    assert events(shipped, "psi_held")  # the growing job's stall, held
+    sustain = re.compile(r'^psi_refault_sustain_all = "[^"]*"', flags=re.MULTILINE)
+    short_text, found = sustain.subn('psi_refault_sustain_all = "5s"', header.policy_text)
+    assert found == 1
+    short = replay(items, parse_plan(short_text, "short"))
+    chosen = [d.get("name") for d in short.decisions if d.event == "victim_chosen"]
+    assert chosen == ["swap-steady", "swap-thrash"]
+    assert short.decisions[-2].at < shipped.decisions[0].at - 5  # the thrash ~10 s sooner: the cost
