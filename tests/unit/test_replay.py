@@ -45,6 +45,17 @@ def recorded_plan(items: list[TraceItem]) -> Plan:
     return parse_plan(header.policy_text, "recorded")
 
 
+def replay_with(items: list[TraceItem], key: str, value: str) -> Timeline:
+    """The trace replayed under its recorded policy with one guard key set to ``value``."""
+    header = items[0]
+    assert isinstance(header, Header)
+    assert header.policy_text is not None
+    line = re.compile(rf'^{key} = "[^"]*"', flags=re.MULTILINE)
+    text, found = line.subn(f'{key} = "{value}"', header.policy_text)
+    assert found == 1, key
+    return replay(items, parse_plan(text, f"{key}={value}"))
+
+
 def live_decisions(name: str) -> list[dict[str, object]]:
     data: list[dict[str, object]] = json.loads((FIXTURES / name).read_text())
     return data
@@ -301,13 +312,7 @@ def test_a_vm_recording_of_jobs_that_swap_is_spared_by_the_refault_gate_and_not_
     assert spared.decisions == ()
     assert events(spared, "trigger_fired")
     assert events(spared, "psi_held")
-    header = items[0]
-    assert isinstance(header, Header)
-    assert header.policy_text is not None
-    gate = re.compile(r'^psi_refault_gate = "[^"]*"', flags=re.MULTILINE)
-    ungated_text, found = gate.subn('psi_refault_gate = "0"', header.policy_text)
-    assert found == 1
-    ungated = replay(items, parse_plan(ungated_text, "ungated"))
+    ungated = replay_with(items, "psi_refault_gate", "0")
     chosen = [d.get("name") for d in ungated.decisions if d.event == "victim_chosen"]
     assert chosen == ["swap-thrash", "swap-steady"]
 
@@ -338,16 +343,12 @@ def test_a_vm_recording_of_a_thrash_is_stopped_once_its_refaults_have_lasted_and
     window_start = chosen.at - guard.psi_refault_sustain_s
     assert refaulted(chosen.at) - refaulted(window_start) >= gate_bytes_per_s * guard.psi_refault_sustain_s
     assert refaulted(held.at) - refaulted(held.at - 2.0) < gate_bytes_per_s * 2.0
-    header = items[0]
-    assert isinstance(header, Header)
-    assert header.policy_text is not None
-    gate = re.compile(r'^psi_refault_gate = "[^"]*"', flags=re.MULTILINE)
     # Without the gate: the same victim at the stall's first sustain, while it was only filling.
-    ungated = replay(items, parse_plan(gate.sub('psi_refault_gate = "0"', header.policy_text), "ungated"))
+    ungated = replay_with(items, "psi_refault_gate", "0")
     assert [(d.event, d.get("name")) for d in ungated.decisions][:1] == [("victim_chosen", "swap-thrash")]
     assert ungated.decisions[0].at < held.at + 0.5 < chosen.at - 10
     # The gate out of reach: only the backstop can act, and its 90 s are longer than the trace.
-    unreached = replay(items, parse_plan(gate.sub('psi_refault_gate = "100%"', header.policy_text), "unreached"))
+    unreached = replay_with(items, "psi_refault_gate", "100%")
     assert unreached.decisions == ()
 
 
@@ -360,9 +361,6 @@ def test_a_vm_recording_with_the_multi_gen_lru_spares_the_growing_job_only_with_
     readings = [i for i in items if isinstance(i, ReadingLine) and i.memory.refault_bytes is not None]
     assert readings
     assert all(r.memory.refaults_all for r in readings)
-    header = items[0]
-    assert isinstance(header, Header)
-    assert header.policy_text is not None
     recorded = recorded_plan(items)
     (guard,) = recorded.guards
     assert (guard.psi_refault_sustain_s, guard.psi_refault_sustain_all_s) == (5.0, 15.0)
@@ -373,10 +371,7 @@ def test_a_vm_recording_with_the_multi_gen_lru_spares_the_growing_job_only_with_
         ("victim_escalated", "swap-thrash", None, None),
     ]
     assert events(shipped, "psi_held")  # the growing job's stall, held
-    sustain = re.compile(r'^psi_refault_sustain_all = "[^"]*"', flags=re.MULTILINE)
-    short_text, found = sustain.subn('psi_refault_sustain_all = "5s"', header.policy_text)
-    assert found == 1
-    short = replay(items, parse_plan(short_text, "short"))
+    short = replay_with(items, "psi_refault_sustain_all", "5s")
     chosen = [d.get("name") for d in short.decisions if d.event == "victim_chosen"]
     assert chosen == ["swap-steady", "swap-thrash"]
     assert short.decisions[-2].at < shipped.decisions[0].at - 5  # the thrash ~10 s sooner: the cost
