@@ -66,7 +66,10 @@ FORMAT = "uoomd-trace"
 # A candidates line of 16 processes with 4 KiB command lines is ~70 KiB; anything longer is not ours.
 MAX_LINE_BYTES = 1 << 20
 MAX_PROCESSES = 16  # per candidates line
-_TIME_DIGITS = 4
+# Microseconds: a replay compares these times with the core's deadlines (a dry run's hold of
+# term_timeout ends at chosen + 1 s): rounded to 0.1 ms, a poll 40 µs short of one read as past
+# it, and the replay decided a poll before the daemon had (CI, tests/e2e/test_flight_e2e.py).
+_TIME_DIGITS = 6
 
 
 class TraceError(ValueError):
