@@ -35,6 +35,7 @@ _REFAULT = "workingset_refault"
 _ACTIVATIONS = ("workingset_activate_anon", "workingset_activate_file")
 _ACTIVATION = "workingset_activate"
 _SWAPINS = ("pswpin", "zswpin")  # from a swap device (zram too), from zswap's pool (Linux >= 5.19)
+_SPLIT = ("workingset_refault", "workingset_activate", *_SWAPINS)  # the lines parse_vmstat_refaults() reads
 LRU_GEN_ENABLED = "/sys/kernel/mm/lru_gen/enabled"
 
 
@@ -67,7 +68,7 @@ def parse_vmstat_refaults(text: str, *, activations: bool = True) -> int | None:
     (~190 lines). ``activations=False`` (the multi-gen LRU): the anon part is the swap-ins."""
     values: dict[str, int] = {}
     for line in text.splitlines():
-        if line.startswith(("workingset_refault", "workingset_activate", "pswpin", "zswpin")):
+        if line.startswith(_SPLIT):
             key, _, value = line.partition(" ")
             try:
                 values[key] = int(value)
